@@ -1,0 +1,144 @@
+"""A small safetensors reader/writer on numpy (no torch; bf16 handled by bit shifting).
+
+Format: 8-byte little-endian header length, a JSON header ``{name: {dtype, shape,
+data_offsets}}`` (plus optional ``__metadata__``), then the raw little-endian data.
+Reading memory-maps the file so a tensor costs memory only when it is used.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+_DTYPES = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype("<u2"),
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+}
+
+
+class SafetensorsError(ValueError):
+    pass
+
+
+def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
+    return (raw.astype(np.uint32) << 16).view(np.float32)
+
+
+class SafeFile:
+    """Lazy view of one .safetensors file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            with path.open("rb") as fh:
+                head = fh.read(8)
+                if len(head) != 8:
+                    raise SafetensorsError(f"{path}: too short for a safetensors file")
+                (n,) = struct.unpack("<Q", head)
+                if n > 100_000_000:
+                    raise SafetensorsError(f"{path}: header length {n} is not plausible")
+                header: dict[str, Any] = json.loads(fh.read(n))
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            raise SafetensorsError(f"{path}: not a readable safetensors file ({e})") from None
+        self.metadata = header.pop("__metadata__", {}) or {}
+        self.header = header
+        self._base = 8 + n
+        self._mm: np.memmap | None = None
+
+    def names(self) -> list[str]:
+        return list(self.header)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.header[name]["shape"])
+
+    def get(self, name: str, as_f32: bool = True) -> np.ndarray:
+        """The tensor; floating types come back as float32 unless ``as_f32`` is false."""
+        info = self.header[name]
+        dtype = _DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise SafetensorsError(
+                f"{self.path}: tensor {name} has unsupported dtype {info['dtype']}"
+            )
+        if self._mm is None:
+            self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
+        start, end = info["data_offsets"]
+        raw = self._mm[self._base + start : self._base + end].view(dtype).reshape(info["shape"])
+        if info["dtype"] == "BF16":
+            return bf16_to_f32(raw) if as_f32 else raw
+        if as_f32 and raw.dtype.kind == "f":
+            return raw.astype(np.float32)
+        return np.array(raw)
+
+
+def f32_to_bf16(arr: np.ndarray) -> np.ndarray:
+    """Round-to-nearest-even float32 -> bfloat16 bits (uint16)."""
+    bits = np.ascontiguousarray(arr, dtype=np.float32).view(np.uint32)
+    rounded = bits + (0x7FFF + ((bits >> 16) & 1))
+    return (rounded >> 16).astype(np.uint16)
+
+
+_STORE = {
+    "f32": ("F32", np.dtype("<f4")),
+    "f16": ("F16", np.dtype("<f2")),
+    "bf16": ("BF16", np.dtype("<u2")),
+}
+
+
+def save_lazy(
+    entries: list[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]],
+    path: Path,
+    dtype: str = "f32",
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write tensors produced one at a time (peak memory: one tensor) as ``dtype``."""
+    tag, np_dtype = _STORE[dtype]
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, shape, _ in entries:
+        nbytes = int(np.prod(shape)) * np_dtype.itemsize
+        header[name] = {
+            "dtype": tag,
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = metadata
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with path.open("wb") as fh:
+        fh.write(struct.pack("<Q", len(blob)))
+        fh.write(blob)
+        for name, shape, produce in entries:
+            arr = produce()
+            if tuple(arr.shape) != tuple(shape):
+                raise SafetensorsError(f"tensor {name}: shape {arr.shape}, declared {shape}")
+            out = f32_to_bf16(arr) if dtype == "bf16" else np.ascontiguousarray(arr, dtype=np_dtype)
+            fh.write(out.tobytes())
+
+
+def save(
+    tensors: Mapping[str, np.ndarray], path: Path, metadata: dict[str, str] | None = None
+) -> None:
+    """Write in-memory float32 tensors."""
+    entries = [(n, tuple(a.shape), lambda a=a: np.asarray(a)) for n, a in tensors.items()]
+    save_lazy(entries, path, "f32", metadata)
+
+
+def iter_tensors(files: list[SafeFile]) -> Iterator[tuple[str, SafeFile]]:
+    for f in files:
+        for name in f.names():
+            yield name, f

@@ -1,0 +1,237 @@
+"""The tiny-model factory shared by tests, benchmarks and the demo.
+
+It makes a Qwen2-architecture checkpoint in Hugging Face layout (``config.json``,
+``model.safetensors``, ``tokenizer.json``, ``tokenizer_config.json``) with a byte-level BPE
+tokenizer trained locally by the ``tokenizers`` library, the npcchat special tokens, and
+random weights. The converter then turns it into GGUF like any real checkpoint, so every
+test exercises the real conversion path. Nothing is downloaded.
+
+Presets: ``tiny`` (hidden 256: rows allow K-quants, runs in milliseconds), and
+``qwen2.5-0.5b`` / ``qwen2.5-1.5b`` (real dimensions, random weights) for benchmarks.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .hf import Qwen2Config
+from .safetensors_io import save_lazy
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<SYS>",
+    "<CTX>",
+    "<PLAYER>",
+    "<NPC>",
+    "<STATE>",
+    "<RAG>",
+    "<PLAYER_STATE>",
+]
+
+PRESETS = {
+    "tiny": Qwen2Config(256, 2, 4, 2, 512, 0, 1e-6, 1e6, 4096, True),
+    "tiny-untied": Qwen2Config(256, 2, 4, 2, 512, 0, 1e-6, 1e6, 4096, False),
+    "qwen2.5-0.5b": Qwen2Config(896, 24, 14, 2, 4864, 151936, 1e-6, 1e6, 32768, True),
+    "qwen2.5-1.5b": Qwen2Config(1536, 28, 12, 2, 8960, 151936, 1e-6, 1e6, 32768, True),
+}
+
+_CORPUS = [
+    "Hello traveler, what brings you to the old factory?",
+    "I lost my daughter here years ago. Have you seen her picture?",
+    "The blacksmith forges swords by the river every morning.",
+    "Give me the key and I will open the hidden path for you.",
+    "You are a liar and a thief! Get out of my sight.",
+    "Thank you, friend. Your kindness will not be forgotten.",
+    "The forest hermit knows the old songs of the moon.",
+    "Captain, when does the next ship leave the port?",
+    "The apprentice mage burned her spellbook again.",
+    "quest_stage=in_progress relationship=0.35 trust=0.35 npc_mood=grief",
+    "player_reputation=helpful style=emotional items=forgotten_picture",
+    "NPC_ID=mother_abandoned_factory NPC_LOCATION=map1 TAGS: LORE: DESCRIPTION:",
+    "</SYS> </RAG> </PLAYER_STATE> </CTX> player: npc: (없음)",
+    "안녕하세요, 여행자여. 이 폐공장에는 무슨 일로 오셨나요?",
+    "제 딸을 찾고 있어요. 이 사진 속 아이를 본 적 있나요?",
+    "고마워요. 당신의 친절은 잊지 않을게요.",
+    "대장장이는 매일 아침 강가에서 칼을 벼린다.",
+    "숲의 은둔자는 달의 오래된 노래를 알고 있다.",
+    "numbers 0 1 2 3 4 5 6 7 8 9 10 100 0.5 1.0 -0.25",
+]
+
+
+def train_tokenizer(out_dir: Path, vocab_size: int = 1200) -> None:
+    """Train a Qwen2-style byte-level BPE and write tokenizer.json + tokenizer_config.json."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    qwen2_split = (
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+        r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+    )
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(qwen2_split), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out_dir / "tokenizer.json"))
+    decoder = {
+        str(tok.token_to_id(t)): {"content": t, "special": True, "lstrip": False, "rstrip": False}
+        for t in SPECIAL_TOKENS
+    }
+    (out_dir / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "added_tokens_decoder": decoder,
+                "eos_token": "<|im_end|>",
+                "pad_token": "<|endoftext|>",
+                "bos_token": None,
+                "model_max_length": 32768,
+                "tokenizer_class": "Qwen2Tokenizer",
+            },
+            indent=2,
+        ),
+        "utf-8",
+    )
+
+
+def tensor_shapes(cfg: Qwen2Config) -> dict[str, tuple[int, ...]]:
+    """HF tensor names and shapes of a Qwen2 model (torch Linear layout [out, in])."""
+    h, kv = cfg.hidden_size, cfg.n_kv_heads * cfg.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
+    for i in range(cfg.n_layers):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "input_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (h, h),
+            p + "self_attn.q_proj.bias": (h,),
+            p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.k_proj.bias": (kv,),
+            p + "self_attn.v_proj.weight": (kv, h),
+            p + "self_attn.v_proj.bias": (kv,),
+            p + "self_attn.o_proj.weight": (h, h),
+            p + "post_attention_layernorm.weight": (h,),
+            p + "mlp.gate_proj.weight": (cfg.intermediate_size, h),
+            p + "mlp.up_proj.weight": (cfg.intermediate_size, h),
+            p + "mlp.down_proj.weight": (h, cfg.intermediate_size),
+        }
+    shapes["model.norm.weight"] = (h,)
+    if not cfg.tie_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    return shapes
+
+
+def random_tensor(name: str, shape: tuple[int, ...], seed: int, std: float = 0.08) -> np.ndarray:
+    """A reproducible random tensor; norms near 1 so activations stay in a sane range."""
+    rng = np.random.default_rng([seed, *name.encode()])
+    if name.endswith("layernorm.weight") or name == "model.norm.weight":
+        return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+    scale = std if len(shape) == 2 else std / 2
+    return (rng.standard_normal(shape, dtype=np.float32) * scale).astype(np.float32)
+
+
+def make_checkpoint(
+    out_dir: Path,
+    preset: str = "tiny",
+    seed: int = 0,
+    dtype: str = "f32",
+    vocab_size: int | None = None,
+) -> Qwen2Config:
+    """Write a random HF-layout Qwen2 checkpoint with a locally trained tokenizer."""
+    from dataclasses import replace
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    train_tokenizer(out_dir)
+    n_tok = len(json.loads((out_dir / "tokenizer.json").read_text("utf-8"))["model"]["vocab"])
+    cfg = PRESETS[preset]
+    want = vocab_size or cfg.vocab_size or n_tok
+    cfg = replace(cfg, vocab_size=max(want, n_tok))
+    (out_dir / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2), "utf-8")
+    entries = [
+        (name, shape, lambda n=name, s=shape: random_tensor(n, s, seed))
+        for name, shape in tensor_shapes(cfg).items()
+    ]
+    save_lazy(entries, out_dir / "model.safetensors", dtype=dtype)
+    return cfg
+
+
+DEMO_FLAGS = [
+    "give_item",
+    "end_npc_main_story",
+    "quest_stage_change",
+    "change_game_state",
+    "change_player_state",
+    "npc_action",
+    "unlock_hidden_path",
+    "give_hint",
+    "change_npc_state",
+]
+
+
+def build_bundle(
+    work: Path,
+    preset: str = "tiny",
+    quant: str = "q4_k_m",
+    seed: int = 0,
+    flags: list[str] | None = None,
+    vocab_size: int | None = None,
+    template: str = "served-v1",
+) -> Path:
+    """Random checkpoint -> GGUF (f32, and ``quant``) -> bundle with random ONNX heads.
+
+    Returns the bundle directory ``work/bundle-{quant}``; ``work/hf`` keeps the checkpoint
+    and ``work/model-f32.gguf`` the unquantized model (the numpy reference reads it).
+    """
+    from npcchat_heads import onnx_builder
+
+    from npcchat.bundle import write_manifest
+    from npcchat.prompt import builtin_template
+
+    from .model import hf_to_gguf, quantize
+
+    hf = work / "hf"
+    if not (hf / "config.json").is_file():
+        make_checkpoint(hf, preset, seed, vocab_size=vocab_size)
+    cfg_hidden = json.loads((hf / "config.json").read_text("utf-8"))["hidden_size"]
+    f32 = work / "model-f32.gguf"
+    if not f32.is_file():
+        hf_to_gguf(hf, f32, "f16" if preset.startswith("qwen") else "f32", name=f"random-{preset}")
+    out = work / f"bundle-{quant}"
+    out.mkdir(parents=True, exist_ok=True)
+    if quant == "f32":
+        import shutil
+
+        shutil.copyfile(f32, out / "model.gguf")
+    else:
+        quantize(f32, out / "model.gguf", quant)
+    flag_names = flags or DEMO_FLAGS
+    onnx_builder.write(
+        onnx_builder.random_weights(cfg_hidden, len(flag_names), seed),
+        flag_names,
+        out / "heads.onnx",
+    )
+    write_manifest(
+        out,
+        name=f"random-{preset}-{quant}",
+        gguf="model.gguf",
+        heads="heads.onnx",
+        template=builtin_template(template),
+        flags=flag_names,
+        hidden_size=cfg_hidden,
+        quant=quant,
+    )
+    return out

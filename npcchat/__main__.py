@@ -1,0 +1,3 @@
+from npcchat.cli import main
+
+main()

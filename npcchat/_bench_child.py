@@ -1,0 +1,43 @@
+"""Child process of ``npcchat bench`` measuring peak RSS of one mode in a fresh process.
+
+``llama``: llama.cpp alone (load the GGUF, decode the prompt, generate) — the baseline.
+``npcchat``: a full npcchat turn (bundle checks, heads, prompt building, the same tokens).
+Prints ``{"maxrss_mb": ...}``.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from pathlib import Path
+
+
+def main(mode: str, bundle_dir: str, session_file: str, cfg_file: str, gen_tokens: str) -> None:
+    from npcchat import bundle as bundle_mod
+    from npcchat import session as session_mod
+    from npcchat.config import Config, RuntimeConfig, read_toml
+    from npcchat.types import SamplingParams
+
+    runtime = RuntimeConfig(**read_toml(Path(cfg_file)))
+    n = int(gen_tokens)
+    params = SamplingParams(temperature=0.0, top_p=1.0, repeat_penalty=1.05, max_tokens=n, seed=0)
+    b = bundle_mod.load(Path(bundle_dir))
+    s = session_mod.load(Path(session_file))
+    if mode == "llama":
+        from npcchat.backend import Model, baseline_generate
+
+        tokens = json.loads(Path(session_file).with_suffix(".tokens").read_text())
+        with Model(b.gguf, runtime) as model:
+            baseline_generate(model, tokens, n, params, 0)
+    else:
+        from npcchat.engine import Engine
+
+        with Engine.load(b, Config(runtime=runtime)) as engine:
+            engine.turn(s, "Have you seen anything strange around the factory lately?", params)
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"maxrss_mb": rss_kb / 1024}))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:6])

@@ -1,0 +1,350 @@
+"""llama.cpp backend: the only module that imports llama_cpp.
+
+One :class:`Model` owns every native object (model, context, batch, samplers, LoRA) and
+frees them in :meth:`Model.close`. It speaks the low-level API because a turn needs what
+``Llama.__call__`` cannot give: one prefill that yields both the hidden state at
+``<STATE>`` and the logits of the first reply token.
+
+How the prefill gets hidden states without asking for an output per prompt token: runs
+of the prompt that need no output are decoded with embeddings off and no output flags;
+the short runs holding ``<STATE>`` and the last token are decoded with
+``llama_set_embeddings(ctx, True)``, which makes llama.cpp output every token of that
+batch (llama-batch.cpp: "embeddings required ... -> overriding") with both the
+post-final-norm hidden state (pooling NONE) and the logits. ``Llama.embed()`` is no use
+here: it clears the KV cache and tokenizes without special tokens.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp as ll
+import numpy as np
+
+from npcchat.config import RuntimeConfig
+from npcchat.errors import BackendError, BundleError
+from npcchat.types import SamplingParams
+
+_LOG: deque[str] = deque(maxlen=200)
+_initialized = False
+
+
+@ll.llama_log_callback
+def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    # llama.cpp logs a lot to stderr; keep it for error messages and quantize reports.
+    _LOG.append(text.decode("utf-8", "replace"))
+
+
+def _init() -> None:
+    global _initialized
+    if not _initialized:
+        ll.llama_log_set(_log_callback, ctypes.c_void_p(0))
+        ll.llama_backend_init()
+        _initialized = True
+
+
+def recent_log(contains: str = "") -> list[str]:
+    return [line.strip() for line in _LOG if contains in line]
+
+
+def default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    start: int
+    end: int
+    embeddings: bool  # decode with embeddings on: every token of the chunk is an output
+
+
+def plan_prefill(
+    n_tokens: int, outputs: Sequence[int], n_batch: int, start: int = 0, max_gap: int = 8
+) -> list[Chunk]:
+    """Split ``[start, n_tokens)`` into decode chunks so that every position in ``outputs``
+    lands in an embeddings chunk and as few other tokens as possible do.
+
+    Output positions closer than ``max_gap`` share one chunk (one decode call instead of
+    several); everything else is decoded without outputs, at most ``n_batch`` per call.
+    """
+    chunks: list[Chunk] = []
+
+    def plain(a: int, b: int) -> None:
+        for s in range(a, b, n_batch):
+            chunks.append(Chunk(s, min(b, s + n_batch), False))
+
+    pos = start
+    wanted = sorted(p for p in set(outputs) if p >= start)
+    i = 0
+    while i < len(wanted):
+        lo = hi = wanted[i]
+        while (
+            i + 1 < len(wanted) and wanted[i + 1] - hi <= max_gap and wanted[i + 1] - lo < n_batch
+        ):
+            i += 1
+            hi = wanted[i]
+        plain(pos, lo)
+        chunks.append(Chunk(lo, hi + 1, True))
+        pos = hi + 1
+        i += 1
+    plain(pos, n_tokens)
+    return chunks
+
+
+QUANT_TYPES = {
+    "q4_k_m": ll.LLAMA_FTYPE_MOSTLY_Q4_K_M,
+    "q5_k_m": ll.LLAMA_FTYPE_MOSTLY_Q5_K_M,
+    "q6_k": ll.LLAMA_FTYPE_MOSTLY_Q6_K,
+    "q8_0": ll.LLAMA_FTYPE_MOSTLY_Q8_0,
+    "f16": ll.LLAMA_FTYPE_MOSTLY_F16,
+    "f32": ll.LLAMA_FTYPE_ALL_F32,
+}
+
+
+def quantize(src: Path, dst: Path, quant: str, threads: int = 0) -> list[str]:
+    """Run llama.cpp's quantizer; returns its log lines about fallback tensor types."""
+    _init()
+    params = ll.llama_model_quantize_default_params()
+    params.ftype = QUANT_TYPES[quant]
+    params.nthread = threads or default_threads()
+    _LOG.clear()
+    rc = ll.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
+        tail = " | ".join(recent_log()[-3:])
+        raise BackendError(f"llama.cpp could not quantize {src} to {quant} (code {rc}): {tail}")
+    return recent_log("fallback")
+
+
+class Model:
+    """A loaded GGUF with one context (sequence 0) and one reusable batch."""
+
+    def __init__(self, path: Path, runtime: RuntimeConfig) -> None:
+        _init()
+        self.path = path
+        self._model = None
+        self._ctx = None
+        self._batch = None
+        self._sampler = None
+        mparams = ll.llama_model_default_params()
+        mparams.n_gpu_layers = runtime.n_gpu_layers
+        model = ll.llama_model_load_from_file(str(path).encode(), mparams)
+        if not model:
+            tail = " | ".join(recent_log()[-2:])
+            raise BundleError(f"{path}: llama.cpp cannot load this GGUF ({tail})")
+        self._model = model
+        self._vocab = ll.llama_model_get_vocab(model)
+        self.n_embd = int(ll.llama_model_n_embd(model))
+        self.n_vocab = int(ll.llama_vocab_n_tokens(self._vocab))
+        cparams = ll.llama_context_default_params()
+        cparams.n_ctx = runtime.n_ctx
+        cparams.n_batch = cparams.n_ubatch = min(runtime.n_batch, runtime.n_ctx)
+        threads = runtime.n_threads or default_threads()
+        cparams.n_threads = cparams.n_threads_batch = threads
+        cparams.flash_attn_type = (
+            ll.LLAMA_FLASH_ATTN_TYPE_ENABLED
+            if runtime.flash_attn
+            else ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        cparams.pooling_type = ll.LLAMA_POOLING_TYPE_NONE
+        cparams.embeddings = False
+        cparams.no_perf = True
+        ctx = ll.llama_init_from_model(model, cparams)
+        if not ctx:
+            self.close()
+            raise BackendError(
+                f"{path}: llama.cpp cannot create a context of {runtime.n_ctx} tokens"
+            )
+        self._ctx = ctx
+        self.n_ctx = int(ll.llama_n_ctx(ctx))
+        self.n_batch = int(cparams.n_batch)
+        self._batch = ll.llama_batch_init(self.n_batch, 0, 1)
+        self._mem = ll.llama_get_memory(ctx)
+        self._piece_buf = ctypes.create_string_buffer(256)
+        self.decoded_tokens = 0  # every token llama_decode processed (tests count passes)
+        if runtime.lora_path:
+            self._set_lora(Path(runtime.lora_path), runtime.lora_scale)
+
+    # -- lifetime -------------------------------------------------------------------------
+    def close(self) -> None:
+        """Free every native object exactly once (safe to call twice)."""
+        if self._sampler is not None:
+            ll.llama_sampler_free(self._sampler)
+            self._sampler = None
+        if self._batch is not None:
+            ll.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx is not None:
+            ll.llama_free(self._ctx)
+            self._ctx = None
+        if self._model is not None:
+            ll.llama_model_free(self._model)  # also frees LoRA adapters loaded on it
+            self._model = None
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _set_lora(self, path: Path, scale: float) -> None:
+        adapter = ll.llama_adapter_lora_init(self._model, str(path).encode())
+        if not adapter:
+            self.close()
+            raise BundleError(
+                f"{path}: llama.cpp cannot load this LoRA adapter for {self.path.name}"
+            )
+        arr = (ll.llama_adapter_lora_p_ctypes * 1)(adapter)
+        scales = (ctypes.c_float * 1)(scale)
+        if ll.llama_set_adapters_lora(self._ctx, arr, 1, scales) != 0:
+            self.close()
+            raise BackendError(f"{path}: llama.cpp refused to apply the LoRA adapter")
+
+    # -- vocabulary -----------------------------------------------------------------------
+    def tokenize(self, text: str, special: bool = False) -> list[int]:
+        """Tokens of ``text``; ``special`` lets control-token text become control tokens."""
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        buf = (ll.llama_token * cap)()
+        n = ll.llama_tokenize(self._vocab, data, len(data), buf, cap, False, special)
+        if n < 0:  # buffer too small: -n is the size needed
+            cap = -n
+            buf = (ll.llama_token * cap)()
+            n = ll.llama_tokenize(self._vocab, data, len(data), buf, cap, False, special)
+        return list(buf[:n])
+
+    def piece(self, token: int) -> bytes:
+        """The bytes of one token; control tokens give b"" (so text stops never see them)."""
+        n = ll.llama_token_to_piece(self._vocab, token, self._piece_buf, 256, 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = ll.llama_token_to_piece(self._vocab, token, buf, -n, 0, False)
+            return buf.raw[:n]
+        return self._piece_buf.raw[:n]
+
+    def is_control(self, token: int) -> bool:
+        return bool(ll.llama_vocab_get_attr(self._vocab, token) & ll.LLAMA_TOKEN_ATTR_CONTROL)
+
+    def is_eog(self, token: int) -> bool:
+        return bool(ll.llama_vocab_is_eog(self._vocab, token))
+
+    def eos(self) -> int:
+        return int(ll.llama_vocab_eos(self._vocab))
+
+    # -- decoding -------------------------------------------------------------------------
+    def _decode(self, tokens: Sequence[int], pos0: int, outputs: bool) -> None:
+        b = self._batch
+        n = len(tokens)
+        for i, tok in enumerate(tokens):
+            b.token[i] = tok
+            b.pos[i] = pos0 + i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = 0
+            b.logits[i] = outputs
+        b.n_tokens = n
+        rc = ll.llama_decode(self._ctx, b)
+        if rc != 0:
+            raise BackendError(f"llama_decode failed (code {rc}) at position {pos0}")
+        self.decoded_tokens += n
+
+    def keep_prefix(self, n: int) -> None:
+        """Drop KV entries from position ``n`` on (0 clears the whole cache)."""
+        if n <= 0:
+            ll.llama_memory_clear(self._mem, True)
+        else:
+            ll.llama_memory_seq_rm(self._mem, 0, n, -1)
+
+    def prefill(self, tokens: Sequence[int], outputs: Sequence[int], start: int = 0) -> np.ndarray:
+        """Decode ``tokens[start:]`` once (the KV cache must hold ``tokens[:start]``).
+
+        Returns the post-final-norm hidden states at ``outputs`` (rows in that order). The
+        logits of the last token stay in the context for :meth:`sample`. Must include the
+        last position in ``outputs`` so the reply can start.
+        """
+        if len(tokens) > self.n_ctx:
+            raise BackendError(f"prompt of {len(tokens)} tokens exceeds the context ({self.n_ctx})")
+        self.keep_prefix(start)
+        states: dict[int, np.ndarray] = {}
+        for ch in plan_prefill(len(tokens), outputs, self.n_batch, start):
+            if not ch.embeddings:
+                self._decode(tokens[ch.start : ch.end], ch.start, False)
+                continue
+            ll.llama_set_embeddings(self._ctx, True)
+            try:
+                self._decode(tokens[ch.start : ch.end], ch.start, True)
+            finally:
+                ll.llama_set_embeddings(self._ctx, False)
+            for p in outputs:
+                if ch.start <= p < ch.end:
+                    ptr = ll.llama_get_embeddings_ith(self._ctx, p - ch.start)
+                    states[p] = np.ctypeslib.as_array(ptr, shape=(self.n_embd,)).copy()
+        return np.stack([states[p] for p in outputs])
+
+    def new_sampler(self, params: SamplingParams, seed: int) -> None:
+        """Build the sampling chain (HF order: penalties, temperature, top-p, draw)."""
+        if self._sampler is not None:
+            ll.llama_sampler_free(self._sampler)
+        chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
+        if params.repeat_penalty != 1.0:
+            ll.llama_sampler_chain_add(
+                chain,
+                ll.llama_sampler_init_penalties(self.n_vocab, 64, params.repeat_penalty, 0.0, 0.0),
+            )
+        if params.temperature <= 0:
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_greedy())
+        else:
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_temp(params.temperature))
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_p(params.top_p, 1))
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        self._sampler = chain
+
+    def sample(self) -> int:
+        """Draw the next token from the last decoded logits (the sampler records it)."""
+        return int(ll.llama_sampler_sample(self._sampler, self._ctx, -1))
+
+    def step(self, token: int, pos: int) -> None:
+        """Decode one generated token at ``pos`` so its logits can be sampled."""
+        self._decode((token,), pos, True)
+
+    def generate(self, first_pos: int, max_tokens: int, stop: frozenset[int]) -> Iterator[int]:
+        """Sample up to ``max_tokens`` tokens after a prefill; yields each one, stop token
+        included (not decoded), so callers can tell why generation ended."""
+        pos = first_pos
+        for i in range(max_tokens):
+            tok = self.sample()
+            yield tok
+            if tok in stop or i == max_tokens - 1 or pos >= self.n_ctx:
+                return
+            self.step(tok, pos)
+            pos += 1
+
+
+def baseline_generate(
+    model: Model, tokens: Sequence[int], n_tokens: int, params: SamplingParams, seed: int
+) -> int:
+    """Plain llama.cpp, as any program would call it: decode the whole prompt asking for
+    the last logits only, then sample and decode ``n_tokens`` tokens (no stop tokens).
+    The benchmark's yardstick for what a turn costs on top of llama.cpp."""
+    model.keep_prefix(0)
+    for s in range(0, len(tokens), model.n_batch):
+        chunk = tokens[s : s + model.n_batch]
+        last = s + len(chunk) == len(tokens)
+        b = model._batch
+        for i, tok in enumerate(chunk):
+            b.token[i] = tok
+            b.pos[i] = s + i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = 0
+            b.logits[i] = last and i == len(chunk) - 1
+        b.n_tokens = len(chunk)
+        if ll.llama_decode(model._ctx, b) != 0:
+            raise BackendError("llama_decode failed in the baseline run")
+    model.new_sampler(params, seed)
+    return sum(1 for _ in model.generate(len(tokens), n_tokens, frozenset()))

@@ -1,0 +1,42 @@
+"""``npcchat bench``: turn cost as ratios against plain llama.cpp, measured in one run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def bench(
+    bundle: Annotated[Path | None, typer.Option(help="Model bundle directory.")] = None,
+    prompt_tokens: Annotated[int, typer.Option(help="Prompt length to measure with.")] = 400,
+    tokens: Annotated[int, typer.Option(help="Reply tokens per turn.")] = 64,
+    repeats: Annotated[int, typer.Option(help="Timed repetitions (median is reported).")] = 3,
+    rss: Annotated[
+        bool, typer.Option("--rss/--no-rss", help="Measure peak RSS in child processes.")
+    ] = True,
+    threads: Annotated[int | None, typer.Option(help="CPU threads.")] = None,
+    ctx: Annotated[int | None, typer.Option(help="Context size in tokens.")] = None,
+    gpu_layers: Annotated[int | None, typer.Option(help="Layers to offload to a GPU.")] = None,
+    lora: Annotated[
+        Path | None, typer.Option(help="GGUF LoRA adapter applied at run time.")
+    ] = None,
+    lora_scale: Annotated[float | None, typer.Option(help="Scale of --lora.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+    config: Annotated[Path | None, typer.Option(help="Config TOML.")] = None,
+) -> None:
+    """Measure prefill/decode speed, heads time, turn overhead and memory against llama.cpp."""
+    from npcchat import bench as bench_mod
+    from npcchat.cli import common, ui
+
+    cfg = common.build_config(
+        config, threads=threads, ctx=ctx, gpu_layers=gpu_layers, lora=lora, lora_scale=lora_scale
+    )
+    with common.open_engine(bundle, cfg) as engine:
+        report = bench_mod.run(engine, cfg, prompt_tokens, tokens, repeats, rss)
+    if json_out:
+        print(json.dumps(report))
+    else:
+        ui.kv_table(f"npcchat bench · {report['bundle']} ({report['quant']})", report)

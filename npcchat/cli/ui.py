@@ -1,0 +1,133 @@
+"""Terminal output: the only module that imports rich."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from npcchat.errors import NpcchatError
+from npcchat.session import Session
+from npcchat.types import Tags, TurnResult
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+def error(e: NpcchatError) -> None:
+    message = " ".join(e.message.split())  # always one line
+    err.print(Text(f"error: {message}", style="bold red"), soft_wrap=True)
+    if e.hint:
+        err.print(Text(f"hint: {e.hint}", style="yellow"))
+
+
+def warn(message: str) -> None:
+    err.print(Text(f"warning: {message}", style="yellow"))
+
+
+def info(message: str) -> None:
+    out.print(Text(message, style="dim"))
+
+
+def banner(npc_name: str, npc_id: str, bundle: str, session_path: str | None, resumed: int) -> None:
+    where = f"session {session_path}" if session_path else "unsaved session (/save FILE)"
+    extra = f", resumed after {resumed} turns" if resumed else ""
+    out.print(
+        Text.assemble(("npcchat", "bold"), f" · talking to {npc_name} ({npc_id}) · bundle {bundle}")
+    )
+    out.print(Text(f"{where}{extra} · /help for commands, Ctrl-D to quit", style="dim"))
+
+
+def prompt_text() -> str:
+    return "you> "
+
+
+def reply_start(npc_id: str) -> None:
+    out.print(Text(f"{npc_id}> ", style="bold cyan"), end="")
+
+
+def reply_text(chunk: str) -> None:
+    # Written straight through so each token shows as soon as it is decoded.
+    sys.stdout.write(chunk)
+    sys.stdout.flush()
+
+
+def reply_end() -> None:
+    out.print()
+
+
+def _signed(x: float) -> Text:
+    style = "green" if x > 0 else "red" if x < 0 else "dim"
+    return Text(f"{x:+.3f}", style=style)
+
+
+def turn_summary(r: TurnResult) -> None:
+    grid = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
+    grid.add_column("state")
+    grid.add_column("delta", justify="right")
+    grid.add_column("now", justify="right")
+    for name in ("trust", "relationship"):
+        before, after = getattr(r.tags_before, name), getattr(r.tags_after, name)
+        grid.add_row(name, _signed(r.heads.deltas[name]), f"{before:.3f} → {after:.3f}")
+    flags = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
+    flags.add_column("flag")
+    flags.add_column("prob", justify="right")
+    flags.add_column("threshold", justify="right")
+    flags.add_column("fired")
+    for name, f in r.heads.flags.items():
+        mark = Text("FIRED", style="bold magenta") if f.fired else Text("·", style="dim")
+        flags.add_row(name, f"{f.prob:.3f}", f"{f.threshold:.3f}", mark)
+    out.print(grid)
+    out.print(flags)
+    t = r.timings
+    dropped = f" · {r.dropped_turns} old turns left out" if r.dropped_turns else ""
+    out.print(
+        Text(
+            f"{r.prompt_tokens} prompt + {r.generated_tokens} reply tokens · prefill {t.prefill_ms:.0f} ms"
+            f" · heads {t.heads_ms * 1000:.0f} µs · generate {t.generate_ms:.0f} ms"
+            f" · stop: {r.stop_reason}{dropped}",
+            style="dim",
+        )
+    )
+
+
+def tags_table(tags: Tags, title: str = "state") -> Table:
+    table = Table(title=title, show_header=False, box=None, title_justify="left")
+    table.add_column("key", style="bold")
+    table.add_column("value")
+    for key, value in vars(tags).items():
+        table.add_row(key, str(value))
+    return table
+
+
+def state(s: Session) -> None:
+    out.print(tags_table(s.tags))
+    ps = s.player_state
+    out.print(
+        f"[bold]player[/bold] items={list(ps.items)} actions={list(ps.actions)} position={ps.position!r}"
+    )
+    out.print(
+        f"[bold]fired flags[/bold] {', '.join(s.fired_flags) or '(none)'} · {len(s.history)} turns"
+    )
+
+
+def help_table(commands: Sequence[tuple[str, str]]) -> None:
+    table = Table(show_header=False, box=None)
+    table.add_column(style="bold")
+    table.add_column()
+    for cmd, what in commands:
+        table.add_row(cmd, what)
+    out.print(table)
+
+
+def kv_table(title: str, rows: Mapping[str, Any]) -> None:
+    table = Table(title=title, show_header=True, header_style="bold", title_justify="left")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for k, v in rows.items():
+        table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
+    out.print(table)

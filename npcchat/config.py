@@ -1,0 +1,137 @@
+"""Settings: built-in defaults, then ``$NPCCHAT_HOME/config.toml``, then ``--config``, then flags.
+
+Only typed, frozen values leave this module. Unknown keys and wrong types are errors that
+name the file and the key, because a silently ignored typo is a designer's lost afternoon.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from npcchat.errors import ConfigError, where
+
+
+def home() -> Path:
+    """npcchat's own directory (config, caches); ``NPCCHAT_HOME`` overrides it."""
+    env = os.environ.get("NPCCHAT_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".npcchat"
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How llama.cpp runs the model."""
+
+    n_ctx: int = 2048
+    n_batch: int = 512
+    n_threads: int = 0  # 0: let llama.cpp choose
+    n_gpu_layers: int = 0
+    # Flash attention makes hidden states depend on how the prompt is chunked; off by
+    # default so the same prompt gives the same game state every time.
+    flash_attn: bool = False
+    lora_path: str = ""
+    lora_scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    """How head deltas move the NPC state."""
+
+    delta_scale: float = 1.0
+    clamp_min: float = 0.0
+    clamp_max: float = 1.0
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = 0.7
+    top_p: float = 0.9
+    repeat_penalty: float = 1.05
+    max_tokens: int = 200
+    seed: int = -1  # -1: a fresh random seed per session (recorded in each turn)
+
+
+@dataclass(frozen=True)
+class Config:
+    runtime: RuntimeConfig = RuntimeConfig()
+    state: StateConfig = StateConfig()
+    sampling: SamplingConfig = SamplingConfig()
+
+
+_SECTIONS = {"runtime": RuntimeConfig, "state": StateConfig, "sampling": SamplingConfig}
+
+
+def _coerce(path: Path, key: str, value: Any, default: Any) -> Any:
+    kind = type(default)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(
+        f"{where(path, key)}: expected {kind.__name__}, got {type(value).__name__} {value!r}"
+    )
+
+
+def _apply(cfg: Config, data: dict[str, Any], path: Path) -> Config:
+    for section, values in data.items():
+        cls = _SECTIONS.get(section)
+        if cls is None or not isinstance(values, dict):
+            raise ConfigError(
+                f"{where(path, section)}: unknown section", hint=f"sections: {', '.join(_SECTIONS)}"
+            )
+        current = getattr(cfg, section)
+        known = {f.name for f in fields(cls)}
+        updates: dict[str, Any] = {}
+        for key, value in values.items():
+            if key not in known:
+                raise ConfigError(
+                    f"{where(path, f'{section}.{key}')}: unknown key",
+                    hint=f"known keys: {', '.join(sorted(known))}",
+                )
+            updates[key] = _coerce(path, f"{section}.{key}", value, getattr(current, key))
+        cfg = replace(cfg, **{section: replace(current, **updates)})
+    validate(cfg, path)
+    return cfg
+
+
+def validate(cfg: Config, path: object = "config") -> None:
+    s, r, p = cfg.state, cfg.runtime, cfg.sampling
+    if not s.clamp_min < s.clamp_max:
+        raise ConfigError(f"{where(path, 'state.clamp_min')}: must be below state.clamp_max")
+    if r.n_ctx < 64:
+        raise ConfigError(f"{where(path, 'runtime.n_ctx')}: expected at least 64, got {r.n_ctx}")
+    if p.max_tokens < 1 or p.max_tokens >= r.n_ctx:
+        raise ConfigError(
+            f"{where(path, 'sampling.max_tokens')}: expected 1..{r.n_ctx - 1}, got {p.max_tokens}"
+        )
+    if not 0.0 < p.top_p <= 1.0:
+        raise ConfigError(f"{where(path, 'sampling.top_p')}: expected (0, 1], got {p.top_p}")
+    if p.temperature < 0:
+        raise ConfigError(f"{where(path, 'sampling.temperature')}: expected >= 0")
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Read a TOML file, turning every failure into a one-line ConfigError."""
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+
+
+def load(path: Path | None = None) -> Config:
+    """Defaults, then the user's config in the npcchat home, then ``path`` if given."""
+    cfg = Config()
+    user = home() / "config.toml"
+    if user.is_file():
+        cfg = _apply(cfg, read_toml(user), user)
+    if path is not None:
+        cfg = _apply(cfg, read_toml(path), path)
+    return cfg

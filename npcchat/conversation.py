@@ -1,0 +1,122 @@
+"""A conversation: an engine, a session and where it is saved. The core API behind `talk`.
+
+Every change produces a new frozen Session; a turn only lands when it finished, so an
+interrupted turn (Ctrl-C) leaves the session exactly as it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+from npcchat import session as session_mod
+from npcchat.engine import Engine
+from npcchat.errors import ConfigError
+from npcchat.npc import NpcDef
+from npcchat.session import Session
+from npcchat.types import NUMERIC_TAGS, TAG_FIELDS, PlayerState, SamplingParams, TurnResult
+
+SETTABLE = (*TAG_FIELDS, "location", "items", "actions", "position", "lore", "description")
+
+
+def new_session(npc: NpcDef, engine: Engine, seed: int) -> Session:
+    return Session(
+        npc_id=npc.id,
+        tags=npc.tags,
+        initial_tags=npc.tags,
+        player_state=npc.player_state,
+        lore=npc.lore,
+        description=npc.description,
+        bundle_name=engine.bundle.name,
+        bundle_id=engine.bundle.identity,
+        seed=seed,
+    )
+
+
+def set_value(s: Session, key: str, value: str) -> Session:
+    """Apply ``/set KEY VALUE``; raises ConfigError naming the key and what it expects."""
+    if key in NUMERIC_TAGS:
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConfigError(f"/set {key}: expected a number in [0, 1], got {value!r}") from None
+        if not 0.0 <= number <= 1.0:
+            raise ConfigError(f"/set {key}: expected a number in [0, 1], got {number}")
+        return replace(s, tags=replace(s.tags, **{key: number}))
+    if key in (*TAG_FIELDS, "location"):
+        return replace(s, tags=replace(s.tags, **{key: value}))
+    if key in ("items", "actions"):
+        items = tuple(v.strip() for v in value.split(",") if v.strip())
+        return replace(s, player_state=replace(s.player_state, **{key: items}))
+    if key == "position":
+        return replace(s, player_state=replace(s.player_state, position=value))
+    if key in ("lore", "description"):
+        return replace(s, **{key: value})
+    raise ConfigError(f"/set: unknown key {key!r}", hint=f"keys: {', '.join(SETTABLE)}")
+
+
+class Conversation:
+    def __init__(
+        self, engine: Engine, session: Session, sampling: SamplingParams, path: Path | None = None
+    ) -> None:
+        self.engine = engine
+        self.session = session
+        self.sampling = sampling
+        self.path = path
+        self._turns = len(session.history)
+
+    def _turn_sampling(self) -> SamplingParams:
+        # The session seed plus a turn counter: reproducible runs, and /retry draws anew.
+        return replace(self.sampling, seed=(self.session.seed + self._turns) % 2**31)
+
+    def say(self, text: str, on_text: Callable[[str], None] | None = None) -> TurnResult:
+        result = self.engine.turn(self.session, text, self._turn_sampling(), on_text)
+        self.session = self.session.with_turn(result)
+        self._turns += 1
+        self.autosave()
+        return result
+
+    def retry(self, on_text: Callable[[str], None] | None = None) -> TurnResult | None:
+        """Redo the last turn with a new draw (the state vector is the same: same prompt)."""
+        if not self.session.history:
+            return None
+        last = self.session.history[-1].player
+        before = self.session
+        self.session = self.session.undo()
+        try:
+            return self.say(last, on_text)
+        except BaseException:
+            self.session = before
+            raise
+
+    def undo(self) -> bool:
+        if not self.session.history:
+            return False
+        self.session = self.session.undo()
+        self.autosave()
+        return True
+
+    def reset(self) -> None:
+        self.session = self.session.reset()
+        self.autosave()
+
+    def set(self, key: str, value: str) -> None:
+        self.session = set_value(self.session, key, value)
+        self.autosave()
+
+    def set_player_state(self, ps: PlayerState) -> None:
+        self.session = replace(self.session, player_state=ps)
+
+    def save(self, path: Path | None = None) -> Path:
+        target = path or self.path
+        if target is None:
+            raise ConfigError(
+                "/save: no file given and the session has none", hint="/save FILE.toml"
+            )
+        session_mod.save(self.session, target)
+        return target
+
+    def autosave(self) -> None:
+        if self.path is not None:
+            session_mod.save(self.session, self.path)

@@ -1,0 +1,252 @@
+"""One NPC turn: prompt -> tokens -> one prefill -> `<STATE>` vector -> heads -> generate.
+
+The prompt is decoded exactly once per turn. The same decode yields the post-final-norm
+hidden state(s) at `<STATE>` (mean if several) and the logits of the first reply token;
+generation continues on that KV cache. Game-state decisions are pure functions of the
+head outputs: no randomness, so the same prompt always moves the state the same way.
+"""
+
+from __future__ import annotations
+
+import codecs
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from npcchat import prompt as prompt_mod
+from npcchat.bundle import Bundle
+from npcchat.config import Config, StateConfig
+from npcchat.errors import BundleError
+from npcchat.heads import Heads
+from npcchat.prompt import SCAFFOLD_TAGS, SpecialTag
+from npcchat.session import Session
+from npcchat.types import (
+    ContextTurn,
+    HeadsOutput,
+    PromptInput,
+    SamplingParams,
+    Tags,
+    Timings,
+    TurnResult,
+)
+
+END_TOKENS = ("<|im_end|>", "<|endoftext|>")
+
+
+class ModelLike(Protocol):
+    """What the engine needs of a model (npcchat.backend.Model, or a scripted fake)."""
+
+    n_embd: int
+    n_ctx: int
+
+    def tokenize(self, text: str, special: bool = False) -> list[int]: ...
+    def piece(self, token: int) -> bytes: ...
+    def is_control(self, token: int) -> bool: ...
+    def is_eog(self, token: int) -> bool: ...
+    def eos(self) -> int: ...
+    def prefill(self, tokens: Any, outputs: Any, start: int = 0) -> np.ndarray: ...
+    def new_sampler(self, params: SamplingParams, seed: int) -> None: ...
+    def generate(self, first_pos: int, max_tokens: int, stop: frozenset[int]) -> Any: ...
+    def close(self) -> None: ...
+
+
+def apply_deltas(tags: Tags, deltas: dict[str, float], rule: StateConfig) -> Tags:
+    """trust/relationship += scale * delta, clamped to the configured range."""
+
+    def move(value: float, delta: float) -> float:
+        return min(rule.clamp_max, max(rule.clamp_min, value + rule.delta_scale * delta))
+
+    return replace(
+        tags,
+        trust=move(tags.trust, deltas["trust"]),
+        relationship=move(tags.relationship, deltas["relationship"]),
+    )
+
+
+def context_of(session: Session) -> tuple[ContextTurn, ...]:
+    turns: list[ContextTurn] = []
+    for t in session.history:
+        turns += [ContextTurn("player", t.player), ContextTurn("npc", t.reply)]
+    return tuple(turns)
+
+
+@dataclass(frozen=True)
+class Vocab:
+    """Token ids the engine needs, checked once at load."""
+
+    tags: dict[str, int]
+    stop: frozenset[int]
+
+
+def check_vocab(model: ModelLike, bundle_name: str) -> Vocab:
+    """Every scaffold tag must be exactly one control token of the GGUF vocabulary."""
+    tags: dict[str, int] = {}
+    for tag in SCAFFOLD_TAGS:
+        ids = model.tokenize(tag, special=True)
+        if len(ids) != 1 or not model.is_control(ids[0]):
+            if tag in (prompt_mod.STATE_TAG, prompt_mod.NPC_TAG):
+                raise BundleError(
+                    f"{bundle_name}: {tag} is not a single control token of the GGUF vocabulary "
+                    f"(tokenizes to {ids})",
+                    hint="the model must be trained with npcchat's special tokens",
+                )
+            continue  # a template that never uses this tag still works
+        tags[tag] = ids[0]
+    stop = set(tags.values()) | {model.eos()}
+    for text in END_TOKENS:
+        ids = model.tokenize(text, special=True)
+        if len(ids) == 1 and model.is_control(ids[0]):
+            stop.add(ids[0])
+    return Vocab(tags=tags, stop=frozenset(stop))
+
+
+class Engine:
+    """A bundle loaded and ready for turns. Owns the model; call :meth:`close`."""
+
+    def __init__(self, bundle: Bundle, cfg: Config, model: ModelLike, heads: Heads) -> None:
+        self.bundle = bundle
+        self.cfg = cfg
+        self.model = model
+        self.heads = heads
+        self.vocab = check_vocab(model, bundle.name)
+        if model.n_embd != bundle.hidden_size:
+            raise BundleError(
+                f"{bundle.root}: manifest hidden_size is {bundle.hidden_size}, "
+                f"but the GGUF's n_embd is {model.n_embd}"
+            )
+
+    @classmethod
+    def load(cls, bundle: Bundle, cfg: Config) -> Engine:
+        from npcchat.backend import Model
+
+        model = Model(bundle.gguf, cfg.runtime)
+        try:
+            heads = Heads(bundle.heads, bundle.flags, model.n_embd)
+            return cls(bundle, cfg, model, heads)
+        except BaseException:
+            model.close()
+            raise
+
+    def close(self) -> None:
+        self.model.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- prompt ---------------------------------------------------------------------------
+    def tokenize_prompt(self, rendered: prompt_mod.RenderedPrompt) -> list[int]:
+        """Scaffold tags become their control ids; all other text is plain text."""
+        out: list[int] = []
+        for part in rendered.parts:
+            if isinstance(part, SpecialTag):
+                tid = self.vocab.tags.get(part.text)
+                if tid is None:
+                    raise BundleError(f"{self.bundle.name}: the GGUF has no token for {part.text}")
+                out.append(tid)
+            else:
+                out += self.model.tokenize(part, special=False)
+        return out
+
+    def prompt_input(self, session: Session, player: str) -> PromptInput:
+        return PromptInput(
+            npc_id=session.npc_id,
+            tags=session.tags,
+            player_utterance=player,
+            lore=session.lore,
+            description=session.description,
+            player_state=session.player_state,
+            context=context_of(session),
+        )
+
+    def fit(self, inp: PromptInput, max_tokens: int) -> prompt_mod.FittedPrompt:
+        budget = self.model.n_ctx - max_tokens
+        return prompt_mod.fit(self.bundle.template, inp, self.tokenize_prompt, budget)
+
+    # -- the turn -------------------------------------------------------------------------
+    def state_vector(self, fitted: prompt_mod.FittedPrompt) -> tuple[np.ndarray, list[int]]:
+        """Prefill once; the mean hidden state over `<STATE>` positions."""
+        tokens = list(fitted.tokens)
+        state_id = self.vocab.tags[prompt_mod.STATE_TAG]
+        positions = [i for i, t in enumerate(tokens) if t == state_id]
+        rows = self.model.prefill(tokens, [*positions, len(tokens) - 1])
+        return rows[: len(positions)].mean(axis=0), tokens
+
+    def run_heads(self, vec: np.ndarray) -> HeadsOutput:
+        return self.heads.run(vec)
+
+    def turn(
+        self,
+        session: Session,
+        player: str,
+        sampling: SamplingParams,
+        on_text: Callable[[str], None] | None = None,
+    ) -> TurnResult:
+        """Run one turn. Raises KeyboardInterrupt untouched: the session is not changed."""
+        t0 = time.perf_counter()
+        fitted = self.fit(self.prompt_input(session, player), sampling.max_tokens)
+        vec, tokens = self.state_vector(fitted)
+        t1 = time.perf_counter()
+        heads = self.run_heads(vec)
+        t2 = time.perf_counter()
+        seed = sampling.seed if sampling.seed is not None else random.randrange(2**31)
+        reply, n_gen, stop = self._generate(len(tokens), sampling, seed, on_text)
+        t3 = time.perf_counter()
+        return TurnResult(
+            player=player,
+            reply=reply,
+            heads=heads,
+            tags_before=session.tags,
+            tags_after=apply_deltas(session.tags, heads.deltas, self.cfg.state),
+            prompt_tokens=len(tokens),
+            generated_tokens=n_gen,
+            dropped_turns=fitted.dropped_turns,
+            stop_reason=stop,
+            timings=Timings((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3),
+            seed=seed,
+        )
+
+    def _generate(
+        self,
+        n_prompt: int,
+        sampling: SamplingParams,
+        seed: int,
+        on_text: Callable[[str], None] | None,
+    ) -> tuple[str, int, str]:
+        self.model.new_sampler(sampling, seed)
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        pieces: list[str] = []
+        n, reason = 0, "length"
+        started = False
+        for tok in self.model.generate(n_prompt, sampling.max_tokens, self.vocab.stop):
+            if tok in self.vocab.stop or self.model.is_eog(tok):
+                reason = "tag" if tok in self.vocab.tags.values() else "eos"
+                break
+            n += 1
+            text = decoder.decode(self.model.piece(tok))
+            if not started:  # the reply starts at its first visible character
+                text = text.lstrip()
+                started = bool(text)
+            if text:
+                pieces.append(text)
+                if on_text:
+                    on_text(text)
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            pieces.append(tail)
+            if on_text:
+                on_text(tail)
+        return "".join(pieces).rstrip(), n, reason
+
+
+def load_engine(bundle_dir: Path, cfg: Config) -> Engine:
+    from npcchat import bundle as bundle_mod
+
+    return Engine.load(bundle_mod.load(bundle_dir), cfg)

@@ -1,0 +1,339 @@
+"""Session files: NPC state and history, as TOML or JSON by suffix, written atomically.
+
+A session is a frozen value; every change makes a new one. Files carry a schema version.
+Reading validates every key and names the one at fault; a corrupt file or one from a newer
+npcchat is refused and never overwritten. Writing goes to a temp file in the same
+directory, is fsynced, then renamed over the target, so a crash mid-save leaves the old file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field, fields, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from npcchat.errors import SessionError, where
+from npcchat.types import DELTA_NAMES, FlagResult, PlayerState, Tags, TurnResult
+
+SCHEMA_VERSION = 1
+SUFFIXES = (".toml", ".json")
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class TurnRecord:
+    player: str
+    reply: str
+    deltas: dict[str, float]
+    flags: dict[str, FlagResult]
+    tags_before: Tags
+    prompt_tokens: int
+    generated_tokens: int
+    dropped_turns: int
+    stop_reason: str
+    seed: int
+    timings_ms: dict[str, float]
+    time: str
+
+    @classmethod
+    def from_result(cls, r: TurnResult) -> TurnRecord:
+        t = r.timings
+        return cls(
+            player=r.player,
+            reply=r.reply,
+            deltas=dict(r.heads.deltas),
+            flags=dict(r.heads.flags),
+            tags_before=r.tags_before,
+            prompt_tokens=r.prompt_tokens,
+            generated_tokens=r.generated_tokens,
+            dropped_turns=r.dropped_turns,
+            stop_reason=r.stop_reason,
+            seed=r.seed,
+            timings_ms={"prefill": t.prefill_ms, "heads": t.heads_ms, "generate": t.generate_ms},
+            time=_now(),
+        )
+
+
+@dataclass(frozen=True)
+class Session:
+    npc_id: str
+    tags: Tags
+    player_state: PlayerState = field(default_factory=PlayerState)
+    lore: str = ""
+    description: str = ""
+    history: tuple[TurnRecord, ...] = ()
+    fired_flags: tuple[str, ...] = ()  # every flag that fired, in order of first firing
+    bundle_name: str = ""
+    bundle_id: str = ""
+    seed: int = 0
+    created: str = field(default_factory=_now)
+    initial_tags: Tags | None = None  # what /reset returns to
+
+    def with_turn(self, r: TurnResult) -> Session:
+        """The session after a finished turn: new tags, one more record, fired flags noted."""
+        fired = list(self.fired_flags)
+        fired += [n for n, f in r.heads.flags.items() if f.fired and n not in fired]
+        return replace(
+            self,
+            tags=r.tags_after,
+            history=(*self.history, TurnRecord.from_result(r)),
+            fired_flags=tuple(fired),
+        )
+
+    def undo(self) -> Session:
+        """Drop the last turn and restore the tags it started from."""
+        if not self.history:
+            return self
+        last = self.history[-1]
+        rest = self.history[:-1]
+        fired = [n for n in self.fired_flags if any(t.flags.get(n, _NO).fired for t in rest)]
+        return replace(self, tags=last.tags_before, history=rest, fired_flags=tuple(fired))
+
+    def reset(self) -> Session:
+        return replace(self, tags=self.initial_tags or self.tags, history=(), fired_flags=())
+
+
+_NO = FlagResult(0.0, 1.0, False)
+
+
+# -- serialization ---------------------------------------------------------------------------
+def _tags_dict(t: Tags) -> dict[str, Any]:
+    return {f.name: getattr(t, f.name) for f in fields(Tags)}
+
+
+def to_dict(s: Session) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "npc_id": s.npc_id,
+        "created": s.created,
+        "seed": s.seed,
+        "bundle": {"name": s.bundle_name, "id": s.bundle_id},
+        "lore": s.lore,
+        "description": s.description,
+        "tags": _tags_dict(s.tags),
+        "initial_tags": _tags_dict(s.initial_tags or s.tags),
+        "player_state": {
+            "items": list(s.player_state.items),
+            "actions": list(s.player_state.actions),
+            "position": s.player_state.position,
+        },
+        "fired_flags": list(s.fired_flags),
+        "history": [_turn_dict(t) for t in s.history],
+    }
+    return out
+
+
+def _turn_dict(t: TurnRecord) -> dict[str, Any]:
+    return {
+        "player": t.player,
+        "reply": t.reply,
+        "deltas": dict(t.deltas),
+        "flags": {
+            n: {"prob": f.prob, "threshold": f.threshold, "fired": f.fired}
+            for n, f in t.flags.items()
+        },
+        "tags_before": _tags_dict(t.tags_before),
+        "tokens": {"prompt": t.prompt_tokens, "generated": t.generated_tokens},
+        "dropped_turns": t.dropped_turns,
+        "stop_reason": t.stop_reason,
+        "seed": t.seed,
+        "timings_ms": dict(t.timings_ms),
+        "time": t.time,
+    }
+
+
+class _Reader:
+    """Typed access to a parsed file that names the key at fault."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def get(self, d: Any, key: str, kind: type | tuple[type, ...], label: str) -> Any:
+        if not isinstance(d, dict) or key not in d:
+            raise SessionError(f"{where(self.path, label)}: missing")
+        v = d[key]
+        if kind is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        if not isinstance(v, kind) or (isinstance(v, bool) and kind in (int, float)):
+            name = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+            raise SessionError(f"{where(self.path, label)}: expected {name}, got {v!r}")
+        return v
+
+    def strs(self, d: Any, key: str, label: str) -> tuple[str, ...]:
+        items = self.get(d, key, list, label)
+        if not all(isinstance(x, str) for x in items):
+            raise SessionError(f"{where(self.path, label)}: expected a list of strings")
+        return tuple(items)
+
+    def tags(self, d: Any, label: str) -> Tags:
+        values = {}
+        for f in fields(Tags):
+            kind = float if f.name in ("trust", "relationship") else str
+            values[f.name] = self.get(d, f.name, kind, f"{label}.{f.name}")
+        return Tags(**values)
+
+    def floats(self, d: Any, label: str) -> dict[str, float]:
+        if not isinstance(d, dict):
+            raise SessionError(f"{where(self.path, label)}: expected a table")
+        return {k: self.get(d, k, float, f"{label}.{k}") for k in d}
+
+    def turn(self, d: Any, label: str) -> TurnRecord:
+        g = self.get
+        flags_raw = g(d, "flags", dict, f"{label}.flags")
+        flags = {
+            n: FlagResult(
+                g(v, "prob", float, f"{label}.flags.{n}.prob"),
+                g(v, "threshold", float, f"{label}.flags.{n}.threshold"),
+                g(v, "fired", bool, f"{label}.flags.{n}.fired"),
+            )
+            for n, v in flags_raw.items()
+        }
+        deltas = self.floats(g(d, "deltas", dict, f"{label}.deltas"), f"{label}.deltas")
+        for name in DELTA_NAMES:
+            if name not in deltas:
+                raise SessionError(f"{where(self.path, f'{label}.deltas.{name}')}: missing")
+        tokens = g(d, "tokens", dict, f"{label}.tokens")
+        return TurnRecord(
+            player=g(d, "player", str, f"{label}.player"),
+            reply=g(d, "reply", str, f"{label}.reply"),
+            deltas=deltas,
+            flags=flags,
+            tags_before=self.tags(
+                g(d, "tags_before", dict, f"{label}.tags_before"), f"{label}.tags_before"
+            ),
+            prompt_tokens=g(tokens, "prompt", int, f"{label}.tokens.prompt"),
+            generated_tokens=g(tokens, "generated", int, f"{label}.tokens.generated"),
+            dropped_turns=g(d, "dropped_turns", int, f"{label}.dropped_turns"),
+            stop_reason=g(d, "stop_reason", str, f"{label}.stop_reason"),
+            seed=g(d, "seed", int, f"{label}.seed"),
+            timings_ms=self.floats(
+                g(d, "timings_ms", dict, f"{label}.timings_ms"), f"{label}.timings_ms"
+            ),
+            time=g(d, "time", str, f"{label}.time"),
+        )
+
+
+def from_dict(data: Any, path: Path) -> Session:
+    r = _Reader(path)
+    if not isinstance(data, dict):
+        raise SessionError(f"{path}: not an npcchat session (expected a table at the top)")
+    version = r.get(data, "schema_version", int, "schema_version")
+    if version > SCHEMA_VERSION:
+        raise SessionError(
+            f"{where(path, 'schema_version')}: session format {version} is newer than this npcchat "
+            f"reads ({SCHEMA_VERSION})",
+            hint="upgrade npcchat to open it; the file was left untouched",
+        )
+    if version < 1:
+        raise SessionError(f"{where(path, 'schema_version')}: expected 1, got {version}")
+    ps = r.get(data, "player_state", dict, "player_state")
+    bundle = r.get(data, "bundle", dict, "bundle")
+    history = r.get(data, "history", list, "history")
+    return Session(
+        npc_id=r.get(data, "npc_id", str, "npc_id"),
+        tags=r.tags(r.get(data, "tags", dict, "tags"), "tags"),
+        initial_tags=r.tags(r.get(data, "initial_tags", dict, "initial_tags"), "initial_tags"),
+        player_state=PlayerState(
+            items=r.strs(ps, "items", "player_state.items"),
+            actions=r.strs(ps, "actions", "player_state.actions"),
+            position=r.get(ps, "position", str, "player_state.position"),
+        ),
+        lore=r.get(data, "lore", str, "lore"),
+        description=r.get(data, "description", str, "description"),
+        history=tuple(r.turn(t, f"history[{i}]") for i, t in enumerate(history)),
+        fired_flags=r.strs(data, "fired_flags", "fired_flags"),
+        bundle_name=r.get(bundle, "name", str, "bundle.name"),
+        bundle_id=r.get(bundle, "id", str, "bundle.id"),
+        seed=r.get(data, "seed", int, "seed"),
+        created=r.get(data, "created", str, "created"),
+    )
+
+
+def _suffix(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise SessionError(f"{path}: session files end in .toml or .json, not {suffix or '(none)'}")
+    return suffix
+
+
+def dumps(s: Session, suffix: str) -> str:
+    data = to_dict(s)
+    if suffix == ".json":
+        return json.dumps(data, ensure_ascii=False, indent=2) + "\n"
+    import tomli_w
+
+    return tomli_w.dumps(data)
+
+
+def load(path: Path) -> Session:
+    suffix = _suffix(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise SessionError(f"{path}: no such session file") from None
+    except OSError as e:
+        raise SessionError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        text = raw.decode("utf-8")
+        if suffix == ".json":
+            data = json.loads(text)
+        else:
+            import tomllib
+
+            data = tomllib.loads(text)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise SessionError(
+            f"{path}: corrupt session file ({e})", hint="the file was left untouched"
+        ) from None
+    return from_dict(data, path)
+
+
+def save(s: Session, path: Path) -> None:
+    """Write atomically; refuses to replace a file that is not an npcchat session."""
+    text = dumps(s, _suffix(path))
+    if path.exists():
+        try:
+            load(path)
+        except SessionError as e:
+            raise SessionError(
+                f"{path}: refusing to overwrite a file npcchat cannot read as a session ({e})",
+                hint="save to another file name",
+            ) from None
+    atomic_write(path, text.encode("utf-8"))
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    directory = path.parent if str(path.parent) else Path(".")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    except OSError as e:
+        raise SessionError(f"{path}: cannot write ({e.strerror})") from None
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise SessionError(f"{path}: cannot write ({e.strerror}); the old file is intact") from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):
+        dfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)

@@ -1,0 +1,96 @@
+"""Frozen value types that cross module borders (prompt, engine, session, CLI)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+TAG_FIELDS = ("quest_stage", "relationship", "trust", "npc_mood", "player_reputation", "style")
+NUMERIC_TAGS = ("relationship", "trust")
+DELTA_NAMES = ("trust", "relationship")
+
+
+@dataclass(frozen=True)
+class Tags:
+    """The NPC state the prompt shows and the heads change (trust/relationship in [0, 1])."""
+
+    quest_stage: str = ""
+    relationship: float = 0.5
+    trust: float = 0.5
+    npc_mood: str = ""
+    player_reputation: str = ""
+    style: str = ""
+    location: str = ""
+
+
+@dataclass(frozen=True)
+class PlayerState:
+    items: tuple[str, ...] = ()
+    actions: tuple[str, ...] = ()
+    position: str = ""
+
+
+@dataclass(frozen=True)
+class ContextTurn:
+    role: str  # "player" or "npc"
+    text: str
+
+
+@dataclass(frozen=True)
+class PromptInput:
+    """Everything one prompt is rendered from."""
+
+    npc_id: str
+    tags: Tags
+    player_utterance: str
+    lore: str = ""
+    description: str = ""
+    player_state: PlayerState = field(default_factory=PlayerState)
+    context: tuple[ContextTurn, ...] = ()
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.7
+    top_p: float = 0.9
+    repeat_penalty: float = 1.05
+    max_tokens: int = 200
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class FlagResult:
+    prob: float
+    threshold: float
+    fired: bool
+
+
+@dataclass(frozen=True)
+class HeadsOutput:
+    """Head outputs for one `<STATE>` vector; flags keep the bundle's head order."""
+
+    deltas: dict[str, float]
+    flags: dict[str, FlagResult]
+
+
+@dataclass(frozen=True)
+class Timings:
+    prefill_ms: float
+    heads_ms: float
+    generate_ms: float
+
+
+@dataclass(frozen=True)
+class TurnResult:
+    """One finished NPC turn: the reply, what the heads predicted, and the new tags."""
+
+    player: str
+    reply: str
+    heads: HeadsOutput
+    tags_before: Tags
+    tags_after: Tags
+    prompt_tokens: int
+    generated_tokens: int
+    dropped_turns: int
+    stop_reason: str  # "eos", "tag", "length"
+    timings: Timings
+    seed: int
