@@ -1,0 +1,56 @@
+"""Shared fixtures. Models are made by the project's own factory, once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Never touch the user's ~/.npcchat from tests.
+    monkeypatch.setenv("NPCCHAT_HOME", str(tmp_path_factory.getbasetemp() / "npcchat-home"))
+    monkeypatch.delenv("NPCCHAT_BUNDLE", raising=False)
+    monkeypatch.delenv("NPCCHAT_DEBUG", raising=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Work directory of the tiny model: hf/ checkpoint, model-f32.gguf, bundles."""
+    from npcchat_convert.tiny import build_bundle
+
+    work = tmp_path_factory.mktemp("tiny")
+    os.environ.setdefault("NPCCHAT_HOME", str(work / "home"))
+    build_bundle(work, quant="f32")
+    build_bundle(work, quant="q4_k_m")
+    return work
+
+
+@pytest.fixture(scope="session")
+def bundle_f32(tiny_work: Path) -> Path:
+    return tiny_work / "bundle-f32"
+
+
+@pytest.fixture(scope="session")
+def bundle_q4(tiny_work: Path) -> Path:
+    return tiny_work / "bundle-q4_k_m"
+
+
+@pytest.fixture()
+def engine_f32(bundle_f32: Path):  # type: ignore[no-untyped-def]
+    from npcchat.config import Config
+    from npcchat.engine import load_engine
+
+    with load_engine(bundle_f32, Config()) as engine:
+        yield engine
+
+
+@pytest.fixture()
+def engine_q4(bundle_q4: Path):  # type: ignore[no-untyped-def]
+    from npcchat.config import Config
+    from npcchat.engine import load_engine
+
+    with load_engine(bundle_q4, Config()) as engine:
+        yield engine
