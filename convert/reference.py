@@ -35,7 +35,9 @@ class RefModel:
         tensors = {}
         for t in reader.tensors:
             if t.tensor_type not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-                raise ValueError(f"{path}: {t.name} is {t.tensor_type.name}; the reference needs f32/f16")
+                raise ValueError(
+                    f"{path}: {t.name} is {t.tensor_type.name}; the reference needs f32/f16"
+                )
             shape = tuple(int(d) for d in reversed(t.shape))
             tensors[t.name] = np.asarray(t.data, dtype=np.float64).reshape(shape)
         return cls(

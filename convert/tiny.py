@@ -196,10 +196,9 @@ def build_bundle(
     Returns the bundle directory ``work/bundle-{quant}``; ``work/hf`` keeps the checkpoint
     and ``work/model-f32.gguf`` the unquantized model (the numpy reference reads it).
     """
-    from npcchat_heads import onnx_builder
-
     from npcchat.bundle import write_manifest
     from npcchat.prompt import builtin_template
+    from npcchat_heads import onnx_builder
 
     from .model import hf_to_gguf, quantize
 

@@ -34,7 +34,7 @@ _LOG: deque[str] = deque(maxlen=200)
 _initialized = False
 
 
-@ll.llama_log_callback
+@ll.llama_log_callback  # type: ignore[untyped-decorator]
 def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     # llama.cpp logs a lot to stderr; keep it for error messages and quantize reports.
     _LOG.append(text.decode("utf-8", "replace"))
@@ -239,15 +239,20 @@ class Model:
         return int(ll.llama_vocab_eos(self._vocab))
 
     # -- decoding -------------------------------------------------------------------------
-    def _decode(self, tokens: Sequence[int], pos0: int, outputs: bool) -> None:
+    def _decode(
+        self, tokens: Sequence[int], pos0: int, outputs: bool, last_only: bool = False
+    ) -> None:
+        """One llama_decode of ``tokens`` at ``pos0``; ``outputs`` flags every token (or,
+        with ``last_only``, just the last one) as an output."""
         b = self._batch
+        assert b is not None, "model is closed"
         n = len(tokens)
         for i, tok in enumerate(tokens):
             b.token[i] = tok
             b.pos[i] = pos0 + i
             b.n_seq_id[i] = 1
             b.seq_id[i][0] = 0
-            b.logits[i] = outputs
+            b.logits[i] = outputs and (not last_only or i == n - 1)
         b.n_tokens = n
         rc = ll.llama_decode(self._ctx, b)
         if rc != 0:
@@ -333,18 +338,8 @@ def baseline_generate(
     the last logits only, then sample and decode ``n_tokens`` tokens (no stop tokens).
     The benchmark's yardstick for what a turn costs on top of llama.cpp."""
     model.keep_prefix(0)
-    for s in range(0, len(tokens), model.n_batch):
-        chunk = tokens[s : s + model.n_batch]
-        last = s + len(chunk) == len(tokens)
-        b = model._batch
-        for i, tok in enumerate(chunk):
-            b.token[i] = tok
-            b.pos[i] = s + i
-            b.n_seq_id[i] = 1
-            b.seq_id[i][0] = 0
-            b.logits[i] = last and i == len(chunk) - 1
-        b.n_tokens = len(chunk)
-        if ll.llama_decode(model._ctx, b) != 0:
-            raise BackendError("llama_decode failed in the baseline run")
+    for start in range(0, len(tokens), model.n_batch):
+        chunk = tokens[start : start + model.n_batch]
+        model._decode(chunk, start, start + len(chunk) == len(tokens), last_only=True)
     model.new_sampler(params, seed)
     return sum(1 for _ in model.generate(len(tokens), n_tokens, frozenset()))

@@ -98,7 +98,7 @@ def _get(data: dict[str, Any], key: str, kind: type, path: Path) -> Any:
 def _checked_file(root: Path, manifest: Path, data: dict[str, Any], section: str) -> Path:
     rel = _get(data, f"{section}.file", str, manifest)
     want = _get(data, f"{section}.sha256", str, manifest)
-    path = root / rel
+    path = root / str(rel)
     if not path.is_file():
         raise BundleError(f"{where(manifest, f'{section}.file')}: {path} does not exist")
     got = _cached_sha256(path)

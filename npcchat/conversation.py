@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any, TypeVar
 
 from npcchat import session as session_mod
 from npcchat.engine import Engine
@@ -16,6 +17,8 @@ from npcchat.errors import ConfigError
 from npcchat.npc import NpcDef
 from npcchat.session import Session
 from npcchat.types import NUMERIC_TAGS, TAG_FIELDS, PlayerState, SamplingParams, TurnResult
+
+T = TypeVar("T")
 
 SETTABLE = (*TAG_FIELDS, "location", "items", "actions", "position", "lore", "description")
 
@@ -34,6 +37,11 @@ def new_session(npc: NpcDef, engine: Engine, seed: int) -> Session:
     )
 
 
+def _with(obj: T, key: str, value: Any) -> T:
+    changes: dict[str, Any] = {key: value}
+    return replace(obj, **changes)  # type: ignore[type-var]
+
+
 def set_value(s: Session, key: str, value: str) -> Session:
     """Apply ``/set KEY VALUE``; raises ConfigError naming the key and what it expects."""
     if key in NUMERIC_TAGS:
@@ -43,16 +51,16 @@ def set_value(s: Session, key: str, value: str) -> Session:
             raise ConfigError(f"/set {key}: expected a number in [0, 1], got {value!r}") from None
         if not 0.0 <= number <= 1.0:
             raise ConfigError(f"/set {key}: expected a number in [0, 1], got {number}")
-        return replace(s, tags=replace(s.tags, **{key: number}))
+        return replace(s, tags=_with(s.tags, key, number))
     if key in (*TAG_FIELDS, "location"):
-        return replace(s, tags=replace(s.tags, **{key: value}))
+        return replace(s, tags=_with(s.tags, key, value))
     if key in ("items", "actions"):
         items = tuple(v.strip() for v in value.split(",") if v.strip())
-        return replace(s, player_state=replace(s.player_state, **{key: items}))
+        return replace(s, player_state=_with(s.player_state, key, items))
     if key == "position":
         return replace(s, player_state=replace(s.player_state, position=value))
     if key in ("lore", "description"):
-        return replace(s, **{key: value})
+        return _with(s, key, value)
     raise ConfigError(f"/set: unknown key {key!r}", hint=f"keys: {', '.join(SETTABLE)}")
 
 

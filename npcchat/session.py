@@ -89,13 +89,17 @@ class Session:
         )
 
     def undo(self) -> Session:
-        """Drop the last turn and restore the tags it started from."""
+        """Drop the last turn and take back what it changed (trust and relationship).
+
+        Other tags are only changed by the designer (/set), so they stay as they are now.
+        """
         if not self.history:
             return self
-        last = self.history[-1]
+        before = self.history[-1].tags_before
         rest = self.history[:-1]
         fired = [n for n in self.fired_flags if any(t.flags.get(n, _NO).fired for t in rest)]
-        return replace(self, tags=last.tags_before, history=rest, fired_flags=tuple(fired))
+        tags = replace(self.tags, trust=before.trust, relationship=before.relationship)
+        return replace(self, tags=tags, history=rest, fired_flags=tuple(fired))
 
     def reset(self) -> Session:
         return replace(self, tags=self.initial_tags or self.tags, history=(), fired_flags=())

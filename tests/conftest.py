@@ -9,7 +9,9 @@ import pytest
 
 
 @pytest.fixture(autouse=True)
-def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+def _isolated_home(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Never touch the user's ~/.npcchat from tests.
     monkeypatch.setenv("NPCCHAT_HOME", str(tmp_path_factory.getbasetemp() / "npcchat-home"))
     monkeypatch.delenv("NPCCHAT_BUNDLE", raising=False)

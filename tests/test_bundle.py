@@ -60,7 +60,9 @@ def test_future_format(bundle_q4: Path, tmp_path: Path) -> None:
 def test_hidden_size_mismatch(bundle_q4: Path, tmp_path: Path) -> None:
     root = _copy(bundle_q4, tmp_path / "b")
     _edit_manifest(root, "hidden_size = 256", "hidden_size = 512")
-    with pytest.raises(BundleError, match="manifest hidden_size is 512, but the GGUF.s n_embd is 256"):
+    with pytest.raises(
+        BundleError, match=r"manifest hidden_size is 512, but the GGUF.s n_embd is 256"
+    ):
         load_engine(root, Config())
 
 

@@ -10,7 +10,9 @@ from npcchat.errors import ConfigError
 
 def test_defaults_and_file(tmp_path: Path) -> None:
     p = tmp_path / "c.toml"
-    p.write_text("[runtime]\nn_ctx = 1024\n[state]\ndelta_scale = 0.5\n[sampling]\ntemperature = 0\n")
+    p.write_text(
+        "[runtime]\nn_ctx = 1024\n[state]\ndelta_scale = 0.5\n[sampling]\ntemperature = 0\n"
+    )
     cfg = config.load(p)
     assert cfg.runtime.n_ctx == 1024 and cfg.state.delta_scale == 0.5
     assert cfg.sampling.temperature == 0.0 and isinstance(cfg.sampling.temperature, float)
@@ -21,7 +23,7 @@ def test_defaults_and_file(tmp_path: Path) -> None:
     ("text", "match"),
     [
         ("[runtime]\nn_ctxx = 5\n", r"c\.toml: key 'runtime\.n_ctxx': unknown key"),
-        ("[runtime]\nn_ctx = \"big\"\n", r"key 'runtime\.n_ctx': expected int"),
+        ('[runtime]\nn_ctx = "big"\n', r"key 'runtime\.n_ctx': expected int"),
         ("[nope]\n", r"key 'nope': unknown section"),
         ("[state]\nclamp_min = 2.0\n", r"clamp_min': must be below"),
         ("[runtime\n", r"c\.toml: invalid TOML"),
@@ -57,9 +59,12 @@ def test_npc_file(tmp_path: Path) -> None:
     [
         ('id = "x"\n[tags]\ntrust = 1.5\n', r"key 'tags\.trust': expected a number in \[0, 1\]"),
         ('id = "x"\n[tags]\nmood = "x"\n', r"key 'tags\.mood': unknown tag"),
-        ('id = 3\n', r"key 'id': expected a string"),
+        ("id = 3\n", r"key 'id': expected a string"),
         ('name = "x"\n', r"key 'id': missing"),
-        ('id = "x"\n[player_state]\nitems = "ore"\n', r"key 'player_state\.items': expected a list"),
+        (
+            'id = "x"\n[player_state]\nitems = "ore"\n',
+            r"key 'player_state\.items': expected a list",
+        ),
     ],
 )
 def test_npc_errors(tmp_path: Path, text: str, match: str) -> None:

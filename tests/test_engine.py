@@ -32,9 +32,19 @@ def _session(**kw: object) -> Session:
 # -- pure prefill planning -------------------------------------------------------------------
 def test_plan_prefill_asks_outputs_only_near_state_and_last() -> None:
     plan = plan_prefill(100, [96, 99], n_batch=32)
-    assert plan == [Chunk(0, 32, False), Chunk(32, 64, False), Chunk(64, 96, False), Chunk(96, 100, True)]
+    assert plan == [
+        Chunk(0, 32, False),
+        Chunk(32, 64, False),
+        Chunk(64, 96, False),
+        Chunk(96, 100, True),
+    ]
     far = plan_prefill(100, [10, 99], n_batch=512)
-    assert far == [Chunk(0, 10, False), Chunk(10, 11, True), Chunk(11, 99, False), Chunk(99, 100, True)]
+    assert far == [
+        Chunk(0, 10, False),
+        Chunk(10, 11, True),
+        Chunk(11, 99, False),
+        Chunk(99, 100, True),
+    ]
     assert sum(c.end - c.start for c in far if c.embeddings) == 2
     assert plan_prefill(50, [49], 512, start=40) == [Chunk(40, 49, False), Chunk(49, 50, True)]
 
@@ -46,7 +56,9 @@ def test_state_vector_matches_numpy_reference(engine_f32: Engine, tiny_work: Pat
 
     ref = RefModel.load(tiny_work / "model-f32.gguf")
     s = _session()
-    fitted = engine_f32.fit(engine_f32.prompt_input(s, "Hello, 안녕하세요! Have you seen my key?"), 16)
+    fitted = engine_f32.fit(
+        engine_f32.prompt_input(s, "Hello, 안녕하세요! Have you seen my key?"), 16
+    )
     vec, tokens = engine_f32.state_vector(fitted)
     hidden = ref.hidden(tokens)
     pos = tokens.index(engine_f32.vocab.tags["<STATE>"])
@@ -66,7 +78,10 @@ def test_mean_over_several_state_tags(engine_f32: Engine, tiny_work: Path) -> No
     from npcchat.prompt import PromptTemplate
     from npcchat_convert.reference import RefModel
 
-    tpl = PromptTemplate("two-states", "<SYS>{{ npc_id }}</SYS>\n<STATE>\n<PLAYER>{{ player_utterance }}\n<STATE>\n<NPC>")
+    tpl = PromptTemplate(
+        "two-states",
+        "<SYS>{{ npc_id }}</SYS>\n<STATE>\n<PLAYER>{{ player_utterance }}\n<STATE>\n<NPC>",
+    )
     engine_f32.bundle = replace(engine_f32.bundle, template=tpl)
     fitted = engine_f32.fit(engine_f32.prompt_input(_session(), "hi there"), 8)
     vec, tokens = engine_f32.state_vector(fitted)
@@ -119,7 +134,9 @@ def test_tokenization_matches_hf_whole_string(engine_q4: Engine, tiny_work: Path
     """Splitting at scaffold tags gives the same ids as HF tokenizing the whole prompt."""
     tokenizers = pytest.importorskip("tokenizers")
     hf = tokenizers.Tokenizer.from_file(str(tiny_work / "hf" / "tokenizer.json"))
-    fitted = engine_q4.fit(engine_q4.prompt_input(_session(), "안녕하세요, I'm back with the key!"), 8)
+    fitted = engine_q4.fit(
+        engine_q4.prompt_input(_session(), "안녕하세요, I'm back with the key!"), 8
+    )
     assert list(fitted.tokens) == hf.encode(fitted.prompt.text, add_special_tokens=False).ids
 
 
@@ -141,7 +158,9 @@ def test_same_prompt_same_state_across_runs_and_contexts(bundle_q4: Path) -> Non
 def test_hundreds_of_turns_at_small_context(bundle_q4: Path) -> None:
     cfg = Config(runtime=RuntimeConfig(n_ctx=256))
     with load_engine(bundle_q4, cfg) as eng:
-        conv = Conversation(eng, _session(seed=3), replace(GREEDY, max_tokens=6, temperature=0.7, seed=None))
+        conv = Conversation(
+            eng, _session(seed=3), replace(GREEDY, max_tokens=6, temperature=0.7, seed=None)
+        )
         dropped = []
         for i in range(300):
             r = conv.say(f"turn {i}: do you remember the picture?")
@@ -154,9 +173,9 @@ def test_hundreds_of_turns_at_small_context(bundle_q4: Path) -> None:
 
 @pytest.mark.model
 def test_prompt_that_cannot_fit_is_a_clear_error(bundle_q4: Path) -> None:
-    with load_engine(bundle_q4, Config(runtime=RuntimeConfig(n_ctx=128))) as eng:
-        with pytest.raises(PromptError, match="even with no history"):
-            eng.turn(_session(lore="lore " * 300), "hi", GREEDY)
+    cfg = Config(runtime=RuntimeConfig(n_ctx=128))
+    with load_engine(bundle_q4, cfg) as eng, pytest.raises(PromptError, match="no history"):
+        eng.turn(_session(lore="lore " * 300), "hi", GREEDY)
 
 
 @pytest.mark.model

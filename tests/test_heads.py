@@ -28,10 +28,14 @@ def test_onnx_matches_numpy(tmp_path: Path) -> None:
 
 
 def test_decisions_are_threshold_and_deterministic() -> None:
-    out = decide(FLAGS, np.array([0.5, -2.0]), np.array([0.65, 0.2, 0.9]), np.array([0.65, 0.3, 0.95]))
+    out = decide(
+        FLAGS, np.array([0.5, -2.0]), np.array([0.65, 0.2, 0.9]), np.array([0.65, 0.3, 0.95])
+    )
     assert [f.fired for f in out.flags.values()] == [True, False, False]  # prob >= threshold fires
     assert out.deltas == {"trust": 0.5, "relationship": -1.0}
-    again = decide(FLAGS, np.array([0.5, -2.0]), np.array([0.65, 0.2, 0.9]), np.array([0.65, 0.3, 0.95]))
+    again = decide(
+        FLAGS, np.array([0.5, -2.0]), np.array([0.65, 0.2, 0.9]), np.array([0.65, 0.3, 0.95])
+    )
     assert again == out
 
 

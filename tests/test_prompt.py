@@ -104,7 +104,9 @@ def _char_tokens(p: prompt.RenderedPrompt) -> list[int]:
 
 
 def test_fit_drops_oldest_turns_first() -> None:
-    turns = tuple(ContextTurn("player" if i % 2 == 0 else "npc", f"turn number {i}") for i in range(40))
+    turns = tuple(
+        ContextTurn("player" if i % 2 == 0 else "npc", f"turn number {i}") for i in range(40)
+    )
     inp = PromptInput(npc_id="x", tags=Tags(), player_utterance="now", context=turns)
     tpl = prompt.builtin_template()
     full = len(prompt.render(tpl, inp).text)

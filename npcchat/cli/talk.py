@@ -21,7 +21,7 @@ HELP = (
         "/set KEY VALUE",
         "change state, e.g. /set trust 0.8, /set quest_stage complete, /set items key,map",
     ),
-    ("/undo", "take back the last turn (state returns to before it)"),
+    ("/undo", "take back the last turn (trust and relationship return to before it)"),
     ("/retry", "redo the last turn with a new draw"),
     ("/save [FILE]", "save the session (.toml or .json)"),
     ("/reset", "back to the initial state, history cleared"),
