@@ -204,7 +204,8 @@ def build_bundle(
 
     hf = work / "hf"
     if not (hf / "config.json").is_file():
-        make_checkpoint(hf, preset, seed, vocab_size=vocab_size)
+        dtype = "bf16" if preset.startswith("qwen") else "f32"  # real checkpoints ship bf16
+        make_checkpoint(hf, preset, seed, dtype=dtype, vocab_size=vocab_size)
     cfg_hidden = json.loads((hf / "config.json").read_text("utf-8"))["hidden_size"]
     f32 = work / "model-f32.gguf"
     if not f32.is_file():
@@ -234,3 +235,22 @@ def build_bundle(
         quant=quant,
     )
     return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m npcchat_convert.tiny --preset qwen2.5-0.5b --out DIR``: a random bundle."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    ap.add_argument(
+        "--out", type=Path, required=True, help="work directory (hf/, GGUFs, bundle-*/)"
+    )
+    ap.add_argument("--quant", default="q4_k_m")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    print(build_bundle(args.out, args.preset, args.quant, args.seed))
+
+
+if __name__ == "__main__":
+    main()

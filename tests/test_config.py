@@ -72,3 +72,10 @@ def test_npc_errors(tmp_path: Path, text: str, match: str) -> None:
     p.write_text(text)
     with pytest.raises(ConfigError, match=match):
         npc.load(p)
+
+
+def test_shipped_config_and_npc_files_load() -> None:
+    root = Path(__file__).resolve().parent.parent / "configs"
+    assert config.load(root / "npcchat.toml") == config.Config()
+    for path in (root / "npcs").glob("*.toml"):
+        npc.load(path)

@@ -1,0 +1,42 @@
+# Everything a developer runs. `make check` = lint + type-check + tests.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install dev lint format typecheck test check talk bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+install: $(BIN)/python  ## runtime install (no torch)
+	$(BIN)/pip install -q .
+
+dev: $(BIN)/python  ## editable install with test tools
+	$(BIN)/pip install -q -e ".[dev]"
+
+lint:
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+format:
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+typecheck:
+	$(BIN)/mypy npcchat
+
+test:
+	$(BIN)/pytest -q
+
+check: lint typecheck test
+
+talk:
+	$(BIN)/npcchat talk
+
+bench:  ## random model at Qwen2.5-0.5B dimensions (made locally, ~1 GB, not committed)
+	$(BIN)/python -m npcchat_convert.tiny --preset qwen2.5-0.5b --out models/q05
+	$(BIN)/npcchat bench --bundle models/q05/bundle-q4_k_m
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
