@@ -35,8 +35,19 @@ def main(mode: str, bundle_dir: str, session_file: str, cfg_file: str, gen_token
 
         with Engine.load(b, Config(runtime=runtime)) as engine:
             engine.turn(s, "Have you seen anything strange around the factory lately?", params)
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"maxrss_mb": rss_kb / 1024}))
+    print(json.dumps({"maxrss_mb": peak_rss_kb() / 1024}))
+
+
+def peak_rss_kb() -> int:
+    """Peak RSS of this process image. ``ru_maxrss`` is no good here: Linux carries it over
+    ``exec`` from the forked parent (which holds a whole model), so read VmHWM instead."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
 if __name__ == "__main__":
