@@ -87,6 +87,24 @@ def vocab_tables(tok: Tokenizer, n_vocab: int) -> tuple[list[str], list[int]]:
     return tokens, kinds
 
 
+class _CastWriter:
+    """Hands gguf-py a tensor that converts itself while being written, a block of rows at
+    a time: casting a 150k-row embedding to f16 in one go would double its memory."""
+
+    BLOCK = 1 << 22  # values per write
+
+    def __init__(self, arr: np.ndarray, dtype: np.dtype) -> None:
+        self.arr = arr.reshape(arr.shape[0], -1) if arr.ndim > 1 else arr.reshape(1, -1)
+        self.dtype = dtype
+        self.nbytes = int(arr.size) * dtype.itemsize
+
+    def tofile(self, fout: object) -> None:
+        rows = max(1, self.BLOCK // max(1, self.arr.shape[1]))
+        for start in range(0, self.arr.shape[0], rows):
+            block = np.ascontiguousarray(self.arr[start : start + rows], dtype=self.dtype)
+            block.tofile(fout)
+
+
 def _token_id(tok: Tokenizer, text: str, what: str) -> int:
     for i, (content, _) in tok.added.items():
         if content == text:
@@ -148,7 +166,8 @@ def write(
             raise ConvertError(f"tensor {spec.name}: shape {arr.shape}, expected {spec.shape}")
         if not np.all(np.isfinite(arr)):
             raise ConvertError(f"tensor {spec.name}: holds NaN or infinite values")
-        w.write_tensor_data(np.ascontiguousarray(arr, dtype=out_dtype(spec)))
+        w.write_tensor_data(_CastWriter(arr, out_dtype(spec)))  # type: ignore[arg-type]
+        del arr
         if progress:
             progress(spec.name)
     w.close()

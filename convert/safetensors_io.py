@@ -34,7 +34,9 @@ class SafetensorsError(ValueError):
 
 
 def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
-    return (raw.astype(np.uint32) << 16).view(np.float32)
+    wide = raw.astype(np.uint32)
+    wide <<= 16
+    return wide.view(np.float32)
 
 
 class SafeFile:
@@ -56,7 +58,6 @@ class SafeFile:
         self.metadata = header.pop("__metadata__", {}) or {}
         self.header = header
         self._base = 8 + n
-        self._mm: np.memmap | None = None
 
     def names(self) -> list[str]:
         return list(self.header)
@@ -65,22 +66,52 @@ class SafeFile:
         return tuple(self.header[name]["shape"])
 
     def get(self, name: str, as_f32: bool = True) -> np.ndarray:
-        """The tensor; floating types come back as float32 unless ``as_f32`` is false."""
+        """The tensor; floating types come back as float32 unless ``as_f32`` is false.
+
+        Read with a positioned read, not a memory map: mapped pages count toward RSS for
+        as long as the map lives, and the converter must stay at a few tensors of memory.
+        """
         info = self.header[name]
         dtype = _DTYPES.get(info["dtype"])
         if dtype is None:
             raise SafetensorsError(
                 f"{self.path}: tensor {name} has unsupported dtype {info['dtype']}"
             )
-        if self._mm is None:
-            self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
         start, end = info["data_offsets"]
-        raw = self._mm[self._base + start : self._base + end].view(dtype).reshape(info["shape"])
-        if info["dtype"] == "BF16":
-            return bf16_to_f32(raw) if as_f32 else raw
+        count = (end - start) // dtype.itemsize
+        if count != int(np.prod(info["shape"])):
+            raise SafetensorsError(
+                f"{self.path}: tensor {name} has {count} values for shape {info['shape']}"
+            )
+        offset = self._base + start
+        if as_f32 and info["dtype"] in ("BF16", "F16"):
+            return self._read_f32(offset, count, dtype, info["dtype"] == "BF16").reshape(
+                info["shape"]
+            )
+        raw = np.fromfile(self.path, dtype=dtype, count=count, offset=offset)
+        if raw.size != count:
+            raise SafetensorsError(f"{self.path}: file ends inside tensor {name}")
+        raw = raw.reshape(info["shape"])
         if as_f32 and raw.dtype.kind == "f":
-            return raw.astype(np.float32)
-        return np.array(raw)
+            return raw.astype(np.float32, copy=False)
+        return raw
+
+    def _read_f32(self, offset: int, count: int, dtype: np.dtype, bf16: bool) -> np.ndarray:
+        """Widen 16-bit floats block by block into one float32 array (peak: output + block)."""
+        out = np.empty(count, dtype=np.float32)
+        block = 1 << 22
+        with self.path.open("rb") as fh:
+            fh.seek(offset)
+            for s in range(0, count, block):
+                n = min(block, count - s)
+                raw = np.fromfile(fh, dtype=dtype, count=n)
+                if raw.size != n:
+                    raise SafetensorsError(f"{self.path}: file ends inside a tensor")
+                if bf16:
+                    out.view(np.uint32)[s : s + n] = raw.astype(np.uint32) << 16
+                else:
+                    out[s : s + n] = raw
+        return out
 
 
 def f32_to_bf16(arr: np.ndarray) -> np.ndarray:

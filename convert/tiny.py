@@ -36,6 +36,7 @@ SPECIAL_TOKENS = [
 PRESETS = {
     "tiny": Qwen2Config(256, 2, 4, 2, 512, 0, 1e-6, 1e6, 4096, True),
     "tiny-untied": Qwen2Config(256, 2, 4, 2, 512, 0, 1e-6, 1e6, 4096, False),
+    "tiny-odd": Qwen2Config(256, 2, 4, 2, 384, 0, 1e-6, 1e6, 4096, True),  # ffn_down rows of 384
     "qwen2.5-0.5b": Qwen2Config(896, 24, 14, 2, 4864, 151936, 1e-6, 1e6, 32768, True),
     "qwen2.5-1.5b": Qwen2Config(1536, 28, 12, 2, 8960, 151936, 1e-6, 1e6, 32768, True),
 }
@@ -167,6 +168,104 @@ def make_checkpoint(
     ]
     save_lazy(entries, out_dir / "model.safetensors", dtype=dtype)
     return cfg
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _module_shapes(cfg: Qwen2Config) -> dict[str, tuple[int, int]]:
+    shapes = tensor_shapes(cfg)
+    return {
+        name[: -len(".weight")]: (shape[0], shape[1])
+        for name, shape in shapes.items()
+        if name.endswith("_proj.weight")
+    }
+
+
+def make_adapter(
+    out_dir: Path,
+    base: Path,
+    r: int = 4,
+    alpha: float = 8.0,
+    rslora: bool = False,
+    seed: int = 1,
+    targets: tuple[str, ...] = LORA_TARGETS,
+    new_tokens: tuple[str, ...] = (),
+    std: float = 0.05,
+) -> dict[str, object]:
+    """A PEFT-layout LoRA adapter for the checkpoint at ``base`` with non-zero A and B.
+
+    ``new_tokens`` resizes the vocabulary: the adapter then carries the trained tokenizer
+    (base tokens plus the new special tokens) and full ``embed_tokens`` (and ``lm_head``
+    when the base is untied), as PEFT's ``save_embedding_layers`` writes them.
+    """
+    from .hf import read_config
+
+    cfg = read_config(base)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    tensors: dict[str, np.ndarray] = {}
+    for module, (n_out, n_in) in _module_shapes(cfg).items():
+        if module.rsplit(".", 1)[-1] not in targets:
+            continue
+        key = f"base_model.model.{module}"
+        tensors[f"{key}.lora_A.weight"] = (rng.standard_normal((r, n_in)) * std).astype(np.float32)
+        tensors[f"{key}.lora_B.weight"] = (rng.standard_normal((n_out, r)) * std).astype(np.float32)
+    if new_tokens:
+        tok = json.loads((base / "tokenizer.json").read_text("utf-8"))
+        tc = json.loads((base / "tokenizer_config.json").read_text("utf-8"))
+        used = [*tok["model"]["vocab"].values(), *(t["id"] for t in tok["added_tokens"])]
+        next_id = max(used) + 1
+        for text in new_tokens:
+            tok["added_tokens"].append(
+                {"id": next_id, "content": text, "single_word": False, "lstrip": False,
+                 "rstrip": False, "normalized": False, "special": True}
+            )  # fmt: skip
+            tc["added_tokens_decoder"][str(next_id)] = {"content": text, "special": True}
+            next_id += 1
+        (out_dir / "tokenizer.json").write_text(json.dumps(tok), "utf-8")
+        (out_dir / "tokenizer_config.json").write_text(json.dumps(tc), "utf-8")
+        rows = next_id
+        embed = (rng.standard_normal((rows, cfg.hidden_size)) * 0.08).astype(np.float32)
+        tensors["base_model.model.model.embed_tokens.weight"] = embed
+        if not cfg.tie_embeddings:
+            head = (rng.standard_normal((rows, cfg.hidden_size)) * 0.08).astype(np.float32)
+            tensors["base_model.model.lm_head.weight"] = head
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": 0.1,
+        "bias": "none",
+        "target_modules": list(targets),
+        "fan_in_fan_out": False,
+        "use_rslora": rslora,
+        "base_model_name_or_path": str(base),
+    }
+    (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2), "utf-8")
+    from .safetensors_io import save
+
+    save(tensors, out_dir / "adapter_model.safetensors")
+    return config
+
+
+def shard_checkpoint(root: Path, shards: int = 2) -> None:
+    """Split ``model.safetensors`` into shards with an index, as HF writes big models."""
+    from .safetensors_io import SafeFile, save
+
+    src = SafeFile(root / "model.safetensors")
+    names = src.names()
+    per = -(-len(names) // shards)
+    weight_map = {}
+    for i in range(shards):
+        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = names[i * per : (i + 1) * per]
+        save({n: src.get(n) for n in part}, root / fname)
+        weight_map |= dict.fromkeys(part, fname)
+    (root / "model.safetensors").unlink()
+    index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
+    (root / "model.safetensors.index.json").write_text(json.dumps(index), "utf-8")
 
 
 DEMO_FLAGS = [

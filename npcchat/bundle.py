@@ -33,7 +33,7 @@ class Bundle:
     name: str
     gguf: Path
     gguf_sha256: str
-    heads: Path
+    heads: Path | None  # None: a model-only bundle (replies, no state changes) until heads fit
     heads_sha256: str
     flags: tuple[str, ...]
     hidden_size: int
@@ -132,13 +132,15 @@ def load(root: Path) -> Bundle:
             hint="upgrade npcchat",
         )
     gguf = _checked_file(root, manifest, data, "model")
-    heads = _checked_file(root, manifest, data, "heads")
     tpl_path = _checked_file(root, manifest, data, "prompt")
-    flags = _get(data, "heads.flags", list, manifest)
-    if not flags or not all(isinstance(f, str) and f for f in flags):
-        raise BundleError(f"{where(manifest, 'heads.flags')}: expected a list of flag names")
-    if len(set(flags)) != len(flags):
-        raise BundleError(f"{where(manifest, 'heads.flags')}: flag names repeat")
+    heads, flags = None, []
+    if "heads" in data:
+        heads = _checked_file(root, manifest, data, "heads")
+        flags = _get(data, "heads.flags", list, manifest)
+        if not flags or not all(isinstance(f, str) and f for f in flags):
+            raise BundleError(f"{where(manifest, 'heads.flags')}: expected a list of flag names")
+        if len(set(flags)) != len(flags):
+            raise BundleError(f"{where(manifest, 'heads.flags')}: flag names repeat")
     hidden = _get(data, "model.hidden_size", int, manifest)
     template = PromptTemplate(
         name=str(data["prompt"].get("name", tpl_path.stem)), source=tpl_path.read_text("utf-8")
@@ -149,7 +151,7 @@ def load(root: Path) -> Bundle:
         gguf=gguf,
         gguf_sha256=_get(data, "model.sha256", str, manifest),
         heads=heads,
-        heads_sha256=_get(data, "heads.sha256", str, manifest),
+        heads_sha256=_get(data, "heads.sha256", str, manifest) if heads else "",
         flags=tuple(flags),
         hidden_size=hidden,
         template=template,
@@ -163,7 +165,7 @@ def write_manifest(
     *,
     name: str,
     gguf: str,
-    heads: str,
+    heads: str | None,
     template: PromptTemplate,
     flags: list[str],
     hidden_size: int,
@@ -185,9 +187,10 @@ def write_manifest(
             "hidden_size": hidden_size,
             "quant": quant,
         },
-        "heads": {"file": heads, "sha256": sha256_file(root / heads), "flags": list(flags)},
         "prompt": {"name": template.name, "file": tpl_file.name, "sha256": template.sha256},
     }
+    if heads is not None:
+        data["heads"] = {"file": heads, "sha256": sha256_file(root / heads), "flags": list(flags)}
     data.update(extra or {})
     out = root / MANIFEST
     out.write_text(tomli_w.dumps(data), "utf-8")

@@ -26,6 +26,7 @@ from npcchat.heads import Heads
 from npcchat.prompt import SCAFFOLD_TAGS, SpecialTag
 from npcchat.session import Session
 from npcchat.types import (
+    DELTA_NAMES,
     ContextTurn,
     HeadsOutput,
     PromptInput,
@@ -108,7 +109,7 @@ def check_vocab(model: ModelLike, bundle_name: str) -> Vocab:
 class Engine:
     """A bundle loaded and ready for turns. Owns the model; call :meth:`close`."""
 
-    def __init__(self, bundle: Bundle, cfg: Config, model: ModelLike, heads: Heads) -> None:
+    def __init__(self, bundle: Bundle, cfg: Config, model: ModelLike, heads: Heads | None) -> None:
         self.bundle = bundle
         self.cfg = cfg
         self.model = model
@@ -126,7 +127,7 @@ class Engine:
 
         model = Model(bundle.gguf, cfg.runtime)
         try:
-            heads = Heads(bundle.heads, bundle.flags, model.n_embd)
+            heads = Heads(bundle.heads, bundle.flags, model.n_embd) if bundle.heads else None
             return cls(bundle, cfg, model, heads)
         except BaseException:
             model.close()
@@ -180,6 +181,8 @@ class Engine:
         return rows[: len(positions)].mean(axis=0), tokens
 
     def run_heads(self, vec: np.ndarray) -> HeadsOutput:
+        if self.heads is None:  # model-only bundle: no state changes until heads are fitted
+            return HeadsOutput(deltas=dict.fromkeys(DELTA_NAMES, 0.0), flags={})
         return self.heads.run(vec)
 
     def turn(

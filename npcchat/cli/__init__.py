@@ -9,7 +9,7 @@ import sys
 
 import typer
 
-from npcchat.cli import bench, talk
+from npcchat.cli import bench, convert, talk
 
 app = typer.Typer(
     name="npcchat",
@@ -20,6 +20,7 @@ app = typer.Typer(
 )
 app.command("talk")(talk.talk)
 app.command("bench")(bench.bench)
+app.command("convert")(convert.convert)
 
 
 def main() -> None:

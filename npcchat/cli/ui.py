@@ -131,3 +131,87 @@ def kv_table(title: str, rows: Mapping[str, Any]) -> None:
     for k, v in rows.items():
         table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
     out.print(table)
+
+
+class StageProgress:
+    """Progress bars for named stages, fed by ``(stage, done, total)`` callbacks."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self._progress = Progress(
+            TextColumn("{task.description:<14}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=err,
+            disable=not enabled,
+            transient=False,
+        )
+        self._tasks: dict[str, Any] = {}
+        self._started = False
+
+    def __enter__(self) -> StageProgress:
+        return self  # the display starts with the first update: early errors print clean
+
+    def __exit__(self, *exc: object) -> None:
+        if self._started:
+            self._progress.stop()
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if not self._started:
+            self._progress.start()
+            self._started = True
+        task = self._tasks.get(stage)
+        if task is None:
+            task = self._tasks[stage] = self._progress.add_task(stage, total=total)
+        self._progress.update(task, completed=done, total=total)
+
+
+def convert_summary(report: Mapping[str, Any]) -> None:
+    table = Table(title=f"bundle written: {report['out']}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("quantization", str(report["quant"]))
+    table.add_row("tensors", str(report["tensors"]))
+    table.add_row(
+        "LoRA pairs",
+        str(report["lora_pairs"])
+        + (
+            f" (run-time adapter {report['adapter_file']})"
+            if report["adapter_file"]
+            else " (merged)"
+            if report["lora_pairs"]
+            else ""
+        ),
+    )
+    table.add_row("flags", ", ".join(report["flags"]) or "(no heads: run `npcchat heads fit`)")
+    fb = report["fallbacks"]
+    table.add_row(
+        "K-quant fallbacks",
+        f"{len(fb)}"
+        + (
+            ": " + ", ".join(f"{f['tensor']}→{f['type']} (row {f['row']})" for f in fb[:6])
+            if fb
+            else ""
+        ),
+    )
+    d = report["drift"]
+    if d:
+        table.add_row(
+            "<STATE> cosine",
+            f"min {d['cosine_min']:.5f}, mean {d['cosine_mean']:.5f} over {d['prompts']} prompts",
+        )
+        if d["head_max_abs_diff"] is not None:
+            table.add_row("head outputs", f"largest difference {d['head_max_abs_diff']:.4f}")
+            table.add_row("flag decisions", f"{d['flag_flips']} of {d['flag_decisions']} flip")
+    for note in report["notes"]:
+        table.add_row("note", note)
+    table.add_row("time", f"{report['seconds']:.1f} s")
+    out.print(table)
