@@ -149,12 +149,14 @@ def _build(opts: Options, src: Any, adapter: Any, heads: Any, template: PromptTe
     model_file = stage / "model.gguf"
     unquant = model_file if opts.quant in ("f32", "f16") else stage / f"model-{unquant_type}.gguf"
     n_tensors = write_gguf(src, unquant, unquant_type, name, tick)
-    if progress:
-        progress("quantize", 0, 1)
     if unquant != model_file:
-        quantize(unquant, model_file, opts.quant, opts.threads)
-    if progress:
-        progress("quantize", 1, 1)
+        quantize(
+            unquant,
+            model_file,
+            opts.quant,
+            opts.threads,
+            lambda d, t: progress and progress("quantize", d, t),
+        )
     lora_pairs, adapter_file = 0, None
     if opts.adapter_only and adapter is not None:
         lora_pairs = lora_gguf.write(adapter, stage / "adapter.gguf")

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,12 +33,17 @@ from npcchat.types import SamplingParams
 
 _LOG: deque[str] = deque(maxlen=200)
 _initialized = False
+_QUANT_LINE = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]")
+_progress: Callable[[int, int], None] | None = None
 
 
 @ll.llama_log_callback  # type: ignore[untyped-decorator]
 def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     # llama.cpp logs a lot to stderr; keep it for error messages and quantize reports.
-    _LOG.append(text.decode("utf-8", "replace"))
+    line = text.decode("utf-8", "replace")
+    _LOG.append(line)
+    if _progress is not None and (m := _QUANT_LINE.match(line)):
+        _progress(int(m.group(1)), int(m.group(2)))  # "[  12/ 291] blk.1.attn_q.weight ..."
 
 
 def _init() -> None:
@@ -109,14 +115,26 @@ QUANT_TYPES = {
 }
 
 
-def quantize(src: Path, dst: Path, quant: str, threads: int = 0) -> list[str]:
-    """Run llama.cpp's quantizer; returns its log lines about fallback tensor types."""
+def quantize(
+    src: Path,
+    dst: Path,
+    quant: str,
+    threads: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[str]:
+    """Run llama.cpp's quantizer; returns its log lines about fallback tensor types.
+    ``progress(done, total)`` follows the per-tensor lines llama.cpp logs."""
+    global _progress
     _init()
     params = ll.llama_model_quantize_default_params()
     params.ftype = QUANT_TYPES[quant]
     params.nthread = threads or default_threads()
     _LOG.clear()
-    rc = ll.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    _progress = progress
+    try:
+        rc = ll.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    finally:
+        _progress = None
     if rc != 0:
         tail = " | ".join(recent_log()[-3:])
         raise BackendError(f"llama.cpp could not quantize {src} to {quant} (code {rc}): {tail}")
