@@ -137,7 +137,10 @@ def tensor_shapes(cfg: Qwen2Config) -> dict[str, tuple[int, ...]]:
 
 
 def random_tensor(name: str, shape: tuple[int, ...], seed: int, std: float = 0.08) -> np.ndarray:
-    """A reproducible random tensor; norms near 1 so activations stay in a sane range."""
+    """A reproducible random tensor; norms near 1 so activations stay in a sane range.
+
+    Real-size presets use HF's Qwen2 ``initializer_range`` (0.02): with a larger std a deep
+    random network amplifies any perturbation, quantization noise included."""
     rng = np.random.default_rng([seed, *name.encode()])
     if name.endswith("layernorm.weight") or name == "model.norm.weight":
         return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
@@ -162,8 +165,9 @@ def make_checkpoint(
     want = vocab_size or cfg.vocab_size or n_tok
     cfg = replace(cfg, vocab_size=max(want, n_tok))
     (out_dir / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2), "utf-8")
+    std = 0.02 if preset.startswith("qwen") else 0.08
     entries = [
-        (name, shape, lambda n=name, s=shape: random_tensor(n, s, seed))
+        (name, shape, lambda n=name, s=shape: random_tensor(n, s, seed, std))
         for name, shape in tensor_shapes(cfg).items()
     ]
     save_lazy(entries, out_dir / "model.safetensors", dtype=dtype)

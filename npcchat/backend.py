@@ -142,17 +142,27 @@ def quantize(
 
 
 class Model:
-    """A loaded GGUF with one context (sequence 0) and one reusable batch."""
+    """A loaded GGUF with one context and one reusable batch.
 
-    def __init__(self, path: Path, runtime: RuntimeConfig) -> None:
+    ``n_seq`` > 1 gives that many independent sequences (own KV stream each, of
+    ``runtime.n_ctx`` tokens) so several turns can generate in one batched decode per
+    step: decoding is memory-bound, and reading the weights once for 8 tokens instead
+    of 8 times is where parallel eval gets its throughput.
+    """
+
+    def __init__(self, path: Path, runtime: RuntimeConfig, n_seq: int = 1) -> None:
         _init()
         self.path = path
         self._model = None
         self._ctx = None
         self._batch = None
-        self._sampler = None
+        self._samplers: dict[int, object] = {}
         mparams = ll.llama_model_default_params()
         mparams.n_gpu_layers = runtime.n_gpu_layers
+        # CPU weight repacking computes one-token and many-token matmuls with different
+        # kernels, so a reply would depend on how many sequences decode together; off by
+        # default (measured here: no speed difference for Q4_K_M on 2 cores).
+        mparams.use_extra_bufts = runtime.repack
         model = ll.llama_model_load_from_file(str(path).encode(), mparams)
         if not model:
             tail = " | ".join(recent_log()[-2:])
@@ -162,8 +172,10 @@ class Model:
         self.n_embd = int(ll.llama_model_n_embd(model))
         self.n_vocab = int(ll.llama_vocab_n_tokens(self._vocab))
         cparams = ll.llama_context_default_params()
-        cparams.n_ctx = runtime.n_ctx
-        cparams.n_batch = cparams.n_ubatch = min(runtime.n_batch, runtime.n_ctx)
+        cparams.n_ctx = runtime.n_ctx * n_seq
+        cparams.n_seq_max = n_seq
+        cparams.kv_unified = False  # one KV stream per sequence: no cross-sequence masking work
+        cparams.n_batch = cparams.n_ubatch = max(n_seq, min(runtime.n_batch, runtime.n_ctx))
         threads = runtime.n_threads or default_threads()
         cparams.n_threads = cparams.n_threads_batch = threads
         cparams.flash_attn_type = (
@@ -181,7 +193,8 @@ class Model:
                 f"{path}: llama.cpp cannot create a context of {runtime.n_ctx} tokens"
             )
         self._ctx = ctx
-        self.n_ctx = int(ll.llama_n_ctx(ctx))
+        self.n_seq = n_seq
+        self.n_ctx = int(ll.llama_n_ctx_seq(ctx))  # per sequence
         self.n_batch = int(cparams.n_batch)
         self._batch = ll.llama_batch_init(self.n_batch, 0, 1)
         self._mem = ll.llama_get_memory(ctx)
@@ -193,9 +206,9 @@ class Model:
     # -- lifetime -------------------------------------------------------------------------
     def close(self) -> None:
         """Free every native object exactly once (safe to call twice)."""
-        if self._sampler is not None:
-            ll.llama_sampler_free(self._sampler)
-            self._sampler = None
+        for smpl in self._samplers.values():
+            ll.llama_sampler_free(smpl)
+        self._samplers.clear()
         if self._batch is not None:
             ll.llama_batch_free(self._batch)
             self._batch = None
@@ -258,50 +271,62 @@ class Model:
 
     # -- decoding -------------------------------------------------------------------------
     def _decode(
-        self, tokens: Sequence[int], pos0: int, outputs: bool, last_only: bool = False
+        self,
+        tokens: Sequence[int],
+        pos0: int,
+        outputs: bool,
+        last_only: bool = False,
+        seq: int = 0,
     ) -> None:
-        """One llama_decode of ``tokens`` at ``pos0``; ``outputs`` flags every token (or,
-        with ``last_only``, just the last one) as an output."""
+        """One llama_decode of ``tokens`` at ``pos0`` of sequence ``seq``; ``outputs`` flags
+        every token (or, with ``last_only``, just the last one) as an output."""
+        self._run([(seq, tok, pos0 + i, outputs and (not last_only or i == len(tokens) - 1))
+                   for i, tok in enumerate(tokens)])  # fmt: skip
+
+    def _run(self, items: Sequence[tuple[int, int, int, bool]]) -> None:
+        """Decode ``(seq, token, pos, output)`` items as one batch."""
         b = self._batch
         assert b is not None, "model is closed"
-        n = len(tokens)
-        for i, tok in enumerate(tokens):
+        for i, (seq, tok, pos, out) in enumerate(items):
             b.token[i] = tok
-            b.pos[i] = pos0 + i
+            b.pos[i] = pos
             b.n_seq_id[i] = 1
-            b.seq_id[i][0] = 0
-            b.logits[i] = outputs and (not last_only or i == n - 1)
-        b.n_tokens = n
+            b.seq_id[i][0] = seq
+            b.logits[i] = out
+        b.n_tokens = len(items)
         rc = ll.llama_decode(self._ctx, b)
         if rc != 0:
-            raise BackendError(f"llama_decode failed (code {rc}) at position {pos0}")
-        self.decoded_tokens += n
+            raise BackendError(f"llama_decode failed (code {rc}) at position {items[0][2]}")
+        self.decoded_tokens += len(items)
 
-    def keep_prefix(self, n: int) -> None:
-        """Drop KV entries from position ``n`` on (0 clears the whole cache)."""
-        if n <= 0:
+    def keep_prefix(self, n: int, seq: int = 0) -> None:
+        """Drop sequence ``seq``'s KV entries from position ``n`` on (0: all of them)."""
+        if n <= 0 and self.n_seq == 1:
             ll.llama_memory_clear(self._mem, True)
         else:
-            ll.llama_memory_seq_rm(self._mem, 0, n, -1)
+            ll.llama_memory_seq_rm(self._mem, seq, max(0, n), -1)
 
-    def prefill(self, tokens: Sequence[int], outputs: Sequence[int], start: int = 0) -> np.ndarray:
-        """Decode ``tokens[start:]`` once (the KV cache must hold ``tokens[:start]``).
+    def prefill(
+        self, tokens: Sequence[int], outputs: Sequence[int], start: int = 0, seq: int = 0
+    ) -> np.ndarray:
+        """Decode ``tokens[start:]`` once into sequence ``seq`` (its KV cache must hold
+        ``tokens[:start]``).
 
         Returns the post-final-norm hidden states at ``outputs`` (rows in that order). The
-        logits of the last token stay in the context for :meth:`sample`. Must include the
-        last position in ``outputs`` so the reply can start.
+        logits of the last token stay in the context for :meth:`sample` until the next
+        decode. Must include the last position in ``outputs`` so the reply can start.
         """
         if len(tokens) > self.n_ctx:
             raise BackendError(f"prompt of {len(tokens)} tokens exceeds the context ({self.n_ctx})")
-        self.keep_prefix(start)
+        self.keep_prefix(start, seq)
         states: dict[int, np.ndarray] = {}
         for ch in plan_prefill(len(tokens), outputs, self.n_batch, start):
             if not ch.embeddings:
-                self._decode(tokens[ch.start : ch.end], ch.start, False)
+                self._decode(tokens[ch.start : ch.end], ch.start, False, seq=seq)
                 continue
             ll.llama_set_embeddings(self._ctx, True)
             try:
-                self._decode(tokens[ch.start : ch.end], ch.start, True)
+                self._decode(tokens[ch.start : ch.end], ch.start, True, seq=seq)
             finally:
                 ll.llama_set_embeddings(self._ctx, False)
             for p in outputs:
@@ -310,10 +335,11 @@ class Model:
                     states[p] = np.ctypeslib.as_array(ptr, shape=(self.n_embd,)).copy()
         return np.stack([states[p] for p in outputs])
 
-    def new_sampler(self, params: SamplingParams, seed: int) -> None:
-        """Build the sampling chain (HF order: penalties, temperature, top-p, draw)."""
-        if self._sampler is not None:
-            ll.llama_sampler_free(self._sampler)
+    def new_sampler(self, params: SamplingParams, seed: int, seq: int = 0) -> None:
+        """Build ``seq``'s sampling chain (HF order: penalties, temperature, top-p, draw)."""
+        old = self._samplers.pop(seq, None)
+        if old is not None:
+            ll.llama_sampler_free(old)
         chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
         if params.repeat_penalty != 1.0:
             ll.llama_sampler_chain_add(
@@ -326,26 +352,34 @@ class Model:
             ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_temp(params.temperature))
             ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_p(params.top_p, 1))
             ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_dist(seed & 0xFFFFFFFF))
-        self._sampler = chain
+        self._samplers[seq] = chain
 
-    def sample(self) -> int:
-        """Draw the next token from the last decoded logits (the sampler records it)."""
-        return int(ll.llama_sampler_sample(self._sampler, self._ctx, -1))
+    def sample(self, seq: int = 0, idx: int = -1) -> int:
+        """Draw ``seq``'s next token from output ``idx`` of the last decode (the sampler
+        records it for its repetition penalty)."""
+        return int(ll.llama_sampler_sample(self._samplers[seq], self._ctx, idx))
 
-    def step(self, token: int, pos: int) -> None:
+    def step(self, token: int, pos: int, seq: int = 0) -> None:
         """Decode one generated token at ``pos`` so its logits can be sampled."""
-        self._decode((token,), pos, True)
+        self._decode((token,), pos, True, seq=seq)
 
-    def generate(self, first_pos: int, max_tokens: int, stop: frozenset[int]) -> Iterator[int]:
+    def step_many(self, items: Sequence[tuple[int, int, int]]) -> None:
+        """Decode one token for each ``(seq, token, pos)`` in one batch; output ``i`` of
+        the decode belongs to ``items[i]``."""
+        self._run([(seq, tok, pos, True) for seq, tok, pos in items])
+
+    def generate(
+        self, first_pos: int, max_tokens: int, stop: frozenset[int], seq: int = 0
+    ) -> Iterator[int]:
         """Sample up to ``max_tokens`` tokens after a prefill; yields each one, stop token
         included (not decoded), so callers can tell why generation ended."""
         pos = first_pos
         for i in range(max_tokens):
-            tok = self.sample()
+            tok = self.sample(seq)
             yield tok
             if tok in stop or i == max_tokens - 1 or pos >= self.n_ctx:
                 return
-            self.step(tok, pos)
+            self.step(tok, pos, seq)
             pos += 1
 
 

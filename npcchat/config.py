@@ -32,6 +32,9 @@ class RuntimeConfig:
     # Flash attention makes hidden states depend on how the prompt is chunked; off by
     # default so the same prompt gives the same game state every time.
     flash_attn: bool = False
+    # Repacked CPU weights make results depend on how many sequences decode together
+    # (eval --parallel); off by default for the same reason.
+    repack: bool = False
     lora_path: str = ""
     lora_scale: float = 1.0
 

@@ -50,9 +50,11 @@ class ModelLike(Protocol):
     def is_control(self, token: int) -> bool: ...
     def is_eog(self, token: int) -> bool: ...
     def eos(self) -> int: ...
-    def prefill(self, tokens: Any, outputs: Any, start: int = 0) -> np.ndarray: ...
-    def new_sampler(self, params: SamplingParams, seed: int) -> None: ...
-    def generate(self, first_pos: int, max_tokens: int, stop: frozenset[int]) -> Any: ...
+    def prefill(self, tokens: Any, outputs: Any, start: int = 0, seq: int = 0) -> np.ndarray: ...
+    def new_sampler(self, params: SamplingParams, seed: int, seq: int = 0) -> None: ...
+    def sample(self, seq: int = 0, idx: int = -1) -> int: ...
+    def step(self, token: int, pos: int, seq: int = 0) -> None: ...
+    def step_many(self, items: Any) -> None: ...
     def close(self) -> None: ...
 
 
@@ -122,10 +124,10 @@ class Engine:
             )
 
     @classmethod
-    def load(cls, bundle: Bundle, cfg: Config) -> Engine:
+    def load(cls, bundle: Bundle, cfg: Config, n_seq: int = 1) -> Engine:
         from npcchat.backend import Model
 
-        model = Model(bundle.gguf, cfg.runtime)
+        model = Model(bundle.gguf, cfg.runtime, n_seq)
         try:
             heads = Heads(bundle.heads, bundle.flags, model.n_embd) if bundle.heads else None
             return cls(bundle, cfg, model, heads)
@@ -156,7 +158,11 @@ class Engine:
                 out += self.model.tokenize(part, special=False)
         return out
 
-    def prompt_input(self, session: Session, player: str) -> PromptInput:
+    def prompt_input(
+        self, session: Session, player: str, context: tuple[ContextTurn, ...] = ()
+    ) -> PromptInput:
+        """What the prompt is rendered from; ``context`` is history from outside the
+        session (a scenario's recorded exchanges), placed before the session's own turns."""
         return PromptInput(
             npc_id=session.npc_id,
             tags=session.tags,
@@ -164,7 +170,7 @@ class Engine:
             lore=session.lore,
             description=session.description,
             player_state=session.player_state,
-            context=context_of(session),
+            context=context + context_of(session),
         )
 
     def fit(self, inp: PromptInput, max_tokens: int) -> prompt_mod.FittedPrompt:
@@ -172,12 +178,14 @@ class Engine:
         return prompt_mod.fit(self.bundle.template, inp, self.tokenize_prompt, budget)
 
     # -- the turn -------------------------------------------------------------------------
-    def state_vector(self, fitted: prompt_mod.FittedPrompt) -> tuple[np.ndarray, list[int]]:
+    def state_vector(
+        self, fitted: prompt_mod.FittedPrompt, seq: int = 0
+    ) -> tuple[np.ndarray, list[int]]:
         """Prefill once; the mean hidden state over `<STATE>` positions."""
         tokens = list(fitted.tokens)
         state_id = self.vocab.tags[prompt_mod.STATE_TAG]
         positions = [i for i, t in enumerate(tokens) if t == state_id]
-        rows = self.model.prefill(tokens, [*positions, len(tokens) - 1])
+        rows = self.model.prefill(tokens, [*positions, len(tokens) - 1], seq=seq)
         return rows[: len(positions)].mean(axis=0), tokens
 
     def run_heads(self, vec: np.ndarray) -> HeadsOutput:
@@ -185,71 +193,119 @@ class Engine:
             return HeadsOutput(deltas=dict.fromkeys(DELTA_NAMES, 0.0), flags={})
         return self.heads.run(vec)
 
+    def start(
+        self,
+        session: Session,
+        player: str,
+        sampling: SamplingParams,
+        on_text: Callable[[str], None] | None = None,
+        seq: int = 0,
+        context: tuple[ContextTurn, ...] = (),
+    ) -> Pending:
+        """First half of a turn: prompt, the one prefill, heads, first token drawn.
+
+        The first token is sampled here because the prefill's logits only live until the
+        next decode (another sequence's, when turns run side by side)."""
+        t0 = time.perf_counter()
+        fitted = self.fit(self.prompt_input(session, player, context), sampling.max_tokens)
+        vec, tokens = self.state_vector(fitted, seq)
+        t1 = time.perf_counter()
+        heads = self.run_heads(vec)
+        t2 = time.perf_counter()
+        seed = sampling.seed if sampling.seed is not None else random.randrange(2**31)
+        self.model.new_sampler(sampling, seed, seq)
+        p = Pending(
+            session, player, sampling, seed, fitted, heads, seq, len(tokens), on_text, [t0, t1, t2]
+        )
+        p.next_token = self.model.sample(seq)
+        return p
+
+    def accept(self, p: Pending) -> bool:
+        """Take ``p.next_token`` into the reply; True when it must be decoded to go on."""
+        tok = p.next_token
+        if tok in self.vocab.stop or self.model.is_eog(tok):
+            p.reason = "tag" if tok in self.vocab.tags.values() else "eos"
+            return False
+        p.n += 1
+        p.emit(p.decoder.decode(self.model.piece(tok)))
+        if p.n >= p.sampling.max_tokens or p.pos >= self.model.n_ctx:
+            p.reason = "length"
+            return False
+        return True
+
+    def finish(self, p: Pending) -> TurnResult:
+        p.emit(p.decoder.decode(b"", final=True))
+        t0, t1, t2 = p.times
+        t3 = time.perf_counter()
+        heads = p.heads
+        return TurnResult(
+            player=p.player,
+            reply="".join(p.pieces).rstrip(),
+            heads=heads,
+            tags_before=p.session.tags,
+            tags_after=apply_deltas(p.session.tags, heads.deltas, self.cfg.state),
+            prompt_tokens=len(p.fitted.tokens),
+            generated_tokens=p.n,
+            dropped_turns=p.fitted.dropped_turns,
+            stop_reason=p.reason,
+            timings=Timings((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3),
+            seed=p.seed,
+        )
+
     def turn(
         self,
         session: Session,
         player: str,
         sampling: SamplingParams,
         on_text: Callable[[str], None] | None = None,
+        context: tuple[ContextTurn, ...] = (),
     ) -> TurnResult:
         """Run one turn. Raises KeyboardInterrupt untouched: the session is not changed."""
-        t0 = time.perf_counter()
-        fitted = self.fit(self.prompt_input(session, player), sampling.max_tokens)
-        vec, tokens = self.state_vector(fitted)
-        t1 = time.perf_counter()
-        heads = self.run_heads(vec)
-        t2 = time.perf_counter()
-        seed = sampling.seed if sampling.seed is not None else random.randrange(2**31)
-        reply, n_gen, stop = self._generate(len(tokens), sampling, seed, on_text)
-        t3 = time.perf_counter()
-        return TurnResult(
-            player=player,
-            reply=reply,
-            heads=heads,
-            tags_before=session.tags,
-            tags_after=apply_deltas(session.tags, heads.deltas, self.cfg.state),
-            prompt_tokens=len(tokens),
-            generated_tokens=n_gen,
-            dropped_turns=fitted.dropped_turns,
-            stop_reason=stop,
-            timings=Timings((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3),
-            seed=seed,
-        )
+        p = self.start(session, player, sampling, on_text, context=context)
+        while self.accept(p):
+            self.model.step(p.next_token, p.pos, p.seq)
+            p.pos += 1
+            p.next_token = self.model.sample(p.seq)
+        return self.finish(p)
 
-    def _generate(
+
+class Pending:
+    """A turn between its prefill and its last token (mutable, internal to the engine)."""
+
+    def __init__(
         self,
-        n_prompt: int,
+        session: Session,
+        player: str,
         sampling: SamplingParams,
         seed: int,
+        fitted: prompt_mod.FittedPrompt,
+        heads: HeadsOutput,
+        seq: int,
+        pos: int,
         on_text: Callable[[str], None] | None,
-    ) -> tuple[str, int, str]:
-        self.model.new_sampler(sampling, seed)
-        decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        pieces: list[str] = []
-        n, reason = 0, "length"
-        started = False
-        for tok in self.model.generate(n_prompt, sampling.max_tokens, self.vocab.stop):
-            if tok in self.vocab.stop or self.model.is_eog(tok):
-                reason = "tag" if tok in self.vocab.tags.values() else "eos"
-                break
-            n += 1
-            text = decoder.decode(self.model.piece(tok))
-            if not started:  # the reply starts at its first visible character
-                text = text.lstrip()
-                started = bool(text)
-            if text:
-                pieces.append(text)
-                if on_text:
-                    on_text(text)
-        tail = decoder.decode(b"", final=True)
-        if tail:
-            pieces.append(tail)
-            if on_text:
-                on_text(tail)
-        return "".join(pieces).rstrip(), n, reason
+        times: list[float],
+    ) -> None:
+        self.session, self.player, self.sampling, self.seed = session, player, sampling, seed
+        self.fitted, self.heads, self.seq, self.pos = fitted, heads, seq, pos
+        self.on_text, self.times = on_text, times
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.pieces: list[str] = []
+        self.n = 0
+        self.next_token = -1
+        self.reason = "length"
+        self.started = False
+
+    def emit(self, text: str) -> None:
+        if not self.started:  # the reply starts at its first visible character
+            text = text.lstrip()
+            self.started = bool(text)
+        if text:
+            self.pieces.append(text)
+            if self.on_text:
+                self.on_text(text)
 
 
-def load_engine(bundle_dir: Path, cfg: Config) -> Engine:
+def load_engine(bundle_dir: Path, cfg: Config, n_seq: int = 1) -> Engine:
     from npcchat import bundle as bundle_mod
 
-    return Engine.load(bundle_mod.load(bundle_dir), cfg)
+    return Engine.load(bundle_mod.load(bundle_dir), cfg, n_seq)

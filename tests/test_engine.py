@@ -99,9 +99,9 @@ def test_each_prompt_token_is_decoded_exactly_once(engine_q4: Engine) -> None:
     model = engine_q4.model
     real = model._decode  # type: ignore[attr-defined]
 
-    def counting(tokens, pos0, outputs):  # type: ignore[no-untyped-def]
+    def counting(tokens, pos0, outputs, **kw):  # type: ignore[no-untyped-def]
         calls.append(len(tokens))
-        return real(tokens, pos0, outputs)
+        return real(tokens, pos0, outputs, **kw)
 
     model._decode = counting  # type: ignore[attr-defined]
     r = engine_q4.turn(_session(), "Tell me about the factory.", replace(GREEDY, max_tokens=10))
@@ -219,11 +219,8 @@ class _ScriptedModel:
     def __getattr__(self, name: str) -> object:
         return getattr(self._real, name)
 
-    def generate(self, first_pos: int, max_tokens: int, stop: frozenset[int]):  # type: ignore[no-untyped-def]
-        for tok in self._script[:max_tokens]:
-            yield tok
-            if tok in stop:
-                return
+    def sample(self, seq: int = 0, idx: int = -1) -> int:
+        return self._script.pop(0)
 
 
 @pytest.mark.model
@@ -232,7 +229,7 @@ def test_generation_stops_on_scaffold_tags_by_id(engine_q4: Engine) -> None:
     hello = m.tokenize(" Hello")
     for tag in ("<PLAYER>", "<STATE>", "<|im_end|>", "<|endoftext|>"):
         tid = m.tokenize(tag, special=True)[0]
-        engine_q4.model = _ScriptedModel(m, [*hello, tid, *hello])  # type: ignore[assignment]
+        engine_q4.model = _ScriptedModel(m, [*hello, tid, *hello, *hello])  # type: ignore[assignment]
         try:
             r = engine_q4.turn(_session(), "hi", GREEDY)
         finally:

@@ -9,7 +9,7 @@ import sys
 
 import typer
 
-from npcchat.cli import bench, convert, talk
+from npcchat.cli import bench, convert, eval, talk
 
 app = typer.Typer(
     name="npcchat",
@@ -21,6 +21,7 @@ app = typer.Typer(
 app.command("talk")(talk.talk)
 app.command("bench")(bench.bench)
 app.command("convert")(convert.convert)
+app.command("eval")(eval.eval_cmd)
 
 
 def main() -> None:

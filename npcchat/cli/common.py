@@ -12,6 +12,7 @@ from npcchat.config import Config
 from npcchat.errors import BundleError
 
 if TYPE_CHECKING:
+    from npcchat.bundle import Bundle
     from npcchat.engine import Engine
     from npcchat.npc import NpcDef
 
@@ -76,6 +77,12 @@ def default_bundle() -> Path:
         "no --bundle given and no demo bundle is installed",
         hint="pass --bundle DIR (make one with `npcchat convert`) or set NPCCHAT_BUNDLE",
     )
+
+
+def load_bundle(path: Path | None) -> Bundle:
+    from npcchat import bundle as bundle_mod
+
+    return bundle_mod.load(path or default_bundle())
 
 
 def open_engine(bundle: Path | None, cfg: Config) -> Engine:

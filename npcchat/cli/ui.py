@@ -26,7 +26,7 @@ def error(e: NpcchatError) -> None:
 
 
 def warn(message: str) -> None:
-    err.print(Text(f"warning: {message}", style="yellow"))
+    err.print(Text(f"warning: {message}", style="yellow"), soft_wrap=True)
 
 
 def info(message: str) -> None:
@@ -215,3 +215,83 @@ def convert_summary(report: Mapping[str, Any]) -> None:
         table.add_row("note", note)
     table.add_row("time", f"{report['seconds']:.1f} s")
     out.print(table)
+
+
+class EtaProgress:
+    """One bar with an ETA, advanced per finished item."""
+
+    def __init__(self, total: int, enabled: bool = True) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        self._p = Progress(TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"),
+                           TimeRemainingColumn(), console=err, disable=not enabled)  # fmt: skip
+        self._task = self._p.add_task("eval", total=total)
+
+    def __enter__(self) -> EtaProgress:
+        self._p.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._p.stop()
+
+    def advance(self) -> None:
+        self._p.advance(self._task)
+
+
+def _f(x: Any) -> str:
+    return "–" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
+
+
+def eval_summary(rep: Mapping[str, Any]) -> None:
+    agg = rep["aggregates"]
+    head = Table(title=f"npcchat eval · {rep['bundle']['name']}" + ("" if rep["complete"] else " (PARTIAL)"),
+                 show_header=False, title_justify="left")  # fmt: skip
+    head.add_column(style="bold")
+    head.add_column(justify="right")
+    r = agg["replies"]
+    rows = [("scenarios / turns", f"{agg['scenarios']} / {agg['turns']}"), ("errors / bad lines", f"{agg['errors']} / {agg['bad_lines']}"),
+            ("flag F1 macro (model thr.)", _f(agg["flag_f1_macro"])), ("flag F1 macro (best thr.)", _f(agg["flag_best_f1_macro"])),
+            ("Brier mean", _f(agg["brier_mean"])), ("threshold MAE", _f(agg["threshold_mae"]))]  # fmt: skip
+    for n in ("trust", "relationship"):
+        d = agg["delta"][n]
+        rows.append((f"{n}: MAE / sign agreement", f"{_f(d['mae'])} / {_f(d['sign_agreement'])}"))
+    rows += [("empty / truncated / leaked", f"{_f(r['empty_rate'])} / {_f(r['truncated_rate'])} / {_f(r['leak_rate'])}"),
+             ("exact match", _f(r["exact_match_rate"])), (f"similarity ({r['similarity_method']})", _f(r["similarity_mean"])),
+             ("prefill p50 / p95 ms", f"{_f(agg['latency_ms']['prefill_p50'])} / {_f(agg['latency_ms']['prefill_p95'])}"),
+             ("generate p50 / p95 ms", f"{_f(agg['latency_ms']['generate_p50'])} / {_f(agg['latency_ms']['generate_p95'])}"),
+             ("tokens/s · scenarios/s", f"{_f(agg['tokens_per_s'])} · {_f(agg['scenarios_per_s'])}")]  # fmt: skip
+    for k, v in rows:
+        head.add_row(k, v)
+    out.print(head)
+    flags = Table(show_header=True, header_style="bold")
+    for col in ("flag", "n", "pos", "P", "R", "F1", "best thr", "best F1", "Brier"):
+        flags.add_column(col, justify="right" if col != "flag" else "left")
+    for n, v in agg["flags"].items():
+        flags.add_row(n, str(v["n"]), str(v["positives"]), _f(v["precision"]), _f(v["recall"]), _f(v["f1"]),
+                      _f(v["best_threshold"]), _f(v["best_f1"]), _f(v["brier"]))  # fmt: skip
+    out.print(flags)
+
+
+def compare_summary(result: Mapping[str, Any]) -> None:
+    table = Table(title=f"{result['a']} → {result['b']}", title_justify="left")
+    for col in ("metric", "A", "B", "B − A"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    for name, m in result["metrics"].items():
+        if m["a"] is None and m["b"] is None:
+            continue
+        diff = m["diff"]
+        table.add_row(name, _f(m["a"]), _f(m["b"]), "–" if diff is None else f"{diff:+.4g}")
+    out.print(table)
+    changed = result["changed"]
+    out.print(f"[bold]{len(changed)} turns changed flags or deltas[/bold]")
+    for c in changed[:30]:
+        dd = ", ".join(f"{k} {v:+.2f}" for k, v in c["delta_diff"].items())
+        out.print(
+            f"  {c['id']} turn {c['turn']}: flags {c['flags_a']} → {c['flags_b']}; delta {dd}"
+        )
