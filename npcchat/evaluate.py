@@ -154,7 +154,8 @@ def aggregate(
     agg["latency_ms"] = {"prefill_p50": M.percentile(pre, 50), "prefill_p95": M.percentile(pre, 95),
                          "generate_p50": M.percentile(gen, 50), "generate_p95": M.percentile(gen, 95)}  # fmt: skip
     n_gen = sum(t["tokens"]["generated"] for t in turns)
-    agg["tokens_per_s"] = n_gen / (sum(gen) / 1e3) if sum(gen) > 0 else None
+    # per wall second of the run: per-turn generate times overlap when turns run in parallel
+    agg["tokens_per_s"] = n_gen / wall_s if wall_s > 0 else None
     agg["wall_s"] = wall_s
     agg["scenarios_per_s"] = len(results) / wall_s if wall_s > 0 else None
     return agg
