@@ -199,12 +199,9 @@ def _build(opts: Options, src: Any, adapter: Any, heads: Any, template: PromptTe
 
 
 def _verify(stage: Path, unquant: Path) -> Drift:
-    from dataclasses import replace
-
     quantized: Bundle = load_bundle(stage)
-    reference = replace(quantized, gguf=unquant)
     try:
-        return drift(reference, quantized)
+        return drift(unquant, quantized)
     except NpcchatError as e:
         raise ConvertError(
             f"verify failed: {e.message}", hint="--no-verify skips this check"

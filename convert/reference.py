@@ -1,8 +1,11 @@
-"""An independent numpy Qwen2 forward pass over an f32/f16 GGUF: the test oracle.
+"""An independent numpy Qwen2 forward pass over an f32/f16 GGUF: the test oracle, and the
+unquantized side of `npcchat convert`'s drift check.
 
 Written from the architecture (RMSNorm, GQA attention with NEOX rotary embedding and q/k/v
-biases, SwiGLU MLP, final RMSNorm), not from llama.cpp's code, in float64. Tests compare
-llama.cpp's hidden state at `<STATE>` and its logits against it.
+biases, SwiGLU MLP, final RMSNorm), not from llama.cpp's code. :class:`RefModel` holds
+all weights (float64, small models, tests); :func:`stream_hidden` walks a GGUF layer by layer
+with positioned reads (float32), so its memory is one layer plus the activations: that is how
+convert verifies a 1.5B model within 2 GB.
 """
 
 from __future__ import annotations
@@ -100,3 +103,64 @@ class RefModel:
     def logits(self, hidden: np.ndarray) -> np.ndarray:
         out = self.tensors.get("output.weight", self.tensors["token_embd.weight"])
         return np.asarray(hidden @ out.T)
+
+
+def _gguf_index(
+    path: Path,
+) -> tuple[dict[str, tuple[int, tuple[int, ...], np.dtype]], dict[str, float]]:
+    """Tensor (offset, numpy shape, dtype) and the hyper-parameters, from the header only."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    index = {}
+    for t in reader.tensors:
+        if t.tensor_type == gguf.GGMLQuantizationType.F32:
+            dt = np.dtype("<f4")
+        elif t.tensor_type == gguf.GGMLQuantizationType.F16:
+            dt = np.dtype("<f2")
+        else:
+            raise ValueError(
+                f"{path}: {t.name} is {t.tensor_type.name}; the reference needs f32/f16"
+            )
+        index[t.name] = (int(t.data_offset), tuple(int(d) for d in reversed(t.shape)), dt)
+    hp = {}
+    for key in ("block_count", "attention.head_count", "attention.head_count_kv",
+                "attention.layer_norm_rms_epsilon", "rope.freq_base"):  # fmt: skip
+        f = reader.fields[f"qwen2.{key}"]
+        hp[key] = float(f.parts[f.data[0]][0])
+    del reader  # drop the header map; tensors are read with positioned reads below
+    return index, hp
+
+
+def stream_hidden(path: Path, prompts: list[list[int]]) -> list[np.ndarray]:
+    """Post-final-norm hidden states (float32) of several prompts, reading one layer of
+    weights at a time from the GGUF (only the embedding rows the prompts use)."""
+    index, hp = _gguf_index(path)
+
+    def read(name: str, rows: list[int] | None = None) -> np.ndarray:
+        offset, shape, dt = index[name]
+        if rows is None:
+            arr = np.fromfile(path, dtype=dt, count=int(np.prod(shape)), offset=offset).reshape(
+                shape
+            )
+            return arr.astype(np.float32)
+        width = shape[1]
+        with path.open("rb") as fh:
+            out = np.empty((len(rows), width), np.float32)
+            for i, r in enumerate(rows):
+                fh.seek(offset + r * width * dt.itemsize)
+                out[i] = np.fromfile(fh, dtype=dt, count=width)
+        return out
+
+    model = RefModel({}, int(hp["block_count"]), int(hp["attention.head_count"]),
+                     int(hp["attention.head_count_kv"]), hp["attention.layer_norm_rms_epsilon"],
+                     hp["rope.freq_base"])  # fmt: skip
+    xs = [read("token_embd.weight", list(p)) for p in prompts]
+    for i in range(model.n_layers):
+        prefix = f"blk.{i}."
+        model.tensors = {n: read(n) for n in index if n.startswith(prefix)}
+        for j, x in enumerate(xs):
+            x = x + model._attention(model._norm(x, f"{prefix}attn_norm.weight"), i)
+            xs[j] = x + model._mlp(model._norm(x, f"{prefix}ffn_norm.weight"), i)
+    model.tensors = {"output_norm.weight": read("output_norm.weight")}
+    return [model._norm(x, "output_norm.weight") for x in xs]

@@ -1,12 +1,15 @@
 """Show the drift a quantized model ships with: built-in prompts through the unquantized and
-the quantized GGUF, comparing `<STATE>` vectors (cosine), head outputs (largest absolute
-difference) and flag decisions (how many flip). Runs the real engine path (same prompt
-builder, same one-prefill turn), one model at a time to keep memory low.
+the quantized model, comparing `<STATE>` vectors (cosine), head outputs (largest absolute
+difference) and flag decisions (how many flip). The quantized side runs the real engine path
+(same prompt builder, same one-prefill turn); the unquantized side is the numpy reference
+streamed layer by layer from the f16/f32 GGUF, so memory stays at the quantized model plus
+one layer (loading the f16 model in llama.cpp would double the converter's peak).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -14,6 +17,8 @@ from npcchat.bundle import Bundle
 from npcchat.config import Config, RuntimeConfig
 from npcchat.engine import Engine
 from npcchat.types import ContextTurn, PlayerState, PromptInput, Tags
+
+from .reference import stream_hidden
 
 _TAGS = Tags("in_progress", 0.35, 0.35, "grief", "helpful", "emotional", "map1")
 PROMPTS = (
@@ -41,33 +46,35 @@ class Drift:
     flag_decisions: int | None
 
 
-def _outputs(
-    bundle: Bundle, n_ctx: int
-) -> tuple[list[np.ndarray], list[np.ndarray] | None, list[np.ndarray] | None]:
-    with Engine.load(bundle, Config(runtime=RuntimeConfig(n_ctx=n_ctx))) as engine:
-        vecs = [engine.state_vector(engine.fit(p, 1))[0] for p in PROMPTS]
-        if engine.heads is None:
-            return vecs, None, None
-        raw = engine.heads.run_batch(np.stack(vecs))
-        heads = [np.concatenate([r.ravel() for r in raw])]
-        fired = [raw[1] >= raw[2]]
-    return vecs, heads, fired
+def _heads_out(engine: Engine, vecs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray] | None:
+    if engine.heads is None:
+        return None
+    raw = engine.heads.run_batch(np.stack(vecs))
+    return np.concatenate([r.ravel() for r in raw]), raw[1] >= raw[2]
 
 
-def drift(reference: Bundle, quantized: Bundle, n_ctx: int = 1024) -> Drift:
-    ref_vecs, ref_heads, ref_fired = _outputs(reference, n_ctx)
-    q_vecs, q_heads, q_fired = _outputs(quantized, n_ctx)
+def drift(unquantized: Path, quantized: Bundle, n_ctx: int = 1024) -> Drift:
+    """Quantized bundle (llama.cpp) against the unquantized GGUF (numpy, layer by layer)."""
+    with Engine.load(quantized, Config(runtime=RuntimeConfig(n_ctx=n_ctx))) as engine:
+        state_id = engine.vocab.tags["<STATE>"]
+        fitted = [engine.fit(p, 1) for p in PROMPTS]
+        q_vecs = [engine.state_vector(f)[0] for f in fitted]
+        tokens = [list(f.tokens) for f in fitted]
+        ref_hidden = stream_hidden(unquantized, tokens)
+        ref_vecs = [h[[i for i, t in enumerate(tok) if t == state_id]].mean(axis=0)
+                    for h, tok in zip(ref_hidden, tokens, strict=True)]  # fmt: skip
+        q_out, ref_out = _heads_out(engine, q_vecs), _heads_out(engine, ref_vecs)
     cos = [
         float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
         for a, b in zip(ref_vecs, q_vecs, strict=True)
     ]
-    if ref_heads is None or q_heads is None or ref_fired is None or q_fired is None:
+    if q_out is None or ref_out is None:
         return Drift(len(PROMPTS), min(cos), float(np.mean(cos)), None, None, None)
     return Drift(
         prompts=len(PROMPTS),
         cosine_min=min(cos),
         cosine_mean=float(np.mean(cos)),
-        head_max_abs_diff=float(np.max(np.abs(ref_heads[0] - q_heads[0]))),
-        flag_flips=int(np.sum(ref_fired[0] != q_fired[0])),
-        flag_decisions=int(ref_fired[0].size),
+        head_max_abs_diff=float(np.max(np.abs(ref_out[0] - q_out[0]))),
+        flag_flips=int(np.sum(ref_out[1] != q_out[1])),
+        flag_decisions=int(ref_out[1].size),
     )
