@@ -175,8 +175,10 @@ def write_manifest(
     """Write the template file and ``bundle.toml`` for files already in ``root``."""
     import tomli_w
 
+    from npcchat.session import atomic_write
+
     tpl_file = root / "prompt.jinja"
-    tpl_file.write_text(template.source, "utf-8")
+    atomic_write(tpl_file, template.source.encode("utf-8"))
     data: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -193,5 +195,5 @@ def write_manifest(
         data["heads"] = {"file": heads, "sha256": sha256_file(root / heads), "flags": list(flags)}
     data.update(extra or {})
     out = root / MANIFEST
-    out.write_text(tomli_w.dumps(data), "utf-8")
+    atomic_write(out, tomli_w.dumps(data).encode("utf-8"))
     return out

@@ -9,7 +9,7 @@ import sys
 
 import typer
 
-from npcchat.cli import bench, convert, eval, talk
+from npcchat.cli import bench, convert, eval, heads, talk
 
 app = typer.Typer(
     name="npcchat",
@@ -22,6 +22,7 @@ app.command("talk")(talk.talk)
 app.command("bench")(bench.bench)
 app.command("convert")(convert.convert)
 app.command("eval")(eval.eval_cmd)
+app.add_typer(heads.app, name="heads")
 
 
 def main() -> None:

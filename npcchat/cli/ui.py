@@ -295,3 +295,21 @@ def compare_summary(result: Mapping[str, Any]) -> None:
         out.print(
             f"  {c['id']} turn {c['turn']}: flags {c['flags_a']} → {c['flags_b']}; delta {dd}"
         )
+
+
+def fit_summary(result: Mapping[str, Any]) -> None:
+    h = result["held_out"]
+    out.print(f"[bold]heads written to {result['bundle']}[/bold] · {result['records']} records "
+              f"({result['train']} train / {result['validation']} validation / {result['test']} held out)")  # fmt: skip
+    table = Table(title="held-out metrics", title_justify="left")
+    for col in ("flag", "n", "pos", "P", "R", "F1", "Brier", "threshold"):
+        table.add_column(col, justify="left" if col in ("flag", "threshold") else "right")
+    for name, v in h["flags"].items():
+        table.add_row(name, str(v["n"]), str(v["positives"]), _f(v["precision"]), _f(v["recall"]), _f(v["f1"]),
+                      _f(v["brier"]), str(result["thresholds"].get(name, "")))  # fmt: skip
+    out.print(table)
+    for name, d in h["delta"].items():
+        out.print(f"{name}: MAE {_f(d['mae'])} · sign agreement {_f(d['sign_agreement'])}")
+    out.print(f"flag F1 macro (held out): {_f(h['flag_f1_macro'])}")
+    for note in result["notes"][:10]:
+        warn(note)
