@@ -64,7 +64,7 @@ _CORPUS = [
 ]
 
 
-def train_tokenizer(out_dir: Path, vocab_size: int = 1200) -> None:
+def train_tokenizer(out_dir: Path, vocab_size: int = 1200, corpus: list[str] | None = None) -> None:
     """Train a Qwen2-style byte-level BPE and write tokenizer.json + tokenizer_config.json."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
@@ -87,7 +87,7 @@ def train_tokenizer(out_dir: Path, vocab_size: int = 1200) -> None:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    tok.train_from_iterator(corpus if corpus is not None else _CORPUS * 4, trainer=trainer)
     out_dir.mkdir(parents=True, exist_ok=True)
     tok.save(str(out_dir / "tokenizer.json"))
     decoder = {
@@ -313,7 +313,7 @@ def build_bundle(
     f32 = work / "model-f32.gguf"
     if not f32.is_file():
         hf_to_gguf(hf, f32, "f16" if preset.startswith("qwen") else "f32", name=f"random-{preset}")
-    out = work / f"bundle-{quant}"
+    out = work / (f"bundle-{quant}" if template == "served-v1" else f"bundle-{quant}-{template}")
     out.mkdir(parents=True, exist_ok=True)
     if quant == "f32":
         import shutil
@@ -351,8 +351,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--quant", default="q4_k_m")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--template", default="served-v1", help="built-in prompt template")
     args = ap.parse_args(argv)
-    print(build_bundle(args.out, args.preset, args.quant, args.seed))
+    print(build_bundle(args.out, args.preset, args.quant, args.seed, template=args.template))
 
 
 if __name__ == "__main__":

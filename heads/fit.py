@@ -84,7 +84,7 @@ def fit_logistic(
     reg = l2 * np.eye(d + 1)
     reg[-1, -1] = 1e-8
     for _ in range(iters):
-        p = 1.0 / (1.0 + np.exp(-(xa @ theta)))
+        p = 0.5 * (1.0 + np.tanh(0.5 * (xa @ theta)))  # sigmoid without overflow
         grad = xa.T @ (p - y) + reg @ theta
         hess = xa.T @ (xa * (p * (1 - p))[:, None]) + reg
         step = np.linalg.solve(hess, grad)
@@ -142,7 +142,7 @@ def fit_heads(
             how[str(k)] = "regressed on labelled thresholds"
             continue
         mv = ~np.isnan(val.flags[:, k])
-        probs = 1.0 / (1.0 + np.exp(-(xv[mv] @ fw[k] + fb[k])))
+        probs = 0.5 * (1.0 + np.tanh(0.5 * (xv[mv] @ fw[k] + fb[k])))
         t = f1_threshold(probs, val.flags[mv, k]) if mv.sum() else 0.5
         tb[k] = float(logit(t))
         how[str(k)] = f"F1-optimal on validation: {t:.3f}"

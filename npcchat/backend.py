@@ -335,6 +335,19 @@ class Model:
                     states[p] = np.ctypeslib.as_array(ptr, shape=(self.n_embd,)).copy()
         return np.stack([states[p] for p in outputs])
 
+    def state_get(self, seq: int = 0) -> bytes:
+        """llama.cpp's state (KV cache) of one sequence, for a snapshot."""
+        size = int(ll.llama_state_seq_get_size(self._ctx, seq))
+        buf = (ctypes.c_ubyte * size)()
+        n = int(ll.llama_state_seq_get_data(self._ctx, buf, size, seq))
+        return bytes(buf[:n])
+
+    def state_set(self, seq: int, data: bytes) -> bool:
+        """Load a sequence state saved by :meth:`state_get`; False when llama.cpp refuses."""
+        self.keep_prefix(0, seq)
+        buf = (ctypes.c_ubyte * len(data)).from_buffer_copy(data)
+        return int(ll.llama_state_seq_set_data(self._ctx, buf, len(data), seq)) > 0
+
     def new_sampler(self, params: SamplingParams, seed: int, seq: int = 0) -> None:
         """Build ``seq``'s sampling chain (HF order: penalties, temperature, top-p, draw)."""
         old = self._samplers.pop(seq, None)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from npcchat.engine import Engine, Pending
 from npcchat.errors import NpcchatError
@@ -48,14 +48,13 @@ def run(engine: Engine, drivers: Iterable[tuple[K, Driver[R]]]) -> Iterator[tupl
     A request that fails with an NpcchatError (a prompt that cannot fit, say) is thrown
     into its driver, which may record it and return or let it propagate.
     """
-    model = engine.model
-    n_slots = getattr(model, "n_seq", 1)
+    n_slots = getattr(engine.model, "n_seq", 1)
     queue = iter(drivers)
     slots: dict[int, _Slot[K, R]] = {}
     free = list(range(n_slots - 1, -1, -1))
     finished: list[tuple[K, R]] = []
 
-    def advance(seq: int, slot: _Slot[K, R], send: TurnResult | NpcchatError | None) -> None:
+    def next_request(seq: int, slot: _Slot[K, R], send: TurnResult | NpcchatError | None) -> None:
         """Get the driver's next request and start it, until one starts or it ends."""
         while True:
             try:
@@ -75,11 +74,22 @@ def run(engine: Engine, drivers: Iterable[tuple[K, Driver[R]]]) -> Iterator[tupl
             except NpcchatError as e:
                 send = e
 
+    try:
+        yield from _loop(engine, queue, slots, free, finished, next_request)
+    except BaseException:
+        engine.forget()  # KV caches of interrupted turns are in an unknown state
+        raise
+
+
+def _loop(
+    engine: Engine, queue: Any, slots: Any, free: list[int], finished: list[Any], next_request: Any
+) -> Iterator[Any]:
+    """Fill free slots, then one step for every active turn, until all drivers end."""
     while True:
         while free and (item := next(queue, None)) is not None:
             seq = free.pop()
             slots[seq] = _Slot(item[0], item[1])
-            advance(seq, slots[seq], None)
+            next_request(seq, slots[seq], None)
         yield from finished
         finished.clear()
         if not slots:
@@ -92,9 +102,6 @@ def run(engine: Engine, drivers: Iterable[tuple[K, Driver[R]]]) -> Iterator[tupl
                 going.append((seq, p))
             else:
                 slot.pending = None
-                advance(seq, slot, engine.finish(p))
+                next_request(seq, slot, engine.finish(p))
         if going:
-            model.step_many([(p.seq, p.next_token, p.pos) for _, p in going])
-            for i, (_, p) in enumerate(going):
-                p.pos += 1
-                p.next_token = model.sample(p.seq, i)
+            engine.advance([p for _, p in going])

@@ -90,6 +90,7 @@ def timing(engine: Engine, s: Session, gen_tokens: int, repeats: int) -> dict[st
     turns, bases, prefill, decode = [], [], [], []
     n_prompt = n_gen = 0
     for _ in range(repeats):
+        engine.forget()  # a cold turn: the whole prompt is decoded, as in the baseline
         t0 = time.perf_counter()
         r = engine.turn(s, PLAYER_LINE, params)
         turns.append(time.perf_counter() - t0)
@@ -173,8 +174,95 @@ def help_seconds(repeats: int = 3) -> float:
     return statistics.median(samples)
 
 
+def _greedy(n: int) -> SamplingParams:
+    return SamplingParams(temperature=0.0, top_p=1.0, repeat_penalty=1.05, max_tokens=n, seed=0)
+
+
+def _ttft(r: Any) -> float:
+    return float(r.timings.prefill_ms + r.timings.heads_ms)
+
+
+def multi_turn(
+    engine: Engine, s: Session, gen_tokens: int, turns: int = 10
+) -> tuple[dict[str, float], Session]:
+    """A 10-turn conversation: what turn 10 decodes and waits for, against turn 1."""
+    from npcchat.conversation import Conversation
+
+    engine.forget()
+    conv = Conversation(engine, s, _greedy(gen_tokens))
+    results = [conv.say(f"{PLAYER_LINE} ({i + 1})") for i in range(turns)]
+    first, last = results[0], results[-1]
+    return {
+        "turn1_prefill_tokens": first.prefill_tokens,
+        f"turn{turns}_prefill_tokens": last.prefill_tokens,
+        f"turn{turns}_prompt_tokens": last.prompt_tokens,
+        f"prefill_tokens_turn{turns}_over_turn1": last.prefill_tokens / first.prefill_tokens,
+        "turn1_ttft_ms": _ttft(first),
+        f"turn{turns}_ttft_ms": _ttft(last),
+    }, conv.session
+
+
+def resume(bundle_root: Path, cfg: Config, s: Session, gen_tokens: int) -> dict[str, float]:
+    """TTFT of the next turn after resuming a saved session, with and without its snapshot."""
+    from npcchat.conversation import Conversation
+    from npcchat.engine import load_engine
+
+    out: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "bench-session.toml"
+        with load_engine(bundle_root, cfg) as engine:  # replay the last turn to save a snapshot
+            conv = Conversation(
+                engine, replace(s, history=s.history[:-1]), _greedy(gen_tokens), path
+            )
+            conv.say(s.history[-1].player)
+        for mode in ("snapshot", "cold"):
+            runtime = replace(cfg.runtime, snapshots=mode == "snapshot")
+            with load_engine(bundle_root, replace(cfg, runtime=runtime)) as engine:
+                engine.turn(s, "warm-up", _greedy(1))  # the same warm-up for both modes
+                engine.forget()
+                conv = Conversation(engine, session_mod.load(path), _greedy(gen_tokens), path)
+                conv.resume_snapshot()
+                conv.path = None  # measure, do not save
+                r = conv.say(PLAYER_LINE + " (resumed)")
+                out[f"resume_{mode}_ttft_ms"] = _ttft(r)
+                out[f"resume_{mode}_prefill_tokens"] = r.prefill_tokens
+    out["resume_ttft_over_cold"] = out["resume_snapshot_ttft_ms"] / out["resume_cold_ttft_ms"]
+    return out
+
+
+def eval_throughput(
+    bundle_root: Path, cfg: Config, s: Session, gen_tokens: int, n: int = 16
+) -> dict[str, float]:
+    """Scenarios per second through `npcchat eval`'s runner at --parallel 1 and 8."""
+    from npcchat import bundle as bundle_mod
+    from npcchat import evaluate
+    from npcchat.scenarios import Scenario
+    from npcchat.similarity import Similarity
+
+    scenarios = [Scenario(id=f"b{i}", source="bench", kind="unlabelled", npc_id=s.npc_id, tags=s.tags, lore=s.lore,
+                          turns=((f"{PLAYER_LINE} #{i}", None),)) for i in range(n)]  # fmt: skip
+    out: dict[str, float] = {}
+    b = bundle_mod.load(bundle_root)
+    for par in (1, 8):
+        with Engine.load(b, cfg, n_seq=par) as engine:
+            engine.turn(s, "warm-up", _greedy(1))
+            t0 = time.perf_counter()
+            evaluate.run(engine, scenarios, _greedy(gen_tokens), Similarity(), lambda r: None)
+            out[f"eval_parallel{par}_scenarios_s"] = n / (time.perf_counter() - t0)
+    out["eval_parallel8_over_1"] = (
+        out["eval_parallel8_scenarios_s"] / out["eval_parallel1_scenarios_s"]
+    )
+    return out
+
+
 def run(
-    engine: Engine, cfg: Config, prompt_tokens: int, gen_tokens: int, repeats: int, rss: bool
+    engine: Engine,
+    cfg: Config,
+    prompt_tokens: int,
+    gen_tokens: int,
+    repeats: int,
+    rss: bool,
+    extras: bool = True,
 ) -> dict[str, Any]:
     s = bench_session(engine, prompt_tokens)
     report: dict[str, Any] = {
@@ -188,4 +276,9 @@ def run(
     if rss:
         report |= peak_rss(engine, s, cfg, gen_tokens)
     report["help_s"] = help_seconds()
+    if extras:
+        figures, after = multi_turn(engine, s, gen_tokens)
+        report |= figures
+        report |= resume(engine.bundle.root, cfg, after, gen_tokens)
+        report |= eval_throughput(engine.bundle.root, cfg, s, gen_tokens)
     return report

@@ -35,6 +35,11 @@ class RuntimeConfig:
     # Repacked CPU weights make results depend on how many sequences decode together
     # (eval --parallel); off by default for the same reason.
     repack: bool = False
+    # Decode only what changed since the last turn (the KV cache keeps the shared prefix).
+    prefix_reuse: bool = True
+    # KV snapshots saved beside session files (FILE.kv); larger states are not saved.
+    snapshots: bool = True
+    snapshot_max_mb: int = 256
     lora_path: str = ""
     lora_scale: float = 1.0
 

@@ -66,12 +66,18 @@ def set_value(s: Session, key: str, value: str) -> Session:
 
 class Conversation:
     def __init__(
-        self, engine: Engine, session: Session, sampling: SamplingParams, path: Path | None = None
+        self,
+        engine: Engine,
+        session: Session,
+        sampling: SamplingParams,
+        path: Path | None = None,
+        on_warning: Callable[[str], None] | None = None,
     ) -> None:
         self.engine = engine
         self.session = session
         self.sampling = sampling
         self.path = path
+        self.on_warning = on_warning
         self._turns = len(session.history)
 
     def _turn_sampling(self) -> SamplingParams:
@@ -123,8 +129,32 @@ class Conversation:
                 "/save: no file given and the session has none", hint="/save FILE.toml"
             )
         session_mod.save(self.session, target)
+        self._snapshot(target)
         return target
 
     def autosave(self) -> None:
         if self.path is not None:
             session_mod.save(self.session, self.path)
+            self._snapshot(self.path)
+
+    def _snapshot(self, target: Path) -> None:
+        """KV snapshot beside the session file (optional; problems are warnings)."""
+        runtime = self.engine.cfg.runtime
+        if not runtime.snapshots:
+            return
+        from npcchat import snapshot
+
+        warning = snapshot.save(self.engine, target, runtime.snapshot_max_mb)
+        if warning and self.on_warning:
+            self.on_warning(warning)
+
+    def resume_snapshot(self) -> bool:
+        """Restore the KV snapshot saved with this session, when it matches the bundle."""
+        if self.path is None or not self.engine.cfg.runtime.snapshots:
+            return False
+        from npcchat import snapshot
+
+        restored, warning = snapshot.restore(self.engine, self.path)
+        if warning and self.on_warning:
+            self.on_warning(warning)
+        return restored

@@ -71,6 +71,15 @@ def apply_deltas(tags: Tags, deltas: dict[str, float], rule: StateConfig) -> Tag
     )
 
 
+def common_prefix(a: Any, b: Any) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def context_of(session: Session) -> tuple[ContextTurn, ...]:
     turns: list[ContextTurn] = []
     for t in session.history:
@@ -117,6 +126,10 @@ class Engine:
         self.model = model
         self.heads = heads
         self.vocab = check_vocab(model, bundle.name)
+        # Prefix reuse: per sequence, the tokens whose KV entries are valid.
+        self.reuse = cfg.runtime.prefix_reuse
+        self._kv: dict[int, list[int]] = {}
+        self.last_prefill = 0
         if model.n_embd != bundle.hidden_size:
             raise BundleError(
                 f"{bundle.root}: manifest hidden_size is {bundle.hidden_size}, "
@@ -181,12 +194,36 @@ class Engine:
     def state_vector(
         self, fitted: prompt_mod.FittedPrompt, seq: int = 0
     ) -> tuple[np.ndarray, list[int]]:
-        """Prefill once; the mean hidden state over `<STATE>` positions."""
+        """Prefill once; the mean hidden state over `<STATE>` positions.
+
+        With prefix reuse on, only the tokens after the longest prefix this sequence's KV
+        cache already holds are decoded (never past the first `<STATE>`: its hidden state
+        must come out of this decode). ``self.last_prefill`` is how many were decoded.
+        """
         tokens = list(fitted.tokens)
         state_id = self.vocab.tags[prompt_mod.STATE_TAG]
         positions = [i for i, t in enumerate(tokens) if t == state_id]
-        rows = self.model.prefill(tokens, [*positions, len(tokens) - 1], seq=seq)
+        outputs = [*positions, len(tokens) - 1]
+        start = min(common_prefix(self._kv.get(seq, ()), tokens), outputs[0]) if self.reuse else 0
+        self._kv[seq] = []  # unknown until the decode below completes
+        rows = self.model.prefill(tokens, outputs, start=start, seq=seq)
+        self._kv[seq] = tokens
+        self.last_prefill = len(tokens) - start
         return rows[: len(positions)].mean(axis=0), tokens
+
+    def forget(self, seq: int | None = None) -> None:
+        """Treat a sequence's (or every) KV cache as empty: the next prefill starts cold."""
+        if seq is None:
+            self._kv.clear()
+        else:
+            self._kv.pop(seq, None)
+
+    def kv_tokens(self, seq: int = 0) -> list[int]:
+        return list(self._kv.get(seq, ()))
+
+    def adopt(self, tokens: list[int], seq: int = 0) -> None:
+        """Declare that ``seq``'s KV cache holds ``tokens`` (after a snapshot restore)."""
+        self._kv[seq] = list(tokens)
 
     def run_heads(self, vec: np.ndarray) -> HeadsOutput:
         if self.heads is None:  # model-only bundle: no state changes until heads are fitted
@@ -217,6 +254,7 @@ class Engine:
         p = Pending(
             session, player, sampling, seed, fitted, heads, seq, len(tokens), on_text, [t0, t1, t2]
         )
+        p.prefilled = self.last_prefill
         p.next_token = self.model.sample(seq)
         return p
 
@@ -245,6 +283,7 @@ class Engine:
             tags_before=p.session.tags,
             tags_after=apply_deltas(p.session.tags, heads.deltas, self.cfg.state),
             prompt_tokens=len(p.fitted.tokens),
+            prefill_tokens=p.prefilled,
             generated_tokens=p.n,
             dropped_turns=p.fitted.dropped_turns,
             stop_reason=p.reason,
@@ -261,12 +300,26 @@ class Engine:
         context: tuple[ContextTurn, ...] = (),
     ) -> TurnResult:
         """Run one turn. Raises KeyboardInterrupt untouched: the session is not changed."""
-        p = self.start(session, player, sampling, on_text, context=context)
-        while self.accept(p):
+        try:
+            p = self.start(session, player, sampling, on_text, context=context)
+            while self.accept(p):
+                self.advance([p])
+            return self.finish(p)
+        except BaseException:
+            self.forget(0)  # an interrupted turn leaves the KV cache in an unknown state
+            raise
+
+    def advance(self, pending: list[Pending]) -> None:
+        """Decode each turn's accepted token (one batch) and draw its next one."""
+        if len(pending) == 1:
+            p = pending[0]
             self.model.step(p.next_token, p.pos, p.seq)
+        else:
+            self.model.step_many([(p.seq, p.next_token, p.pos) for p in pending])
+        for i, p in enumerate(pending):
+            self._kv.setdefault(p.seq, []).append(p.next_token)
             p.pos += 1
-            p.next_token = self.model.sample(p.seq)
-        return self.finish(p)
+            p.next_token = self.model.sample(p.seq, i if len(pending) > 1 else -1)
 
 
 class Pending:
@@ -294,6 +347,7 @@ class Pending:
         self.next_token = -1
         self.reason = "length"
         self.started = False
+        self.prefilled = pos
 
     def emit(self, text: str) -> None:
         if not self.started:  # the reply starts at its first visible character

@@ -61,7 +61,11 @@ def _turn_dict(
         },
         "state": dict(vars(r.tags_after)),
         "stop_reason": r.stop_reason,
-        "tokens": {"prompt": r.prompt_tokens, "generated": r.generated_tokens},
+        "tokens": {
+            "prompt": r.prompt_tokens,
+            "prefill": r.prefill_tokens,
+            "generated": r.generated_tokens,
+        },
         "timings_ms": {
             "prefill": r.timings.prefill_ms,
             "heads": r.timings.heads_ms,
@@ -115,6 +119,9 @@ def run(
     drivers: Iterator[tuple[str, batch.Driver[dict[str, Any]]]] = (
         (sc.id, _driver(sc, engine, sampling, sim)) for sc in scenarios
     )
+    # Every prompt is decoded in full: a reused prefix would make results depend on which
+    # scenario ran before in the same slot, and --parallel must not change any result.
+    engine.reuse = False
     for _, result in batch.run(engine, drivers):
         on_result(result)
 

@@ -12,7 +12,18 @@ from npcchat.config import read_toml
 from npcchat.errors import ConfigError, where
 from npcchat.types import NUMERIC_TAGS, PlayerState, Tags
 
-_TOP_KEYS = {"id", "name", "location", "lore", "description", "tags", "player_state"}
+_TOP_KEYS = {
+    "id",
+    "name",
+    "location",
+    "lore",
+    "description",
+    "tags",
+    "player_state",
+    "persona",
+    "demo",
+}
+_PERSONA_KEYS = {"traits": list, "style": str, "backstory": str}
 _TAG_KEYS = {f.name for f in fields(Tags)} - {"location"}
 
 
@@ -25,6 +36,8 @@ class NpcDef:
     description: str = ""
     player_state: PlayerState = field(default_factory=PlayerState)
     source: str = ""
+    persona: dict[str, Any] = field(default_factory=dict)
+    demo: dict[str, Any] = field(default_factory=dict)  # synthetic-data recipe (demo NPCs)
 
 
 def _str(path: Path, key: str, value: Any) -> str:
@@ -78,8 +91,27 @@ def parse(data: dict[str, Any], path: Path) -> NpcDef:
         raise ConfigError(f"{where(path, 'player_state')}: expected a table")
     for key in set(ps_raw) - {"items", "actions", "position"}:
         raise ConfigError(f"{where(path, f'player_state.{key}')}: unknown key")
+    persona = data.get("persona", {})
+    if not isinstance(persona, dict):
+        raise ConfigError(f"{where(path, 'persona')}: expected a table")
+    for key, value in persona.items():
+        kind = _PERSONA_KEYS.get(key)
+        if kind is None:
+            raise ConfigError(
+                f"{where(path, f'persona.{key}')}: unknown key",
+                hint="keys: traits, style, backstory",
+            )
+        if not isinstance(value, kind):
+            raise ConfigError(
+                f"{where(path, f'persona.{key}')}: expected {'a list of strings' if kind is list else 'a string'}"
+            )
+    demo = data.get("demo", {})
+    if not isinstance(demo, dict):
+        raise ConfigError(f"{where(path, 'demo')}: expected a table")
     return NpcDef(
         id=npc_id,
+        persona=persona,
+        demo=demo,
         name=_str(path, "name", data.get("name", npc_id)),
         tags=_tags(path, tags_raw, _str(path, "location", data.get("location", ""))),
         lore=_str(path, "lore", data.get("lore", "")),

@@ -40,6 +40,7 @@ class TurnRecord:
     dropped_turns: int
     stop_reason: str
     seed: int
+    prefill_tokens: int
     timings_ms: dict[str, float]
     time: str
 
@@ -53,6 +54,7 @@ class TurnRecord:
             flags=dict(r.heads.flags),
             tags_before=r.tags_before,
             prompt_tokens=r.prompt_tokens,
+            prefill_tokens=r.prefill_tokens,
             generated_tokens=r.generated_tokens,
             dropped_turns=r.dropped_turns,
             stop_reason=r.stop_reason,
@@ -145,7 +147,11 @@ def _turn_dict(t: TurnRecord) -> dict[str, Any]:
             for n, f in t.flags.items()
         },
         "tags_before": _tags_dict(t.tags_before),
-        "tokens": {"prompt": t.prompt_tokens, "generated": t.generated_tokens},
+        "tokens": {
+            "prompt": t.prompt_tokens,
+            "prefill": t.prefill_tokens,
+            "generated": t.generated_tokens,
+        },
         "dropped_turns": t.dropped_turns,
         "stop_reason": t.stop_reason,
         "seed": t.seed,
@@ -214,6 +220,9 @@ class _Reader:
                 g(d, "tags_before", dict, f"{label}.tags_before"), f"{label}.tags_before"
             ),
             prompt_tokens=g(tokens, "prompt", int, f"{label}.tokens.prompt"),
+            prefill_tokens=g(tokens, "prefill", int, f"{label}.tokens.prefill")
+            if "prefill" in tokens
+            else g(tokens, "prompt", int, f"{label}.tokens.prompt"),
             generated_tokens=g(tokens, "generated", int, f"{label}.tokens.generated"),
             dropped_turns=g(d, "dropped_turns", int, f"{label}.dropped_turns"),
             stop_reason=g(d, "stop_reason", str, f"{label}.stop_reason"),

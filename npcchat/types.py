@@ -89,6 +89,7 @@ class TurnResult:
     tags_before: Tags
     tags_after: Tags
     prompt_tokens: int
+    prefill_tokens: int  # decoded this turn (fewer than prompt_tokens when a prefix was reused)
     generated_tokens: int
     dropped_turns: int
     stop_reason: str  # "eos", "tag", "length"

@@ -56,3 +56,26 @@ def engine_q4(bundle_q4: Path):  # type: ignore[no-untyped-def]
 
     with load_engine(bundle_q4, Config()) as engine:
         yield engine
+
+
+@pytest.fixture(scope="session")
+def bundle_reuse(tiny_work: Path) -> Path:
+    """The tiny Q4_K_M model with the reuse-friendly template (issue 7)."""
+    import shutil
+
+    from npcchat import bundle as bundle_mod
+    from npcchat.prompt import builtin_template
+
+    src = bundle_mod.load(tiny_work / "bundle-q4_k_m")
+    root = tiny_work / "bundle-reuse"
+    if not root.exists():
+        shutil.copytree(src.root, root)
+        keep = {
+            k: v
+            for k, v in src.manifest.items()
+            if k not in ("format", "format_version", "name", "model", "heads", "prompt")
+        }
+        bundle_mod.write_manifest(root, name="tiny-reuse", gguf="model.gguf", heads="heads.onnx",
+                                  template=builtin_template("reuse-v1"), flags=list(src.flags),
+                                  hidden_size=src.hidden_size, quant=src.quant, extra=keep)  # fmt: skip
+    return root

@@ -32,6 +32,7 @@ def _result(player: str, before: Tags, after: Tags, fired: bool = True) -> TurnR
         tags_before=before,
         tags_after=after,
         prompt_tokens=120,
+        prefill_tokens=120,
         generated_tokens=17,
         dropped_turns=0,
         stop_reason="eos",

@@ -17,6 +17,13 @@ def bench(
     rss: Annotated[
         bool, typer.Option("--rss/--no-rss", help="Measure peak RSS in child processes.")
     ] = True,
+    extras: Annotated[
+        bool,
+        typer.Option(
+            "--multi-turn/--no-multi-turn",
+            help="Also: 10-turn prefill and TTFT, snapshot resume, eval at parallel 1 and 8.",
+        ),
+    ] = True,
     threads: Annotated[int | None, typer.Option(help="CPU threads.")] = None,
     ctx: Annotated[int | None, typer.Option(help="Context size in tokens.")] = None,
     gpu_layers: Annotated[int | None, typer.Option(help="Layers to offload to a GPU.")] = None,
@@ -35,7 +42,7 @@ def bench(
         config, threads=threads, ctx=ctx, gpu_layers=gpu_layers, lora=lora, lora_scale=lora_scale
     )
     with common.open_engine(bundle, cfg) as engine:
-        report = bench_mod.run(engine, cfg, prompt_tokens, tokens, repeats, rss)
+        report = bench_mod.run(engine, cfg, prompt_tokens, tokens, repeats, rss, extras)
     if json_out:
         print(json.dumps(report))
     else:

@@ -68,9 +68,7 @@ def default_bundle() -> Path:
     env = os.environ.get("NPCCHAT_BUNDLE")
     if env:
         return Path(env)
-    from importlib import resources
-
-    demo = Path(str(resources.files("npcchat"))) / "demo" / "bundle"
+    demo = demo_dir() / "bundle"
     if (demo / "bundle.toml").is_file():
         return demo
     raise BundleError(
@@ -91,10 +89,36 @@ def open_engine(bundle: Path | None, cfg: Config) -> Engine:
     return load_engine(bundle or default_bundle(), cfg)
 
 
-def load_npc(path: Path | None) -> NpcDef:
+DEMO_DEFAULT_NPC = "mother_abandoned_factory"
+
+
+def demo_dir() -> Path:
+    from importlib import resources
+
+    return Path(str(resources.files("npcchat"))) / "demo"
+
+
+def load_npc(spec: str | None, demo: bool = False) -> NpcDef:
+    """``--npc``: a TOML file, or the id (or a unique prefix) of a demo NPC.
+
+    Without ``--npc`` the demo bundle talks as its first NPC; other bundles get a bare NPC."""
     from npcchat import npc
+    from npcchat.errors import ConfigError
     from npcchat.types import Tags
 
-    if path is None:
+    npcs = sorted((demo_dir() / "npcs").glob("*.toml"))
+    if spec is None:
+        wanted = demo_dir() / "npcs" / f"{DEMO_DEFAULT_NPC}.toml"
+        if demo and wanted.is_file():
+            return npc.load(wanted)
         return npc.NpcDef(id="npc", name="npc", tags=Tags())
-    return npc.load(path)
+    path = Path(spec)
+    if path.is_file():
+        return npc.load(path)
+    matches = [p for p in npcs if p.stem == spec] or [p for p in npcs if p.stem.startswith(spec)]
+    if len(matches) == 1:
+        return npc.load(matches[0])
+    names = ", ".join(p.stem for p in npcs) or "(no demo NPCs installed)"
+    if path.suffix == ".toml" or "/" in spec:
+        raise ConfigError(f"--npc {spec}: file not found")
+    raise ConfigError(f"--npc {spec}: not a file and not a demo NPC", hint=f"demo NPCs: {names}")

@@ -40,7 +40,8 @@ def talk(
     ] = False,
     bundle: Annotated[Path | None, typer.Option(help="Model bundle directory.")] = None,
     npc: Annotated[
-        Path | None, typer.Option(help="NPC definition TOML (initial tags, location, lore).")
+        str | None,
+        typer.Option(help="NPC definition TOML, or a demo NPC's id (e.g. village_blacksmith)."),
     ] = None,
     session: Annotated[
         Path | None,
@@ -88,7 +89,7 @@ def talk(
 
 
 def _conversation(
-    engine: Engine, cfg: Config, npc_path: Path | None, path: Path | None, quiet: bool
+    engine: Engine, cfg: Config, npc_path: str | None, path: Path | None, quiet: bool
 ) -> Conversation:
     import random
 
@@ -110,11 +111,15 @@ def _conversation(
         if s.seed >= 0:
             sess = replace(sess, seed=s.seed)
     else:
-        npc_def = common.load_npc(npc_path)
+        is_demo = engine.bundle.root.resolve() == (common.demo_dir() / "bundle").resolve()
+        npc_def = common.load_npc(npc_path, demo=is_demo)
         sess = new_session(npc_def, engine, s.seed if s.seed >= 0 else random.randrange(2**31))
         if path is not None:
             session_mod.save(sess, path)
-    return Conversation(engine, sess, sampling, path)
+    conv = Conversation(engine, sess, sampling, path, on_warning=None if quiet else ui.warn)
+    if path is not None and sess.history and conv.resume_snapshot() and not quiet:
+        ui.info(f"restored the KV cache saved with {path.name}")
+    return conv
 
 
 def turn_json(conv: Conversation, r: TurnResult) -> dict[str, Any]:
@@ -127,7 +132,11 @@ def turn_json(conv: Conversation, r: TurnResult) -> dict[str, Any]:
             for n, f in r.heads.flags.items()
         },
         "state": dict(vars(r.tags_after)),
-        "tokens": {"prompt": r.prompt_tokens, "generated": r.generated_tokens},
+        "tokens": {
+            "prompt": r.prompt_tokens,
+            "prefill": r.prefill_tokens,
+            "generated": r.generated_tokens,
+        },
         "timings_ms": {
             "prefill": r.timings.prefill_ms,
             "heads": r.timings.heads_ms,

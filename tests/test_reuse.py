@@ -1,0 +1,171 @@
+"""Prefix reuse between turns and KV snapshots in sessions (issue 7).
+
+Tolerance: with reuse, the prompt is decoded in different chunks, which moves hidden
+states by float rounding only; we require cosine >= 0.9999 and head outputs within 1e-3,
+and identical greedy replies.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from npcchat import session as session_mod
+from npcchat import snapshot
+from npcchat.config import Config, RuntimeConfig
+from npcchat.conversation import Conversation
+from npcchat.engine import load_engine
+from npcchat.session import Session
+from npcchat.types import SamplingParams, Tags, TurnResult
+
+pytestmark = pytest.mark.model
+GREEDY = SamplingParams(temperature=0.0, top_p=1.0, repeat_penalty=1.05, max_tokens=8, seed=0)
+LINES = ["Hello there.", "What happened to the factory?", "I found a picture by the gate.", "Here, take it.",
+         "Where does the hidden path lead?"]  # fmt: skip
+
+
+def _session() -> Session:
+    return Session(npc_id="mother", tags=Tags("in_progress", 0.4, 0.4, "grief", "helpful", "emotional", "map1"),
+                   lore="Ten years ago a fire closed the factory.", description="She sits by the loom.", seed=1)  # fmt: skip
+
+
+def _run(bundle: Path, reuse: bool, lines: list[str] = LINES) -> list[TurnResult]:
+    cfg = Config(runtime=RuntimeConfig(prefix_reuse=reuse))
+    with load_engine(bundle, cfg) as engine:
+        conv = Conversation(engine, _session(), GREEDY)
+        return [conv.say(line) for line in lines]
+
+
+def _close(a: TurnResult, b: TurnResult) -> None:
+    assert a.reply == b.reply
+    for name in ("trust", "relationship"):
+        assert a.heads.deltas[name] == pytest.approx(b.heads.deltas[name], abs=1e-3)
+    for name, f in a.heads.flags.items():
+        assert f.prob == pytest.approx(b.heads.flags[name].prob, abs=1e-3)
+
+
+def test_reuse_decodes_only_what_changed_and_matches_cold(bundle_reuse: Path) -> None:
+    warm, cold = _run(bundle_reuse, True), _run(bundle_reuse, False)
+    for w, c in zip(warm, cold, strict=True):
+        _close(w, c)
+        assert c.prefill_tokens == c.prompt_tokens
+    assert warm[0].prefill_tokens == warm[0].prompt_tokens
+    # history grows, the decoded part does not: the last exchange, the tags, the player line
+    assert all(w.prefill_tokens < w.prompt_tokens for w in warm[1:])
+    assert max(w.prefill_tokens for w in warm[1:]) <= warm[0].prompt_tokens
+    assert warm[-1].prefill_tokens < 0.5 * warm[-1].prompt_tokens
+
+
+def test_served_template_still_reuses_the_static_head(bundle_q4: Path) -> None:
+    warm = _run(bundle_q4, True, LINES[:2])
+    assert 0 < warm[1].prefill_tokens <= warm[1].prompt_tokens
+
+
+def _talk_and_save(bundle: Path, path: Path) -> list[TurnResult]:
+    with load_engine(bundle, Config()) as engine:
+        conv = Conversation(engine, _session(), GREEDY, path)
+        return [conv.say(line) for line in LINES[:3]]
+
+
+def _resume(
+    bundle: Path, path: Path, cfg: Config | None = None
+) -> tuple[bool, list[str], TurnResult]:
+    """Resume a copy of the saved session (and its snapshot), so every call starts alike."""
+    work = path.parent / f"resume-{len(list(path.parent.iterdir()))}{path.suffix}"
+    shutil.copyfile(path, work)
+    if snapshot.path_for(path).exists():
+        shutil.copyfile(snapshot.path_for(path), snapshot.path_for(work))
+    warnings: list[str] = []
+    with load_engine(bundle, cfg or Config()) as engine:
+        conv = Conversation(
+            engine, session_mod.load(work), GREEDY, work, on_warning=warnings.append
+        )
+        restored = conv.resume_snapshot()
+        return restored, [w.replace(str(work), str(path)) for w in warnings], conv.say(LINES[3])
+
+
+def test_snapshot_resume_equals_cold_and_skips_the_prefix(
+    bundle_reuse: Path, tmp_path: Path
+) -> None:
+    path = tmp_path / "s.toml"
+    _talk_and_save(bundle_reuse, path)
+    assert snapshot.path_for(path).is_file()
+    restored, warnings, warm = _resume(bundle_reuse, path)
+    assert restored and warnings == []
+    cold_cfg = Config(runtime=RuntimeConfig(snapshots=False))
+    restored_cold, _, cold = _resume(bundle_reuse, path, cold_cfg)
+    assert not restored_cold and cold.prefill_tokens == cold.prompt_tokens
+    _close(warm, cold)
+    assert warm.prefill_tokens < cold.prefill_tokens * 0.5
+
+
+def test_snapshot_of_another_bundle_or_prefix_falls_back(
+    bundle_reuse: Path, bundle_q4: Path, tmp_path: Path
+) -> None:
+    path = tmp_path / "s.json"
+    _talk_and_save(bundle_reuse, path)
+    restored, warnings, r = _resume(bundle_q4, path)  # another bundle: not loaded, no fuss
+    assert not restored and warnings == [] and r.prefill_tokens == r.prompt_tokens
+    # same bundle, but the designer edited the session (lore changed): restored, then the
+    # prefix check decodes from the first changed token, and the result equals a cold run
+    s = session_mod.load(path)
+    session_mod.save(replace(s, lore="A different story entirely."), path)
+    restored, warnings, warm = _resume(bundle_reuse, path)
+    assert restored and warnings == []
+    _, _, cold = _resume(bundle_reuse, path, Config(runtime=RuntimeConfig(snapshots=False)))
+    _close(warm, cold)
+    assert warm.prefill_tokens > cold.prefill_tokens * 0.5
+
+
+def test_corrupt_snapshot_is_ignored_with_a_warning(bundle_reuse: Path, tmp_path: Path) -> None:
+    path = tmp_path / "s.toml"
+    _talk_and_save(bundle_reuse, path)
+    kv = snapshot.path_for(path)
+    data = bytearray(kv.read_bytes())
+    data[-100] ^= 0xFF
+    kv.write_bytes(bytes(data))
+    restored, warnings, r = _resume(bundle_reuse, path)
+    assert not restored and len(warnings) == 1 and "ignoring the KV snapshot" in warnings[0]
+    assert r.prefill_tokens == r.prompt_tokens and r.reply is not None
+    kv.write_bytes(b"garbage")
+    restored, warnings, _ = _resume(bundle_reuse, path)
+    assert not restored and "not an npcchat KV snapshot" in warnings[0]
+
+
+def test_snapshot_size_bound(bundle_reuse: Path, tmp_path: Path) -> None:
+    path = tmp_path / "s.toml"
+    cfg = Config(runtime=RuntimeConfig(snapshot_max_mb=0))
+    warnings: list[str] = []
+    with load_engine(bundle_reuse, cfg) as engine:
+        conv = Conversation(engine, _session(), GREEDY, path, on_warning=warnings.append)
+        conv.say("hello")
+    assert not snapshot.path_for(path).exists()
+    assert warnings and "exceeds snapshot_max_mb=0" in warnings[0]
+
+
+def test_cli_resume_restores_snapshot(bundle_reuse: Path, tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    path = tmp_path / "s.toml"
+    base = [sys.executable, "-m", "npcchat", "talk", "--bundle", str(bundle_reuse), "--session", str(path),
+            "--max-tokens", "6", "--temperature", "0", "--json"]  # fmt: skip
+    first = subprocess.run(
+        [*base, "--say", "hello", "--say", "tell me more"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert first.returncode == 0, first.stderr
+    second = subprocess.run(
+        [*base, "--say", "and then?"], capture_output=True, text=True, timeout=120
+    )
+    assert second.returncode == 0, second.stderr
+    turn = json.loads(second.stdout)
+    assert turn["tokens"]["prefill"] < turn["tokens"]["prompt"] * 0.8
+    assert np.isfinite(turn["deltas"]["trust"])
