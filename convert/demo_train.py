@@ -208,9 +208,11 @@ def train(
             hs = h[torch.arange(len(items)), torch.tensor([x["state"] for x in items])]
             delta = torch.tensor([x["delta"] for x in items])
             flags = torch.tensor([x["flags"] for x in items], dtype=torch.float32)
-            aux = F.mse_loss(
-                torch.tanh(model.delta_head(hs)), delta
-            ) * 4 + F.binary_cross_entropy_with_logits(model.flag_head(hs), flags)
+            # flags are rare (a few % positive): weight positives so the state learns them
+            bce = F.binary_cross_entropy_with_logits(
+                model.flag_head(hs), flags, pos_weight=torch.full((flags.shape[1],), 4.0)
+            )
+            aux = F.mse_loss(torch.tanh(model.delta_head(hs)), delta) * 4 + bce
             loss = lm + aux
             opt.zero_grad()
             loss.backward()
@@ -255,11 +257,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--out", type=Path, default=REPO / "build" / "demo")
     ap.add_argument("--npcs", type=Path, default=REPO / "configs" / "npcs")
-    ap.add_argument("--train", type=int, default=1800)
+    ap.add_argument("--train", type=int, default=4000)
     ap.add_argument("--heldout", type=int, default=450)
-    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--template", default="served-v1")
+    ap.add_argument("--template", default="reuse-v1")
     ap.add_argument("--install", type=Path, default=REPO / "npcchat" / "demo" / "bundle",
                     help="where the finished bundle is copied (the package's demo bundle)")  # fmt: skip
     args = ap.parse_args(argv)

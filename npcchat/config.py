@@ -63,13 +63,31 @@ class SamplingConfig:
 
 
 @dataclass(frozen=True)
+class KnowledgeConfig:
+    """Retrieval of NPC lore and long-term memory (token budgets per turn)."""
+
+    embed_model: str = ""  # a local sentence-transformers model; empty: built-in lexical ranking
+    allow_download: bool = False
+    lore_tokens: int = 160
+    description_tokens: int = 80
+    memory_tokens: int = 120
+    memories: int = 4
+
+
+@dataclass(frozen=True)
 class Config:
     runtime: RuntimeConfig = RuntimeConfig()
     state: StateConfig = StateConfig()
     sampling: SamplingConfig = SamplingConfig()
+    knowledge: KnowledgeConfig = KnowledgeConfig()
 
 
-_SECTIONS = {"runtime": RuntimeConfig, "state": StateConfig, "sampling": SamplingConfig}
+_SECTIONS = {
+    "runtime": RuntimeConfig,
+    "state": StateConfig,
+    "sampling": SamplingConfig,
+    "knowledge": KnowledgeConfig,
+}
 
 
 def _coerce(path: Path, key: str, value: Any, default: Any) -> Any:

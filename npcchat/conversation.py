@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 from npcchat import session as session_mod
 from npcchat.engine import Engine
 from npcchat.errors import ConfigError
+from npcchat.mind import NpcMind
 from npcchat.npc import NpcDef
 from npcchat.session import Session
 from npcchat.types import NUMERIC_TAGS, TAG_FIELDS, PlayerState, SamplingParams, TurnResult
@@ -25,6 +26,7 @@ SETTABLE = (*TAG_FIELDS, "location", "items", "actions", "position", "lore", "de
 
 def new_session(npc: NpcDef, engine: Engine, seed: int) -> Session:
     return Session(
+        npc_file=str(Path(npc.source).resolve()) if npc.source else "",
         npc_id=npc.id,
         tags=npc.tags,
         initial_tags=npc.tags,
@@ -72,12 +74,14 @@ class Conversation:
         sampling: SamplingParams,
         path: Path | None = None,
         on_warning: Callable[[str], None] | None = None,
+        mind: NpcMind | None = None,
     ) -> None:
         self.engine = engine
         self.session = session
         self.sampling = sampling
         self.path = path
         self.on_warning = on_warning
+        self.mind = mind  # knowledge and long-term memory; None: the session's lore as is
         self._turns = len(session.history)
 
     def _turn_sampling(self) -> SamplingParams:
@@ -85,8 +89,21 @@ class Conversation:
         return replace(self.sampling, seed=(self.session.seed + self._turns) % 2**31)
 
     def say(self, text: str, on_text: Callable[[str], None] | None = None) -> TurnResult:
-        result = self.engine.turn(self.session, text, self._turn_sampling(), on_text)
-        self.session = self.session.with_turn(result)
+        result = self.mind.trigger(self.session, text) if self.mind else None
+        if result is not None:  # a forbidden trigger: fixed reaction, no model call
+            if on_text:
+                on_text(result.reply)
+        elif self.mind is not None:
+            prep = self.mind.prepare(self.session, text)
+            result = self.engine.turn(
+                prep.session, text, self._turn_sampling(), on_text, pinned=prep.pinned
+            )
+        else:
+            result = self.engine.turn(self.session, text, self._turn_sampling(), on_text)
+        if self.mind is not None:
+            self.session, result = self.mind.after(self.session, result)
+        else:
+            self.session = self.session.with_turn(result)
         self._turns += 1
         self.autosave()
         return result

@@ -28,6 +28,7 @@ from npcchat.session import Session
 from npcchat.types import (
     DELTA_NAMES,
     ContextTurn,
+    FlagResult,
     HeadsOutput,
     PromptInput,
     SamplingParams,
@@ -186,9 +187,9 @@ class Engine:
             context=context + context_of(session),
         )
 
-    def fit(self, inp: PromptInput, max_tokens: int) -> prompt_mod.FittedPrompt:
+    def fit(self, inp: PromptInput, max_tokens: int, pinned: int = 0) -> prompt_mod.FittedPrompt:
         budget = self.model.n_ctx - max_tokens
-        return prompt_mod.fit(self.bundle.template, inp, self.tokenize_prompt, budget)
+        return prompt_mod.fit(self.bundle.template, inp, self.tokenize_prompt, budget, pinned)
 
     # -- the turn -------------------------------------------------------------------------
     def state_vector(
@@ -238,13 +239,15 @@ class Engine:
         on_text: Callable[[str], None] | None = None,
         seq: int = 0,
         context: tuple[ContextTurn, ...] = (),
+        pinned: tuple[ContextTurn, ...] = (),
     ) -> Pending:
         """First half of a turn: prompt, the one prefill, heads, first token drawn.
 
         The first token is sampled here because the prefill's logits only live until the
         next decode (another sequence's, when turns run side by side)."""
         t0 = time.perf_counter()
-        fitted = self.fit(self.prompt_input(session, player, context), sampling.max_tokens)
+        inp = self.prompt_input(session, player, pinned + context)
+        fitted = self.fit(inp, sampling.max_tokens, pinned=len(pinned))
         vec, tokens = self.state_vector(fitted, seq)
         t1 = time.perf_counter()
         heads = self.run_heads(vec)
@@ -298,16 +301,40 @@ class Engine:
         sampling: SamplingParams,
         on_text: Callable[[str], None] | None = None,
         context: tuple[ContextTurn, ...] = (),
+        pinned: tuple[ContextTurn, ...] = (),
     ) -> TurnResult:
-        """Run one turn. Raises KeyboardInterrupt untouched: the session is not changed."""
+        """Run one turn. Raises KeyboardInterrupt untouched: the session is not changed.
+
+        ``context`` is history from outside the session (dropped first when the window is
+        full); ``pinned`` lines (recalled memories) come first and are never dropped."""
         try:
-            p = self.start(session, player, sampling, on_text, context=context)
+            p = self.start(session, player, sampling, on_text, context=context, pinned=pinned)
             while self.accept(p):
                 self.advance([p])
             return self.finish(p)
         except BaseException:
             self.forget(0)  # an interrupted turn leaves the KV cache in an unknown state
             raise
+
+    def fixed_turn(
+        self,
+        session: Session,
+        player: str,
+        reply: str,
+        deltas: dict[str, float],
+        fired: tuple[str, ...],
+    ) -> TurnResult:
+        """A turn decided without the model (a forbidden trigger): fixed reply and delta."""
+        flags = {
+            n: FlagResult(1.0 if n in fired else 0.0, 0.5, n in fired) for n in self.bundle.flags
+        }
+        heads = HeadsOutput(deltas={n: float(deltas.get(n, 0.0)) for n in DELTA_NAMES}, flags=flags)
+        return TurnResult(
+            player=player, reply=reply, heads=heads, tags_before=session.tags,
+            tags_after=apply_deltas(session.tags, heads.deltas, self.cfg.state), prompt_tokens=0,
+            prefill_tokens=0, generated_tokens=0, dropped_turns=0, stop_reason="trigger",
+            timings=Timings(0.0, 0.0, 0.0), seed=0,
+        )  # fmt: skip
 
     def advance(self, pending: list[Pending]) -> None:
         """Decode each turn's accepted token (one batch) and draw its next one."""

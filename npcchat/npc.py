@@ -10,6 +10,7 @@ from typing import Any
 
 from npcchat.config import read_toml
 from npcchat.errors import ConfigError, where
+from npcchat.knowledge import Entry, FlagDef, Knowledge, Trigger
 from npcchat.types import NUMERIC_TAGS, PlayerState, Tags
 
 _TOP_KEYS = {
@@ -22,7 +23,13 @@ _TOP_KEYS = {
     "player_state",
     "persona",
     "demo",
+    "lore_entries",
+    "descriptions",
+    "flags",
+    "triggers",
 }
+_ENTRY_KEYS = {"text", "stages", "locations", "requires_items", "requires_actions", "min_trust"}
+_TRIGGER_KEYS = {"match", "reaction", "trust", "relationship", "flags"}
 _PERSONA_KEYS = {"traits": list, "style": str, "backstory": str}
 _TAG_KEYS = {f.name for f in fields(Tags)} - {"location"}
 
@@ -38,6 +45,7 @@ class NpcDef:
     source: str = ""
     persona: dict[str, Any] = field(default_factory=dict)
     demo: dict[str, Any] = field(default_factory=dict)  # synthetic-data recipe (demo NPCs)
+    knowledge: Knowledge = field(default_factory=Knowledge)
 
 
 def _str(path: Path, key: str, value: Any) -> str:
@@ -112,6 +120,7 @@ def parse(data: dict[str, Any], path: Path) -> NpcDef:
         id=npc_id,
         persona=persona,
         demo=demo,
+        knowledge=_knowledge(path, data),
         name=_str(path, "name", data.get("name", npc_id)),
         tags=_tags(path, tags_raw, _str(path, "location", data.get("location", ""))),
         lore=_str(path, "lore", data.get("lore", "")),
@@ -127,3 +136,114 @@ def parse(data: dict[str, Any], path: Path) -> NpcDef:
 
 def load(path: Path) -> NpcDef:
     return parse(read_toml(path), path)
+
+
+def _strs(path: Path, key: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    return _list(path, key, value)
+
+
+def _number(path: Path, key: str, value: Any, lo: float, hi: float) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not lo <= float(value) <= hi
+    ):
+        raise ConfigError(
+            f"{where(path, key)}: expected a number in [{lo:g}, {hi:g}], got {value!r}"
+        )
+    return float(value)
+
+
+def _entries(path: Path, data: dict[str, Any], key: str) -> tuple[Entry, ...]:
+    raw = data.get(key, [])
+    if not isinstance(raw, list):
+        raise ConfigError(f"{where(path, key)}: expected an array of tables ([[{key}]])")
+    out = []
+    for i, e in enumerate(raw):
+        label = f"{key}[{i}]"
+        if not isinstance(e, dict):
+            raise ConfigError(f"{where(path, label)}: expected a table")
+        for k in set(e) - _ENTRY_KEYS:
+            raise ConfigError(
+                f"{where(path, f'{label}.{k}')}: unknown key",
+                hint=f"keys: {', '.join(sorted(_ENTRY_KEYS))}",
+            )
+        if "text" not in e:
+            raise ConfigError(f"{where(path, f'{label}.text')}: missing")
+        out.append(Entry(
+            text=_str(path, f"{label}.text", e["text"]),
+            stages=_strs(path, f"{label}.stages", e.get("stages", "any")),
+            locations=_strs(path, f"{label}.locations", e.get("locations", "any")),
+            requires_items=_strs(path, f"{label}.requires_items", e.get("requires_items", [])),
+            requires_actions=_strs(path, f"{label}.requires_actions", e.get("requires_actions", [])),
+            min_trust=_number(path, f"{label}.min_trust", e.get("min_trust", 0.0), 0.0, 1.0),
+        ))  # fmt: skip
+    return tuple(out)
+
+
+def _triggers(path: Path, data: dict[str, Any]) -> tuple[Trigger, ...]:
+    raw = data.get("triggers", [])
+    if not isinstance(raw, list):
+        raise ConfigError(f"{where(path, 'triggers')}: expected an array of tables ([[triggers]])")
+    out = []
+    for i, t in enumerate(raw):
+        label = f"triggers[{i}]"
+        if not isinstance(t, dict):
+            raise ConfigError(f"{where(path, label)}: expected a table")
+        for k in set(t) - _TRIGGER_KEYS:
+            raise ConfigError(
+                f"{where(path, f'{label}.{k}')}: unknown key",
+                hint=f"keys: {', '.join(sorted(_TRIGGER_KEYS))}",
+            )
+        for k in ("match", "reaction"):
+            if k not in t:
+                raise ConfigError(f"{where(path, f'{label}.{k}')}: missing")
+        phrases = tuple(p.lower() for p in _strs(path, f"{label}.match", t["match"]) if p.strip())
+        if not phrases:
+            raise ConfigError(
+                f"{where(path, f'{label}.match')}: expected at least one word or phrase"
+            )
+        out.append(Trigger(
+            phrases=tuple(" ".join(p.split()) for p in phrases),
+            reaction=_str(path, f"{label}.reaction", t["reaction"]),
+            trust=_number(path, f"{label}.trust", t.get("trust", 0.0), -1.0, 1.0),
+            relationship=_number(path, f"{label}.relationship", t.get("relationship", 0.0), -1.0, 1.0),
+            flags=_strs(path, f"{label}.flags", t.get("flags", [])),
+        ))  # fmt: skip
+    return tuple(out)
+
+
+def _flags(path: Path, data: dict[str, Any]) -> dict[str, FlagDef]:
+    raw = data.get("flags", {})
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where(path, 'flags')}: expected a table of [flags.NAME] tables")
+    out = {}
+    for name, f in raw.items():
+        label = f"flags.{name}"
+        if not isinstance(f, dict):
+            raise ConfigError(f"{where(path, label)}: expected a table")
+        for k in set(f) - {"display", "threshold", "examples"}:
+            raise ConfigError(
+                f"{where(path, f'{label}.{k}')}: unknown key",
+                hint="keys: display, threshold, examples",
+            )
+        thr = f.get("threshold")
+        out[name] = FlagDef(
+            display=_str(path, f"{label}.display", f.get("display", name)),
+            threshold=None if thr is None else _number(path, f"{label}.threshold", thr, 0.0, 1.0),
+            examples=_strs(path, f"{label}.examples", f.get("examples", [])),
+        )
+    return out
+
+
+def _knowledge(path: Path, data: dict[str, Any]) -> Knowledge:
+    lore = _entries(path, data, "lore_entries")
+    descriptions = _entries(path, data, "descriptions")
+    return Knowledge(
+        lore=lore,
+        descriptions=descriptions,
+        triggers=_triggers(path, data),
+        flags=_flags(path, data),
+    )

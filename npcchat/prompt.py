@@ -171,30 +171,33 @@ def fit(
     inp: PromptInput,
     tokenize: Callable[[RenderedPrompt], Sequence[int]],
     budget: int,
+    pinned: int = 0,
 ) -> FittedPrompt:
     """Render and tokenize within ``budget`` tokens, dropping the oldest context turns first.
 
     The scaffold, `<STATE>` and `<NPC>` are never cut (the original right-truncated and lost
-    them). Token count only grows with history, so a binary search over how many of the
-    oldest turns to drop finds the longest history that fits.
+    them), nor are the first ``pinned`` context lines (recalled memories). Token count only
+    grows with history, so a binary search over how many of the oldest turns to drop finds
+    the longest history that fits.
     """
+    head, history = inp.context[:pinned], inp.context[pinned:]
 
     def attempt(drop: int) -> FittedPrompt:
-        trimmed = PromptInput(**{**inp.__dict__, "context": inp.context[drop:]})
+        trimmed = PromptInput(**{**inp.__dict__, "context": head + history[drop:]})
         prompt = render(template, trimmed)
         return FittedPrompt(prompt, tuple(tokenize(prompt)), drop)
 
     full = attempt(0)
     if len(full.tokens) <= budget:
         return full
-    bare = attempt(len(inp.context))
+    bare = attempt(len(history))
     if len(bare.tokens) > budget:
         raise PromptError(
             f"prompt needs {len(bare.tokens)} tokens even with no history, "
             f"but only {budget} fit (context size minus max tokens)",
             hint="raise --ctx, lower --max-tokens, or shorten lore/description",
         )
-    lo, hi, best = 1, len(inp.context), bare  # drop in [lo, hi]; hi is known to fit
+    lo, hi, best = 1, len(history), bare  # drop in [lo, hi]; hi is known to fit
     while lo < hi:
         mid = (lo + hi) // 2
         cand = attempt(mid)

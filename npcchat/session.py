@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from npcchat.errors import SessionError, where
+from npcchat.knowledge import Memory
 from npcchat.types import DELTA_NAMES, FlagResult, PlayerState, Tags, TurnResult
 
 SCHEMA_VERSION = 1
@@ -78,6 +79,9 @@ class Session:
     seed: int = 0
     created: str = field(default_factory=_now)
     initial_tags: Tags | None = None  # what /reset returns to
+    npc_file: str = ""  # the NPC definition its knowledge (lore entries, triggers) comes from
+    memories: tuple[Memory, ...] = ()  # long-term memory lines of turns out of the window
+    memorized: int = 0  # history turns [0, memorized) have been turned into memories
 
     def with_turn(self, r: TurnResult) -> Session:
         """The session after a finished turn: new tags, one more record, fired flags noted."""
@@ -101,10 +105,19 @@ class Session:
         rest = self.history[:-1]
         fired = [n for n in self.fired_flags if any(t.flags.get(n, _NO).fired for t in rest)]
         tags = replace(self.tags, trust=before.trust, relationship=before.relationship)
-        return replace(self, tags=tags, history=rest, fired_flags=tuple(fired))
+        memories = tuple(m for m in self.memories if m.turn < len(rest))
+        return replace(self, tags=tags, history=rest, fired_flags=tuple(fired), memories=memories,
+                       memorized=min(self.memorized, len(rest)))  # fmt: skip
 
     def reset(self) -> Session:
-        return replace(self, tags=self.initial_tags or self.tags, history=(), fired_flags=())
+        return replace(
+            self,
+            tags=self.initial_tags or self.tags,
+            history=(),
+            fired_flags=(),
+            memories=(),
+            memorized=0,
+        )
 
 
 _NO = FlagResult(0.0, 1.0, False)
@@ -132,6 +145,9 @@ def to_dict(s: Session) -> dict[str, Any]:
             "position": s.player_state.position,
         },
         "fired_flags": list(s.fired_flags),
+        "npc_file": s.npc_file,
+        "memorized": s.memorized,
+        "memories": [{"turn": m.turn, "text": m.text} for m in s.memories],
         "history": [_turn_dict(t) for t in s.history],
     }
     return out
@@ -267,6 +283,17 @@ def from_dict(data: Any, path: Path) -> Session:
         bundle_id=r.get(bundle, "id", str, "bundle.id"),
         seed=r.get(data, "seed", int, "seed"),
         created=r.get(data, "created", str, "created"),
+        npc_file=r.get(data, "npc_file", str, "npc_file") if "npc_file" in data else "",
+        memorized=r.get(data, "memorized", int, "memorized") if "memorized" in data else 0,
+        memories=tuple(
+            Memory(
+                r.get(m, "turn", int, f"memories[{i}].turn"),
+                r.get(m, "text", str, f"memories[{i}].text"),
+            )
+            for i, m in enumerate(
+                r.get(data, "memories", list, "memories") if "memories" in data else []
+            )
+        ),
     )
 
 

@@ -107,7 +107,10 @@ def _run(cfg: Any, paths: list[Path], bundle: Path | None, parallel: int, report
     s = cfg.sampling
     sampling = SamplingParams(s.temperature, s.top_p, s.repeat_penalty, s.max_tokens, s.seed)
     settings = {"files": [str(p) for p in paths], "parallel": parallel, "temperature": s.temperature, "seed": s.seed,
-                "max_tokens": s.max_tokens, "n_ctx": cfg.runtime.n_ctx, "similarity": sim.name}  # fmt: skip
+                "max_tokens": s.max_tokens, "n_ctx": cfg.runtime.n_ctx, "similarity": sim.name,
+                "knowledge_ranking": f"sentence-transformers:{Path(cfg.knowledge.embed_model).name}"
+                if cfg.knowledge.embed_model else "lexical",
+                "prefix_reuse": False}  # fmt: skip
     results = list(prior)
     elapsed = evaluate.timer()
     complete = True

@@ -25,6 +25,7 @@ HELP = (
     ("/retry", "redo the last turn with a new draw"),
     ("/save [FILE]", "save the session (.toml or .json)"),
     ("/reset", "back to the initial state, history cleared"),
+    ("/memory", "long-term memories (turns that left the context window)"),
     ("/help", "this list"),
     ("/quit", "leave (Ctrl-D works too)"),
 )
@@ -81,6 +82,12 @@ def talk(
     )  # fmt: skip
     engine = common.open_engine(bundle, cfg)
     with engine:
+        if engine.heads is None and not json_out:
+            from npcchat.cli import ui
+
+            ui.warn(
+                f"{engine.bundle.name} has no heads: replies only, no state changes (npcchat heads fit adds them)"
+            )
         conv = _conversation(engine, cfg, npc, session, quiet=json_out)
         if say:
             _scripted(conv, say, json_out)
@@ -96,6 +103,7 @@ def _conversation(
     from npcchat import session as session_mod
     from npcchat.cli import common, ui
     from npcchat.conversation import Conversation, new_session
+    from npcchat.mind import NpcMind, knowledge_of
     from npcchat.types import SamplingParams
 
     s = cfg.sampling
@@ -110,13 +118,18 @@ def _conversation(
             )
         if s.seed >= 0:
             sess = replace(sess, seed=s.seed)
+        know = knowledge_of(sess)
     else:
         is_demo = engine.bundle.root.resolve() == (common.demo_dir() / "bundle").resolve()
         npc_def = common.load_npc(npc_path, demo=is_demo)
         sess = new_session(npc_def, engine, s.seed if s.seed >= 0 else random.randrange(2**31))
+        know = npc_def.knowledge
         if path is not None:
             session_mod.save(sess, path)
-    conv = Conversation(engine, sess, sampling, path, on_warning=None if quiet else ui.warn)
+    mind = NpcMind(engine, know, cfg.knowledge)
+    conv = Conversation(
+        engine, sess, sampling, path, on_warning=None if quiet else ui.warn, mind=mind
+    )
     if path is not None and sess.history and conv.resume_snapshot() and not quiet:
         ui.info(f"restored the KV cache saved with {path.name}")
     return conv
@@ -183,6 +196,13 @@ def _repl(conv: Conversation) -> None:
         str(conv.path) if conv.path else None,
         len(s.history),
     )
+    if conv.mind is not None:
+        k = conv.mind.know
+        ui.info(
+            f"knowledge: {len(k.lore)} lore entries, {len(k.descriptions)} descriptions, "
+            f"{len(k.triggers)} triggers · retrieval and memory ranking: {conv.mind.method} · "
+            f"{len(s.memories)} memories"
+        )
     while True:
         line = _read_line()
         if line is None:
@@ -248,6 +268,8 @@ def _command(conv: Conversation, line: str) -> bool:
         elif name == "/save":
             saved = conv.save(Path(rest) if rest else None)
             ui.info(f"saved {saved}")
+        elif name == "/memory":
+            ui.memories(conv.session.memories)
         elif name == "/reset":
             conv.reset()
             ui.info("session reset")

@@ -30,7 +30,7 @@ def warn(message: str) -> None:
 
 
 def info(message: str) -> None:
-    out.print(Text(message, style="dim"))
+    out.print(Text(message, style="dim"), soft_wrap=True)
 
 
 def banner(npc_name: str, npc_id: str, bundle: str, session_path: str | None, resumed: int) -> None:
@@ -313,3 +313,11 @@ def fit_summary(result: Mapping[str, Any]) -> None:
     out.print(f"flag F1 macro (held out): {_f(h['flag_f1_macro'])}")
     for note in result["notes"][:10]:
         warn(note)
+
+
+def memories(items: Sequence[Any]) -> None:
+    if not items:
+        info("(no memories yet: they form when old turns leave the context window)")
+        return
+    for m in items:
+        out.print(Text(f"· {m.text}"))
