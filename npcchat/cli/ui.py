@@ -91,7 +91,8 @@ def turn_summary(r: TurnResult) -> None:
             f" · heads {t.heads_ms * 1000:.0f} µs · generate {t.generate_ms:.0f} ms"
             f" · stop: {r.stop_reason}{dropped}",
             style="dim",
-        )
+        ),
+        soft_wrap=True,
     )
 
 
