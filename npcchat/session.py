@@ -350,6 +350,12 @@ def save(s: Session, path: Path) -> None:
     atomic_write(path, text.encode("utf-8"))
 
 
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     directory = path.parent if str(path.parent) else Path(".")
     try:
@@ -358,6 +364,9 @@ def atomic_write(path: Path, data: bytes) -> None:
     except OSError as e:
         raise SessionError(f"{path}: cannot write ({e.strerror})") from None
     try:
+        # mkstemp makes the file 0600: give it the mode the old file had, or the usual one
+        mode = path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask()
+        os.chmod(tmp, mode)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

@@ -152,3 +152,18 @@ def test_killed_mid_save_leaves_previous_file(tmp_path: Path) -> None:
     assert S.load(path) == original
     leftovers = [p for p in tmp_path.iterdir() if p.name != "s.json"]
     assert all(p.name.endswith(".tmp") for p in leftovers)  # only an orphan temp file
+
+
+def test_atomic_write_keeps_or_sets_normal_permissions(tmp_path: Path) -> None:
+    new = tmp_path / "new.json"
+    S.save(make_session(1), new)
+    assert new.stat().st_mode & 0o777 == 0o666 & ~_umask()
+    os.chmod(new, 0o640)
+    S.save(make_session(1), new)
+    assert new.stat().st_mode & 0o777 == 0o640
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
