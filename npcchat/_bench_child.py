@@ -25,7 +25,8 @@ def main(mode: str, bundle_dir: str, session_file: str, cfg_file: str, gen_token
     b = bundle_mod.load(Path(bundle_dir))
     s = session_mod.load(Path(session_file))
     if mode == "llama":
-        from npcchat.backend import Model, baseline_generate
+        from npcchat.backend import Model
+        from npcchat.baseline import baseline_generate
 
         tokens = json.loads(Path(session_file).with_suffix(".tokens").read_text())
         with Model(b.gguf, runtime) as model:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from npcchat import session as session_mod
+from npcchat.baseline import baseline_generate
 from npcchat.config import Config
 from npcchat.conversation import new_session
 from npcchat.engine import Engine
@@ -79,10 +80,7 @@ def _median_ms(samples: list[float]) -> float:
 
 
 def timing(engine: Engine, s: Session, gen_tokens: int, repeats: int) -> dict[str, float]:
-    from npcchat.backend import Model, baseline_generate
-
     model = engine.model
-    assert isinstance(model, Model)
     params = SamplingParams(
         temperature=0.0, top_p=1.0, repeat_penalty=1.05, max_tokens=gen_tokens, seed=0
     )

@@ -85,9 +85,10 @@ def test_cli_memory_command_and_banner(bundle_q4: Path, tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "npcchat", "talk", "--bundle", str(bundle_q4), "--npc", str(KEEPER), "--ctx", "256",
          "--max-tokens", "4"],
-        input="hello\n/memory\nyou idiot\n/quit\n", capture_output=True, text=True, timeout=120,
+        input="hello\n/memory\n/flags\nyou idiot\n/quit\n", capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "retrieval and memory ranking: lexical" in proc.stdout
     assert "no memories yet" in proc.stdout
     assert "Mind your manners in my lighthouse." in proc.stdout
+    assert "give_item (Gives an item)" in proc.stdout and "0.9 (NPC file)" in proc.stdout

@@ -26,6 +26,7 @@ HELP = (
     ("/save [FILE]", "save the session (.toml or .json)"),
     ("/reset", "back to the initial state, history cleared"),
     ("/memory", "long-term memories (turns that left the context window)"),
+    ("/flags", "the bundle's flags with the NPC file's names, thresholds and examples"),
     ("/help", "this list"),
     ("/quit", "leave (Ctrl-D works too)"),
 )
@@ -170,7 +171,7 @@ def _scripted(conv: Conversation, lines: list[str], json_out: bool) -> None:
             ui.reply_start(conv.session.npc_id)
             r = conv.say(line, ui.reply_text)
             ui.reply_end()
-            ui.turn_summary(r)
+            ui.turn_summary(r, _display(conv))
 
 
 def _read_line() -> str | None:
@@ -237,7 +238,7 @@ def _run_turn(conv: Conversation, action: Any) -> None:
     if r is None:
         ui.info("(nothing to retry)")
         return
-    ui.turn_summary(r)
+    ui.turn_summary(r, _display(conv))
 
 
 def _command(conv: Conversation, line: str) -> bool:
@@ -268,6 +269,8 @@ def _command(conv: Conversation, line: str) -> bool:
         elif name == "/save":
             saved = conv.save(Path(rest) if rest else None)
             ui.info(f"saved {saved}")
+        elif name == "/flags":
+            ui.flag_defs(conv.engine.bundle.flags, conv.mind.know.flags if conv.mind else {})
         elif name == "/memory":
             ui.memories(conv.session.memories)
         elif name == "/reset":
@@ -278,3 +281,7 @@ def _command(conv: Conversation, line: str) -> bool:
     except NpcchatError as e:
         ui.error(e)
     return False
+
+
+def _display(conv: Conversation) -> dict[str, str]:
+    return {n: d.display for n, d in conv.mind.know.flags.items()} if conv.mind else {}

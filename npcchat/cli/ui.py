@@ -65,7 +65,9 @@ def _signed(x: float) -> Text:
     return Text(f"{x:+.3f}", style=style)
 
 
-def turn_summary(r: TurnResult) -> None:
+def turn_summary(r: TurnResult, display: Mapping[str, str] | None = None) -> None:
+    """Deltas, every flag against its threshold, and what the turn cost; ``display`` maps
+    flag names to the NPC file's display names."""
     grid = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
     grid.add_column("state")
     grid.add_column("delta", justify="right")
@@ -80,7 +82,8 @@ def turn_summary(r: TurnResult) -> None:
     flags.add_column("fired")
     for name, f in r.heads.flags.items():
         mark = Text("FIRED", style="bold magenta") if f.fired else Text("·", style="dim")
-        flags.add_row(name, f"{f.prob:.3f}", f"{f.threshold:.3f}", mark)
+        label = f"{name} ({display[name]})" if display and display.get(name, name) != name else name
+        flags.add_row(label, f"{f.prob:.3f}", f"{f.threshold:.3f}", mark)
     out.print(grid)
     out.print(flags)
     t = r.timings
@@ -322,3 +325,14 @@ def memories(items: Sequence[Any]) -> None:
         return
     for m in items:
         out.print(Text(f"· {m.text}"))
+
+
+def flag_defs(flags: Sequence[str], defs: Mapping[str, Any]) -> None:
+    table = Table(show_header=True, header_style="bold", box=None)
+    for col in ("flag", "display", "threshold", "examples"):
+        table.add_column(col)
+    for name in flags:
+        d = defs.get(name)
+        thr = "learned" if d is None or d.threshold is None else f"{d.threshold:g} (NPC file)"
+        table.add_row(name, d.display if d else "", thr, " | ".join(d.examples) if d else "")
+    out.print(table)
