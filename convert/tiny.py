@@ -110,6 +110,23 @@ def train_tokenizer(out_dir: Path, vocab_size: int = 1200, corpus: list[str] | N
     )
 
 
+def _rich_corpus() -> list[str]:
+    """Prompts and replies of the demo NPCs (when the repository's configs are at hand)."""
+    npcs = Path(__file__).resolve().parent.parent / "configs" / "npcs"
+    if not npcs.is_dir():
+        return _CORPUS * 4
+    from . import demo_data
+    from .demo_train import prompt_text
+
+    records = demo_data.generate(npcs, 2000, seed=123)
+    texts = [
+        prompt_text(r, t) + r["output"]["response"]
+        for r in records
+        for t in ("served-v1", "reuse-v1")
+    ]
+    return texts + _CORPUS * 4
+
+
 def tensor_shapes(cfg: Qwen2Config) -> dict[str, tuple[int, ...]]:
     """HF tensor names and shapes of a Qwen2 model (torch Linear layout [out, in])."""
     h, kv = cfg.hidden_size, cfg.n_kv_heads * cfg.head_dim
@@ -159,7 +176,12 @@ def make_checkpoint(
     from dataclasses import replace
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    train_tokenizer(out_dir)
+    if preset.startswith("qwen"):
+        # real-size presets get a tokenizer that compresses prompts about as well as a real
+        # one does (a few chars per token), or every token count of a benchmark is inflated
+        train_tokenizer(out_dir, 8000, _rich_corpus())
+    else:
+        train_tokenizer(out_dir)
     n_tok = len(json.loads((out_dir / "tokenizer.json").read_text("utf-8"))["model"]["vocab"])
     cfg = PRESETS[preset]
     want = vocab_size or cfg.vocab_size or n_tok

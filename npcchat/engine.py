@@ -60,10 +60,11 @@ class ModelLike(Protocol):
 
 
 def apply_deltas(tags: Tags, deltas: dict[str, float], rule: StateConfig) -> Tags:
-    """trust/relationship += scale * delta, clamped to the configured range."""
+    """trust/relationship += scale * delta, clamped to the configured range and rounded."""
 
     def move(value: float, delta: float) -> float:
-        return min(rule.clamp_max, max(rule.clamp_min, value + rule.delta_scale * delta))
+        moved = min(rule.clamp_max, max(rule.clamp_min, value + rule.delta_scale * delta))
+        return round(moved, rule.decimals)
 
     return replace(
         tags,
