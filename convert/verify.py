@@ -16,6 +16,7 @@ import numpy as np
 from npcchat.bundle import Bundle
 from npcchat.config import Config, RuntimeConfig
 from npcchat.engine import Engine
+from npcchat.heads import Heads
 from npcchat.types import ContextTurn, PlayerState, PromptInput, Tags
 
 from .reference import stream_hidden
@@ -46,24 +47,28 @@ class Drift:
     flag_decisions: int | None
 
 
-def _heads_out(engine: Engine, vecs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray] | None:
-    if engine.heads is None:
+def _heads_out(heads: Heads | None, vecs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray] | None:
+    if heads is None:
         return None
-    raw = engine.heads.run_batch(np.stack(vecs))
+    raw = heads.run_batch(np.stack(vecs))
     return np.concatenate([r.ravel() for r in raw]), raw[1] >= raw[2]
 
 
 def drift(unquantized: Path, quantized: Bundle, n_ctx: int = 1024) -> Drift:
-    """Quantized bundle (llama.cpp) against the unquantized GGUF (numpy, layer by layer)."""
+    """Quantized bundle (llama.cpp) against the unquantized GGUF (numpy, layer by layer).
+
+    The quantized model is closed before the reference runs: peak memory is the larger of
+    the two, not their sum."""
     with Engine.load(quantized, Config(runtime=RuntimeConfig(n_ctx=n_ctx))) as engine:
         state_id = engine.vocab.tags["<STATE>"]
         fitted = [engine.fit(p, 1) for p in PROMPTS]
         q_vecs = [engine.state_vector(f)[0] for f in fitted]
         tokens = [list(f.tokens) for f in fitted]
-        ref_hidden = stream_hidden(unquantized, tokens)
-        ref_vecs = [h[[i for i, t in enumerate(tok) if t == state_id]].mean(axis=0)
-                    for h, tok in zip(ref_hidden, tokens, strict=True)]  # fmt: skip
-        q_out, ref_out = _heads_out(engine, q_vecs), _heads_out(engine, ref_vecs)
+        heads = engine.heads
+    ref_hidden = stream_hidden(unquantized, tokens)
+    ref_vecs = [h[[i for i, t in enumerate(tok) if t == state_id]].mean(axis=0)
+                for h, tok in zip(ref_hidden, tokens, strict=True)]  # fmt: skip
+    q_out, ref_out = _heads_out(heads, q_vecs), _heads_out(heads, ref_vecs)
     cos = [
         float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
         for a, b in zip(ref_vecs, q_vecs, strict=True)
