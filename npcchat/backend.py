@@ -306,6 +306,12 @@ class Model:
         else:
             ll.llama_memory_seq_rm(self._mem, seq, max(0, n), -1)
 
+    def extend(self, tokens: Sequence[int], start: int, seq: int = 0) -> None:
+        """Decode ``tokens[start:]`` into ``seq``'s KV cache with no outputs at all."""
+        self.keep_prefix(start, seq)
+        for s in range(start, len(tokens), self.n_batch):
+            self._decode(tokens[s : s + self.n_batch], s, False, seq=seq)
+
     def prefill(
         self, tokens: Sequence[int], outputs: Sequence[int], start: int = 0, seq: int = 0
     ) -> np.ndarray:

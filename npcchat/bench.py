@@ -183,16 +183,22 @@ def _ttft(r: Any) -> float:
 def multi_turn(
     engine: Engine, s: Session, gen_tokens: int, turns: int = 10
 ) -> tuple[dict[str, float], Session]:
-    """A 10-turn conversation: what turn 10 decodes and waits for, against turn 1."""
+    """A 10-turn conversation as `talk` runs it: between turns, while the player types, the
+    next prompt is decoded up to `<PLAYER>` (reported apart as ``predecoded``); what the
+    player waits for is the prefill after they spoke."""
     from npcchat.conversation import Conversation
 
     engine.forget()
     conv = Conversation(engine, s, _greedy(gen_tokens))
-    results = [conv.say(f"{PLAYER_LINE} ({i + 1})") for i in range(turns)]
+    results, ahead = [], []
+    for i in range(turns):
+        results.append(conv.say(f"{PLAYER_LINE} ({i + 1})"))
+        ahead.append(conv.predecode())
     first, last = results[0], results[-1]
     return {
         "turn1_prefill_tokens": first.prefill_tokens,
         f"turn{turns}_prefill_tokens": last.prefill_tokens,
+        f"turn{turns}_predecoded_tokens": ahead[-2],
         f"turn{turns}_prompt_tokens": last.prompt_tokens,
         f"prefill_tokens_turn{turns}_over_turn1": last.prefill_tokens / first.prefill_tokens,
         "turn1_ttft_ms": _ttft(first),
@@ -213,6 +219,7 @@ def resume(bundle_root: Path, cfg: Config, s: Session, gen_tokens: int) -> dict[
                 engine, replace(s, history=s.history[:-1]), _greedy(gen_tokens), path
             )
             conv.say(s.history[-1].player)
+            conv.predecode()  # as talk does before it waits for the player
         for mode in ("snapshot", "cold"):
             runtime = replace(cfg.runtime, snapshots=mode == "snapshot")
             with load_engine(bundle_root, replace(cfg, runtime=runtime)) as engine:

@@ -17,7 +17,14 @@ from npcchat.errors import ConfigError
 from npcchat.mind import NpcMind
 from npcchat.npc import NpcDef
 from npcchat.session import Session
-from npcchat.types import NUMERIC_TAGS, TAG_FIELDS, PlayerState, SamplingParams, TurnResult
+from npcchat.types import (
+    NUMERIC_TAGS,
+    TAG_FIELDS,
+    ContextTurn,
+    PlayerState,
+    SamplingParams,
+    TurnResult,
+)
 
 T = TypeVar("T")
 
@@ -107,6 +114,19 @@ class Conversation:
         self._turns += 1
         self.autosave()
         return result
+
+    def predecode(self) -> int:
+        """Idle-time work: decode the next prompt up to `<PLAYER>` (see Engine.predecode),
+        and refresh the KV snapshot so a resumed session starts from there too."""
+        pinned: tuple[ContextTurn, ...] = ()
+        session = self.session
+        if self.mind is not None:
+            prep = self.mind.prepare(self.session, "")
+            session, pinned = prep.session, prep.pinned
+        n = self.engine.predecode(session, pinned, self.sampling.max_tokens)
+        if n and self.path is not None:
+            self._snapshot(self.path)
+        return n
 
     def retry(self, on_text: Callable[[str], None] | None = None) -> TurnResult | None:
         """Redo the last turn with a new draw (the state vector is the same: same prompt)."""

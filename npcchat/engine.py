@@ -213,6 +213,33 @@ class Engine:
         self.last_prefill = len(tokens) - start
         return rows[: len(positions)].mean(axis=0), tokens
 
+    def predecode(
+        self,
+        session: Session,
+        pinned: tuple[ContextTurn, ...] = (),
+        max_tokens: int = 1,
+        seq: int = 0,
+    ) -> int:
+        """Decode, ahead of time, the part of the next prompt that cannot depend on what the
+        player will say: everything up to and including `<PLAYER>`. Called while the player
+        reads and types; the next turn then decodes little more than the player's line.
+        Returns how many tokens were decoded (0 when reuse is off or nothing is new)."""
+        if not self.reuse:
+            return 0
+        player_id = self.vocab.tags.get(prompt_mod.PLAYER_TAG)
+        fitted = self.fit(self.prompt_input(session, "", pinned), max_tokens, pinned=len(pinned))
+        tokens = list(fitted.tokens)
+        if player_id is None or player_id not in tokens:
+            return 0
+        end = len(tokens) - tokens[::-1].index(player_id)  # through the last <PLAYER>
+        start = common_prefix(self._kv.get(seq, ()), tokens[:end])
+        if start >= end:
+            return 0
+        self._kv[seq] = []
+        self.model.extend(tokens[:end], start, seq)  # type: ignore[attr-defined]
+        self._kv[seq] = tokens[:end]
+        return end - start
+
     def forget(self, seq: int | None = None) -> None:
         """Treat a sequence's (or every) KV cache as empty: the next prefill starts cold."""
         if seq is None:

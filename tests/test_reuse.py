@@ -169,3 +169,22 @@ def test_cli_resume_restores_snapshot(bundle_reuse: Path, tmp_path: Path) -> Non
     turn = json.loads(second.stdout)
     assert turn["tokens"]["prefill"] < turn["tokens"]["prompt"] * 0.8
     assert np.isfinite(turn["deltas"]["trust"])
+
+
+def test_predecode_ahead_of_the_player_matches_cold(bundle_reuse: Path, tmp_path: Path) -> None:
+    cold = _run(bundle_reuse, False, LINES[:3])
+    with load_engine(bundle_reuse, Config()) as engine:
+        conv = Conversation(engine, _session(), GREEDY, tmp_path / "s.json")
+        first = conv.predecode()  # the static part, before the first line is typed
+        assert first > 0 and conv.predecode() == 0  # nothing new the second time
+        warm = []
+        for line in LINES[:3]:
+            warm.append(conv.say(line))
+            assert conv.predecode() > 0
+    for w, c in zip(warm, cold, strict=True):
+        _close(w, c)
+    # after the player speaks, only their line and the <STATE>/<NPC> tail are decoded
+    assert all(w.prefill_tokens < 0.25 * w.prompt_tokens for w in warm)
+    # the snapshot saved after predecode lets a resumed session start from there too
+    restored, warnings, r = _resume(bundle_reuse, tmp_path / "s.json")
+    assert restored and warnings == [] and r.prefill_tokens < 0.25 * r.prompt_tokens

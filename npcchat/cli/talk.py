@@ -205,6 +205,7 @@ def _repl(conv: Conversation) -> None:
             f"{len(s.memories)} memories"
         )
     while True:
+        _idle(conv)
         line = _read_line()
         if line is None:
             ui.out.print()
@@ -285,3 +286,16 @@ def _command(conv: Conversation, line: str) -> bool:
 
 def _display(conv: Conversation) -> dict[str, str]:
     return {n: d.display for n, d in conv.mind.know.flags.items()} if conv.mind else {}
+
+
+def _idle(conv: Conversation) -> None:
+    """Before waiting for the player: decode what the next prompt holds up to <PLAYER>."""
+    from npcchat.cli import ui
+    from npcchat.errors import NpcchatError
+
+    try:
+        conv.predecode()
+    except KeyboardInterrupt:
+        conv.engine.forget()
+    except NpcchatError as e:
+        ui.warn(f"could not prepare the next turn ahead of time ({e.message})")
