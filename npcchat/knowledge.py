@@ -108,13 +108,13 @@ def select_rag(
     k: Knowledge,
     tags: Tags,
     player: PlayerState,
-    query: Query,
+    query: Query | np.ndarray,
     embedder: Embedder,
     count: Callable[[str], int],
     budgets: Budgets,
 ) -> tuple[str, str]:
     """(LORE, DESCRIPTION) for this turn: valid entries, most relevant first, within budget."""
-    q = query.vector(embedder)
+    q = query.vector(embedder) if isinstance(query, Query) else query
 
     def pick(entries: Sequence[Entry], budget: int) -> str:
         valid = [e.text for e in entries if e.valid(tags, player)]
@@ -152,7 +152,7 @@ def summarize(turn: int, player: str, reply: str) -> Memory:
 
 def recall(
     memories: Sequence[Memory],
-    query: Query,
+    query: Query | np.ndarray,
     embedder: Embedder,
     count: Callable[[str], int],
     budgets: Budgets,
@@ -161,7 +161,7 @@ def recall(
     if not memories:
         return ()
     vecs = embedder.embed([m.text for m in memories])
-    q = query.vector(embedder)
+    q = query.vector(embedder) if isinstance(query, Query) else query
     scores = vecs @ q
     order = [i for i in rank(q, vecs) if scores[i] > 0][: budgets.memories]
     chosen: list[int] = []

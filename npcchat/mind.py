@@ -63,7 +63,8 @@ class NpcMind:
 
     def prepare(self, session: Session, player: str) -> Prepared:
         recent = [(t.player, t.reply) for t in session.history[-self.budgets.recent_turns :]]
-        query = K.query_of(player, recent)
+        # queries change every turn: embedded in memory, never written to the lore cache
+        query = K.query_of(player, recent).vector(self.memo)
         lore, description = session.lore, session.description
         if self.know.lore or self.know.descriptions:
             picked_lore, picked_desc = K.select_rag(self.know, session.tags, session.player_state, query,

@@ -50,6 +50,9 @@ def test_lore_is_retrieved_into_the_prompt_and_thresholds_overridden(bundle_q4: 
         text = engine.fit(engine.prompt_input(prep.session, "x"), 4).prompt.text
         assert "LORE: A storm sank the merchant ship Aurora" in text and "Smugglers" not in text
         r = conv.say("Tell me about the ship on the reef")
+        conv.say("And the smugglers?")
+        cached = list(mind.embedder.root.glob("*.npy"))
+        assert 0 < len(cached) <= len(d.knowledge.lore) + len(d.knowledge.descriptions)  # lore only
         assert r.heads.flags["give_item"].threshold == 0.9
         assert r.heads.flags["give_item"].fired == (r.heads.flags["give_item"].prob >= 0.9)
 
