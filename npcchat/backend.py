@@ -21,7 +21,6 @@ import os
 import re
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import llama_cpp as ll
@@ -29,6 +28,7 @@ import numpy as np
 
 from npcchat.config import RuntimeConfig
 from npcchat.errors import BackendError, BundleError
+from npcchat.prefill import plan_prefill
 from npcchat.types import SamplingParams
 
 _LOG: deque[str] = deque(maxlen=200)
@@ -63,46 +63,6 @@ def default_threads() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - not Linux
         return max(1, os.cpu_count() or 1)
-
-
-@dataclass(frozen=True)
-class Chunk:
-    start: int
-    end: int
-    embeddings: bool  # decode with embeddings on: every token of the chunk is an output
-
-
-def plan_prefill(
-    n_tokens: int, outputs: Sequence[int], n_batch: int, start: int = 0, max_gap: int = 8
-) -> list[Chunk]:
-    """Split ``[start, n_tokens)`` into decode chunks so that every position in ``outputs``
-    lands in an embeddings chunk and as few other tokens as possible do.
-
-    Output positions closer than ``max_gap`` share one chunk (one decode call instead of
-    several); everything else is decoded without outputs, at most ``n_batch`` per call.
-    """
-    chunks: list[Chunk] = []
-
-    def plain(a: int, b: int) -> None:
-        for s in range(a, b, n_batch):
-            chunks.append(Chunk(s, min(b, s + n_batch), False))
-
-    pos = start
-    wanted = sorted(p for p in set(outputs) if p >= start)
-    i = 0
-    while i < len(wanted):
-        lo = hi = wanted[i]
-        while (
-            i + 1 < len(wanted) and wanted[i + 1] - hi <= max_gap and wanted[i + 1] - lo < n_batch
-        ):
-            i += 1
-            hi = wanted[i]
-        plain(pos, lo)
-        chunks.append(Chunk(lo, hi + 1, True))
-        pos = hi + 1
-        i += 1
-    plain(pos, n_tokens)
-    return chunks
 
 
 QUANT_TYPES = {

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from npcchat.backend import Chunk, plan_prefill
+from npcchat.prefill import Chunk, plan_prefill
 from npcchat.config import Config, RuntimeConfig
 from npcchat.conversation import Conversation
 from npcchat.engine import Engine, load_engine

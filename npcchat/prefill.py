@@ -1,0 +1,52 @@
+"""How a prompt is cut into llama_decode calls (pure; tested on its own).
+
+Only the `<STATE>` position(s) and the last prompt token need outputs. llama.cpp makes every
+token of a batch an output while embeddings are on (llama-batch.cpp: "embeddings required
+... -> overriding"), so outputs are requested in short runs of their own and everything else
+is decoded with no outputs at all: never an output row (a 150k-wide logits row) per prompt token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Chunk:
+    start: int
+    end: int
+    embeddings: bool  # decode with embeddings on: every token of the chunk is an output
+
+
+def plan_prefill(
+    n_tokens: int, outputs: Sequence[int], n_batch: int, start: int = 0, max_gap: int = 8
+) -> list[Chunk]:
+    """Split ``[start, n_tokens)`` into decode chunks so that every position in ``outputs``
+    lands in an embeddings chunk and as few other tokens as possible do.
+
+    Output positions closer than ``max_gap`` share one chunk (one decode call instead of
+    several); everything else is decoded without outputs, at most ``n_batch`` per call.
+    """
+    chunks: list[Chunk] = []
+
+    def plain(a: int, b: int) -> None:
+        for s in range(a, b, n_batch):
+            chunks.append(Chunk(s, min(b, s + n_batch), False))
+
+    pos = start
+    wanted = sorted(p for p in set(outputs) if p >= start)
+    i = 0
+    while i < len(wanted):
+        lo = hi = wanted[i]
+        while (
+            i + 1 < len(wanted) and wanted[i + 1] - hi <= max_gap and wanted[i + 1] - lo < n_batch
+        ):
+            i += 1
+            hi = wanted[i]
+        plain(pos, lo)
+        chunks.append(Chunk(lo, hi + 1, True))
+        pos = hi + 1
+        i += 1
+    plain(pos, n_tokens)
+    return chunks
