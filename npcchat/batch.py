@@ -29,6 +29,7 @@ class TurnRequest:
     player: str
     sampling: SamplingParams
     context: tuple[ContextTurn, ...] = ()  # extra history before the session's own
+    reuse: bool | None = None  # prefix reuse for this turn (None: the engine's setting)
 
 
 Driver = Generator[TurnRequest, TurnResult, R]
@@ -69,7 +70,7 @@ def run(engine: Engine, drivers: Iterable[tuple[K, Driver[R]]]) -> Iterator[tupl
                 return
             try:
                 slot.pending = engine.start(req.session, req.player, req.sampling, seq=seq,
-                                            context=req.context)  # fmt: skip
+                                            context=req.context, reuse=req.reuse)  # fmt: skip
                 return
             except NpcchatError as e:
                 send = e

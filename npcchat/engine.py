@@ -194,7 +194,7 @@ class Engine:
 
     # -- the turn -------------------------------------------------------------------------
     def state_vector(
-        self, fitted: prompt_mod.FittedPrompt, seq: int = 0
+        self, fitted: prompt_mod.FittedPrompt, seq: int = 0, reuse: bool | None = None
     ) -> tuple[np.ndarray, list[int]]:
         """Prefill once; the mean hidden state over `<STATE>` positions.
 
@@ -206,7 +206,8 @@ class Engine:
         state_id = self.vocab.tags[prompt_mod.STATE_TAG]
         positions = [i for i, t in enumerate(tokens) if t == state_id]
         outputs = [*positions, len(tokens) - 1]
-        start = min(common_prefix(self._kv.get(seq, ()), tokens), outputs[0]) if self.reuse else 0
+        use = self.reuse if reuse is None else reuse
+        start = min(common_prefix(self._kv.get(seq, ()), tokens), outputs[0]) if use else 0
         self._kv[seq] = []  # unknown until the decode below completes
         rows = self.model.prefill(tokens, outputs, start=start, seq=seq)
         self._kv[seq] = tokens
@@ -268,6 +269,7 @@ class Engine:
         seq: int = 0,
         context: tuple[ContextTurn, ...] = (),
         pinned: tuple[ContextTurn, ...] = (),
+        reuse: bool | None = None,
     ) -> Pending:
         """First half of a turn: prompt, the one prefill, heads, first token drawn.
 
@@ -276,7 +278,7 @@ class Engine:
         t0 = time.perf_counter()
         inp = self.prompt_input(session, player, pinned + context)
         fitted = self.fit(inp, sampling.max_tokens, pinned=len(pinned))
-        vec, tokens = self.state_vector(fitted, seq)
+        vec, tokens = self.state_vector(fitted, seq, reuse)
         t1 = time.perf_counter()
         heads = self.run_heads(vec)
         t2 = time.perf_counter()

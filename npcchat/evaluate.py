@@ -99,7 +99,9 @@ def _driver(
     flags = engine.bundle.flags
     for player, expected in sc.turns:
         try:
-            r = yield batch.TurnRequest(session, player, sampling, sc.context)
+            # decoded in full: a reused prefix would make results depend on which scenario ran
+            # before in the same slot, and --parallel must not change any result
+            r = yield batch.TurnRequest(session, player, sampling, sc.context, reuse=False)
         except NpcchatError as e:
             out["error"] = e.message
             return out
@@ -119,9 +121,6 @@ def run(
     drivers: Iterator[tuple[str, batch.Driver[dict[str, Any]]]] = (
         (sc.id, _driver(sc, engine, sampling, sim)) for sc in scenarios
     )
-    # Every prompt is decoded in full: a reused prefix would make results depend on which
-    # scenario ran before in the same slot, and --parallel must not change any result.
-    engine.reuse = False
     for _, result in batch.run(engine, drivers):
         on_result(result)
 
