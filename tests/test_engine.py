@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from npcchat.prefill import Chunk, plan_prefill
 from npcchat.config import Config, RuntimeConfig
 from npcchat.conversation import Conversation
 from npcchat.engine import Engine, load_engine
 from npcchat.errors import PromptError
+from npcchat.prefill import Chunk, plan_prefill
 from npcchat.session import Session
 from npcchat.types import SamplingParams, Tags
 
