@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -167,9 +167,3 @@ def save(
     """Write in-memory float32 tensors."""
     entries = [(n, tuple(a.shape), lambda a=a: np.asarray(a)) for n, a in tensors.items()]
     save_lazy(entries, path, "f32", metadata)
-
-
-def iter_tensors(files: list[SafeFile]) -> Iterator[tuple[str, SafeFile]]:
-    for f in files:
-        for name in f.names():
-            yield name, f

@@ -21,7 +21,6 @@ from npcchat.types import (
     NUMERIC_TAGS,
     TAG_FIELDS,
     ContextTurn,
-    PlayerState,
     SamplingParams,
     TurnResult,
 )
@@ -90,6 +89,7 @@ class Conversation:
         self.on_warning = on_warning
         self.mind = mind  # knowledge and long-term memory; None: the session's lore as is
         self._turns = len(session.history)
+        self._ours: set[Path] = set()  # session files this conversation has written
 
     def _turn_sampling(self) -> SamplingParams:
         # The session seed plus a turn counter: reproducible runs, and /retry draws anew.
@@ -156,23 +156,23 @@ class Conversation:
         self.session = set_value(self.session, key, value)
         self.autosave()
 
-    def set_player_state(self, ps: PlayerState) -> None:
-        self.session = replace(self.session, player_state=ps)
-
     def save(self, path: Path | None = None) -> Path:
         target = path or self.path
         if target is None:
             raise ConfigError(
                 "/save: no file given and the session has none", hint="/save FILE.toml"
             )
-        session_mod.save(self.session, target)
-        self._snapshot(target)
+        self._write(target)
         return target
 
     def autosave(self) -> None:
         if self.path is not None:
-            session_mod.save(self.session, self.path)
-            self._snapshot(self.path)
+            self._write(self.path)
+
+    def _write(self, target: Path) -> None:
+        session_mod.save(self.session, target, known=target in self._ours)
+        self._ours.add(target)
+        self._snapshot(target)
 
     def _snapshot(self, target: Path) -> None:
         """KV snapshot beside the session file (optional; problems are warnings)."""

@@ -21,7 +21,7 @@ from npcchat.errors import ConfigError, NpcchatError
 from npcchat.scenarios import BadLine, Expected, Scenario
 from npcchat.session import Session
 from npcchat.similarity import Similarity
-from npcchat.types import DELTA_NAMES, SamplingParams, TurnResult
+from npcchat.types import DELTA_NAMES, SamplingParams, TurnResult, turn_json
 
 REPORT_FORMAT = "npcchat-eval-report"
 REPORT_VERSION = 1
@@ -53,24 +53,8 @@ def _turn_dict(
     ref = expected["response"] if expected else None
     return {
         "player": r.player,
-        "reply": r.reply,
-        "deltas": dict(r.heads.deltas),
-        "flags": {
-            n: {"prob": f.prob, "threshold": f.threshold, "fired": f.fired}
-            for n, f in r.heads.flags.items()
-        },
-        "state": dict(vars(r.tags_after)),
+        **turn_json(r),
         "stop_reason": r.stop_reason,
-        "tokens": {
-            "prompt": r.prompt_tokens,
-            "prefill": r.prefill_tokens,
-            "generated": r.generated_tokens,
-        },
-        "timings_ms": {
-            "prefill": r.timings.prefill_ms,
-            "heads": r.timings.heads_ms,
-            "generate": r.timings.generate_ms,
-        },
         "expected": expected,
         "checks": {
             "empty": not r.reply.strip(),

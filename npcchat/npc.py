@@ -156,22 +156,34 @@ def _number(path: Path, key: str, value: Any, lo: float, hi: float) -> float:
     return float(value)
 
 
-def _entries(path: Path, data: dict[str, Any], key: str) -> tuple[Entry, ...]:
+def _table(
+    path: Path, label: str, value: Any, known: set[str], required: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """A table with only ``known`` keys and every ``required`` one, or a ConfigError."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where(path, label)}: expected a table")
+    for k in sorted(set(value) - known):
+        raise ConfigError(
+            f"{where(path, f'{label}.{k}')}: unknown key", hint=f"keys: {', '.join(sorted(known))}"
+        )
+    for k in required:
+        if k not in value:
+            raise ConfigError(f"{where(path, f'{label}.{k}')}: missing")
+    return value
+
+
+def _array(path: Path, data: dict[str, Any], key: str) -> list[Any]:
     raw = data.get(key, [])
     if not isinstance(raw, list):
         raise ConfigError(f"{where(path, key)}: expected an array of tables ([[{key}]])")
+    return raw
+
+
+def _entries(path: Path, data: dict[str, Any], key: str) -> tuple[Entry, ...]:
     out = []
-    for i, e in enumerate(raw):
+    for i, raw in enumerate(_array(path, data, key)):
         label = f"{key}[{i}]"
-        if not isinstance(e, dict):
-            raise ConfigError(f"{where(path, label)}: expected a table")
-        for k in set(e) - _ENTRY_KEYS:
-            raise ConfigError(
-                f"{where(path, f'{label}.{k}')}: unknown key",
-                hint=f"keys: {', '.join(sorted(_ENTRY_KEYS))}",
-            )
-        if "text" not in e:
-            raise ConfigError(f"{where(path, f'{label}.text')}: missing")
+        e = _table(path, label, raw, _ENTRY_KEYS, ("text",))
         out.append(Entry(
             text=_str(path, f"{label}.text", e["text"]),
             stages=_strs(path, f"{label}.stages", e.get("stages", "any")),
@@ -184,22 +196,10 @@ def _entries(path: Path, data: dict[str, Any], key: str) -> tuple[Entry, ...]:
 
 
 def _triggers(path: Path, data: dict[str, Any]) -> tuple[Trigger, ...]:
-    raw = data.get("triggers", [])
-    if not isinstance(raw, list):
-        raise ConfigError(f"{where(path, 'triggers')}: expected an array of tables ([[triggers]])")
     out = []
-    for i, t in enumerate(raw):
+    for i, raw in enumerate(_array(path, data, "triggers")):
         label = f"triggers[{i}]"
-        if not isinstance(t, dict):
-            raise ConfigError(f"{where(path, label)}: expected a table")
-        for k in set(t) - _TRIGGER_KEYS:
-            raise ConfigError(
-                f"{where(path, f'{label}.{k}')}: unknown key",
-                hint=f"keys: {', '.join(sorted(_TRIGGER_KEYS))}",
-            )
-        for k in ("match", "reaction"):
-            if k not in t:
-                raise ConfigError(f"{where(path, f'{label}.{k}')}: missing")
+        t = _table(path, label, raw, _TRIGGER_KEYS, ("match", "reaction"))
         phrases = tuple(p.lower() for p in _strs(path, f"{label}.match", t["match"]) if p.strip())
         if not phrases:
             raise ConfigError(
@@ -220,15 +220,9 @@ def _flags(path: Path, data: dict[str, Any]) -> dict[str, FlagDef]:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where(path, 'flags')}: expected a table of [flags.NAME] tables")
     out = {}
-    for name, f in raw.items():
+    for name, value in raw.items():
         label = f"flags.{name}"
-        if not isinstance(f, dict):
-            raise ConfigError(f"{where(path, label)}: expected a table")
-        for k in set(f) - {"display", "threshold", "examples"}:
-            raise ConfigError(
-                f"{where(path, f'{label}.{k}')}: unknown key",
-                hint="keys: display, threshold, examples",
-            )
+        f = _table(path, label, value, {"display", "threshold", "examples"})
         thr = f.get("threshold")
         out[name] = FlagDef(
             display=_str(path, f"{label}.display", f.get("display", name)),

@@ -19,7 +19,7 @@ from typing import Any
 
 from npcchat.errors import SessionError, where
 from npcchat.knowledge import Memory
-from npcchat.types import DELTA_NAMES, FlagResult, PlayerState, Tags, TurnResult
+from npcchat.types import DELTA_NAMES, FlagResult, PlayerState, Tags, TurnResult, flags_json
 
 SCHEMA_VERSION = 1
 SUFFIXES = (".toml", ".json")
@@ -158,10 +158,7 @@ def _turn_dict(t: TurnRecord) -> dict[str, Any]:
         "player": t.player,
         "reply": t.reply,
         "deltas": dict(t.deltas),
-        "flags": {
-            n: {"prob": f.prob, "threshold": f.threshold, "fired": f.fired}
-            for n, f in t.flags.items()
-        },
+        "flags": flags_json(t.flags),
         "tags_before": _tags_dict(t.tags_before),
         "tokens": {
             "prompt": t.prompt_tokens,
@@ -336,10 +333,13 @@ def load(path: Path) -> Session:
     return from_dict(data, path)
 
 
-def save(s: Session, path: Path) -> None:
-    """Write atomically; refuses to replace a file that is not an npcchat session."""
+def save(s: Session, path: Path, known: bool = False) -> None:
+    """Write atomically; refuses to replace a file that is not an npcchat session.
+
+    ``known``: the caller wrote or read this file itself, so it need not be read back and
+    parsed again (autosave after every turn would otherwise re-read the whole history)."""
     text = dumps(s, _suffix(path))
-    if path.exists():
+    if path.exists() and not known:
         try:
             load(path)
         except SessionError as e:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 TAG_FIELDS = ("quest_stage", "relationship", "trust", "npc_mood", "player_reputation", "style")
 NUMERIC_TAGS = ("relationship", "trust")
@@ -95,3 +97,27 @@ class TurnResult:
     stop_reason: str  # "eos", "tag", "length"
     timings: Timings
     seed: int
+
+
+def flags_json(flags: Mapping[str, FlagResult]) -> dict[str, dict[str, Any]]:
+    """``{name: {"prob", "threshold", "fired"}}``, the shape every output uses."""
+    return {
+        n: {"prob": f.prob, "threshold": f.threshold, "fired": f.fired} for n, f in flags.items()
+    }
+
+
+def turn_json(r: TurnResult) -> dict[str, Any]:
+    """The part of a turn that `talk --json`, eval reports and bench print alike."""
+    t = r.timings
+    return {
+        "reply": r.reply,
+        "deltas": dict(r.heads.deltas),
+        "flags": flags_json(r.heads.flags),
+        "state": dict(vars(r.tags_after)),
+        "tokens": {
+            "prompt": r.prompt_tokens,
+            "prefill": r.prefill_tokens,
+            "generated": r.generated_tokens,
+        },
+        "timings_ms": {"prefill": t.prefill_ms, "heads": t.heads_ms, "generate": t.generate_ms},
+    }

@@ -137,26 +137,9 @@ def _conversation(
 
 
 def turn_json(conv: Conversation, r: TurnResult) -> dict[str, Any]:
-    return {
-        "npc_id": conv.session.npc_id,
-        "reply": r.reply,
-        "deltas": dict(r.heads.deltas),
-        "flags": {
-            n: {"prob": f.prob, "threshold": f.threshold, "fired": f.fired}
-            for n, f in r.heads.flags.items()
-        },
-        "state": dict(vars(r.tags_after)),
-        "tokens": {
-            "prompt": r.prompt_tokens,
-            "prefill": r.prefill_tokens,
-            "generated": r.generated_tokens,
-        },
-        "timings_ms": {
-            "prefill": r.timings.prefill_ms,
-            "heads": r.timings.heads_ms,
-            "generate": r.timings.generate_ms,
-        },
-    }
+    from npcchat import types
+
+    return {"npc_id": conv.session.npc_id, **types.turn_json(r)}
 
 
 def _scripted(conv: Conversation, lines: list[str], json_out: bool) -> None:
