@@ -272,11 +272,28 @@ class Model:
         for s in range(start, len(tokens), self.n_batch):
             self._decode(tokens[s : s + self.n_batch], s, False, seq=seq)
 
+    def share(self, src: int, dst: int, keep: int) -> None:
+        """Make sequence ``dst`` hold the first ``keep`` positions of ``src``'s KV cache.
+
+        Each sequence has a KV stream of its own, and llama.cpp copies across streams only
+        whole (llama-kv-cache.cpp: "seq_cp() is only supported for full KV buffers"; the
+        copy runs at the next decode), so the whole stream is copied and its tail dropped.
+        """
+        if src != dst:
+            ll.llama_memory_seq_rm(self._mem, dst, 0, -1)
+            ll.llama_memory_seq_cp(self._mem, src, dst, -1, -1)
+        ll.llama_memory_seq_rm(self._mem, dst, max(0, keep), -1)
+
     def prefill(
-        self, tokens: Sequence[int], outputs: Sequence[int], start: int = 0, seq: int = 0
+        self,
+        tokens: Sequence[int],
+        outputs: Sequence[int],
+        start: int = 0,
+        seq: int = 0,
+        grid: int = 0,
     ) -> np.ndarray:
         """Decode ``tokens[start:]`` once into sequence ``seq`` (its KV cache must hold
-        ``tokens[:start]``).
+        ``tokens[:start]``); ``grid``: see :func:`npcchat.prefill.plan_prefill`.
 
         Returns the post-final-norm hidden states at ``outputs`` (rows in that order). The
         logits of the last token stay in the context for :meth:`sample` until the next
@@ -286,7 +303,7 @@ class Model:
             raise BackendError(f"prompt of {len(tokens)} tokens exceeds the context ({self.n_ctx})")
         self.keep_prefix(start, seq)
         states: dict[int, np.ndarray] = {}
-        for ch in plan_prefill(len(tokens), outputs, self.n_batch, start):
+        for ch in plan_prefill(len(tokens), outputs, self.n_batch, start, grid=grid):
             if not ch.embeddings:
                 self._decode(tokens[ch.start : ch.end], ch.start, False, seq=seq)
                 continue

@@ -16,6 +16,7 @@ from typing import Any, Generic, TypeVar
 
 from npcchat.engine import Engine, Pending
 from npcchat.errors import NpcchatError
+from npcchat.kvbook import Reuse
 from npcchat.session import Session
 from npcchat.types import ContextTurn, SamplingParams, TurnResult
 
@@ -29,7 +30,7 @@ class TurnRequest:
     player: str
     sampling: SamplingParams
     context: tuple[ContextTurn, ...] = ()  # extra history before the session's own
-    reuse: bool | None = None  # prefix reuse for this turn (None: the engine's setting)
+    reuse: Reuse | None = None  # KV reuse for this turn (None: the engine's setting)
 
 
 Driver = Generator[TurnRequest, TurnResult, R]

@@ -238,24 +238,36 @@ def resume(bundle_root: Path, cfg: Config, s: Session, gen_tokens: int) -> dict[
 def eval_throughput(
     bundle_root: Path, cfg: Config, s: Session, gen_tokens: int, n: int = 16
 ) -> dict[str, float]:
-    """Scenarios per second through `npcchat eval`'s runner at --parallel 1 and 8."""
+    """Scenarios per second through `npcchat eval`'s runner at --parallel 1 and 8, with the
+    shared prompt head decoded once (eval's default) and decoded for every scenario.
+
+    The scenarios are one NPC's, as in a designer's regression file: same lore, four trust
+    levels, a different player line each."""
     from npcchat import bundle as bundle_mod
     from npcchat import evaluate
     from npcchat.scenarios import Scenario
     from npcchat.similarity import Similarity
 
-    scenarios = [Scenario(id=f"b{i}", source="bench", kind="unlabelled", npc_id=s.npc_id, tags=s.tags, lore=s.lore,
+    scenarios = [Scenario(id=f"b{i}", source="bench", kind="unlabelled", npc_id=s.npc_id,
+                          tags=replace(s.tags, trust=round(0.2 + 0.2 * (i % 4), 2)), lore=s.lore,
                           turns=((f"{PLAYER_LINE} #{i}", None),)) for i in range(n)]  # fmt: skip
     out: dict[str, float] = {}
     b = bundle_mod.load(bundle_root)
     for par in (1, 8):
         with Engine.load(b, cfg, n_seq=par) as engine:
             engine.turn(s, "warm-up", _greedy(1))
-            t0 = time.perf_counter()
-            evaluate.run(engine, scenarios, _greedy(gen_tokens), Similarity(), lambda r: None)
-            out[f"eval_parallel{par}_scenarios_s"] = n / (time.perf_counter() - t0)
-    out["eval_parallel8_over_1"] = (
-        out["eval_parallel8_scenarios_s"] / out["eval_parallel1_scenarios_s"]
+            for share, name in ((True, ""), (False, "_noshare")):
+                engine.forget()
+                t0 = time.perf_counter()
+                evaluate.run(engine, scenarios, _greedy(gen_tokens), Similarity(), lambda r: None,
+                             share_prefix=share)  # fmt: skip
+                out[f"eval_parallel{par}{name}_scenarios_s"] = n / (time.perf_counter() - t0)
+    for name in ("", "_noshare"):
+        out[f"eval_parallel8_over_1{name}"] = (
+            out[f"eval_parallel8{name}_scenarios_s"] / out[f"eval_parallel1{name}_scenarios_s"]
+        )
+    out["eval_share_speedup_parallel1"] = (
+        out["eval_parallel1_scenarios_s"] / out["eval_parallel1_noshare_scenarios_s"]
     )
     return out
 

@@ -18,6 +18,7 @@ from npcchat import batch
 from npcchat import metrics as M
 from npcchat.engine import Engine
 from npcchat.errors import ConfigError, NpcchatError
+from npcchat.kvbook import Reuse
 from npcchat.scenarios import BadLine, Expected, Scenario
 from npcchat.session import Session
 from npcchat.similarity import Similarity
@@ -67,7 +68,7 @@ def _turn_dict(
 
 
 def _driver(
-    sc: Scenario, engine: Engine, sampling: SamplingParams, sim: Similarity
+    sc: Scenario, engine: Engine, sampling: SamplingParams, sim: Similarity, reuse: Reuse
 ) -> batch.Driver[dict[str, Any]]:
     """One scenario as a conversation; the NPC state carries from turn to turn."""
     session = Session(npc_id=sc.npc_id, tags=sc.tags, player_state=sc.player_state, lore=sc.lore,
@@ -83,9 +84,9 @@ def _driver(
     flags = engine.bundle.flags
     for player, expected in sc.turns:
         try:
-            # decoded in full: a reused prefix would make results depend on which scenario ran
-            # before in the same slot, and --parallel must not change any result
-            r = yield batch.TurnRequest(session, player, sampling, sc.context, reuse=False)
+            # "aligned" (or "off"), never "prefix": results must not depend on which scenario
+            # ran before in which slot, so --parallel never changes them (npcchat.kvbook)
+            r = yield batch.TurnRequest(session, player, sampling, sc.context, reuse=reuse)
         except NpcchatError as e:
             out["error"] = e.message
             return out
@@ -100,10 +101,15 @@ def run(
     sampling: SamplingParams,
     sim: Similarity,
     on_result: Callable[[dict[str, Any]], None],
+    share_prefix: bool = True,
 ) -> None:
-    """Run every scenario; ``on_result`` gets each finished scenario (completion order)."""
+    """Run every scenario; ``on_result`` gets each finished scenario (completion order).
+
+    ``share_prefix``: decode the head of the prompt that scenarios share only once (aligned
+    KV reuse: identical results, fewer prefill tokens)."""
+    reuse: Reuse = "aligned" if share_prefix else "off"
     drivers: Iterator[tuple[str, batch.Driver[dict[str, Any]]]] = (
-        (sc.id, _driver(sc, engine, sampling, sim)) for sc in scenarios
+        (sc.id, _driver(sc, engine, sampling, sim, reuse)) for sc in scenarios
     )
     for _, result in batch.run(engine, drivers):
         on_result(result)

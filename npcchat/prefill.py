@@ -4,6 +4,11 @@ Only the `<STATE>` position(s) and the last prompt token need outputs. llama.cpp
 token of a batch an output while embeddings are on (llama-batch.cpp: "embeddings required
 ... -> overriding"), so outputs are requested in short runs of their own and everything else
 is decoded with no outputs at all: never an output row (a 150k-wide logits row) per prompt token.
+
+With a ``grid``, plain runs are cut at absolute multiples of it whatever ``start`` is, so a
+prefill that starts from a KV prefix shared at a grid boundary makes exactly the decode calls
+a cold prefill makes for the rest of the prompt: results cannot depend on the sharing, even
+on backends whose kernels round differently for different batch sizes.
 """
 
 from __future__ import annotations
@@ -20,19 +25,30 @@ class Chunk:
 
 
 def plan_prefill(
-    n_tokens: int, outputs: Sequence[int], n_batch: int, start: int = 0, max_gap: int = 8
+    n_tokens: int,
+    outputs: Sequence[int],
+    n_batch: int,
+    start: int = 0,
+    max_gap: int = 8,
+    grid: int = 0,
 ) -> list[Chunk]:
     """Split ``[start, n_tokens)`` into decode chunks so that every position in ``outputs``
     lands in an embeddings chunk and as few other tokens as possible do.
 
     Output positions closer than ``max_gap`` share one chunk (one decode call instead of
-    several); everything else is decoded without outputs, at most ``n_batch`` per call.
+    several); everything else is decoded without outputs, at most ``n_batch`` per call
+    (``grid`` > 0: cut at every multiple of ``grid`` instead, counted from position 0).
     """
     chunks: list[Chunk] = []
+    if grid > n_batch:
+        raise ValueError(f"prefill grid {grid} exceeds the batch size {n_batch}")
 
     def plain(a: int, b: int) -> None:
-        for s in range(a, b, n_batch):
-            chunks.append(Chunk(s, min(b, s + n_batch), False))
+        s = a
+        while s < b:
+            e = min(b, (s // grid + 1) * grid if grid else s + n_batch)
+            chunks.append(Chunk(s, e, False))
+            s = e
 
     pos = start
     wanted = sorted(p for p in set(outputs) if p >= start)

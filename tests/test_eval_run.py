@@ -49,39 +49,45 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def strip_timing(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per-scenario results without what a run costs (times, prefill tokens saved by sharing)."""
     out = []
     for s in report["scenarios"]:
-        s = {**s, "turns": [{k: v for k, v in t.items() if k != "timings_ms"} for t in s["turns"]]}
-        out.append(s)
+        turns = [{**{k: v for k, v in t.items() if k != "timings_ms"},
+                  "tokens": {k: v for k, v in t["tokens"].items() if k != "prefill"}}
+                 for t in s["turns"]]  # fmt: skip
+        out.append({**s, "turns": turns})
     return out
+
+
+def prefilled(report: dict[str, Any]) -> int:
+    return sum(t["tokens"]["prefill"] for s in report["scenarios"] for t in s["turns"])
 
 
 def test_report_validates_and_parallel_equals_sequential(bundle_q4: Path, tmp_path: Path) -> None:
     jsonschema = pytest.importorskip("jsonschema")
     sc = scenario_file(tmp_path)
     reports = {}
-    for n in (1, 4):
-        out = tmp_path / f"r{n}.json"
-        proc = run(
-            str(sc),
-            "--bundle",
-            str(bundle_q4),
-            "--parallel",
-            str(n),
-            "--max-tokens",
-            "12",
-            "--report",
-            str(out),
-        )
+    for n, share in ((1, "--share-prefix"), (4, "--share-prefix"), (4, "--no-share-prefix")):
+        out = tmp_path / f"r{n}{share}.json"
+        proc = run(str(sc), "--bundle", str(bundle_q4), "--parallel", str(n), "--max-tokens", "12",
+                   "--report", str(out), share)  # fmt: skip
         assert proc.returncode == 0, proc.stderr
         assert "s.jsonl:9: not valid JSON" in proc.stderr  # the bad line is named and skipped
-        reports[n] = json.loads(out.read_text())
+        reports[n, share] = json.loads(out.read_text())
     schema = json.loads(
         resources.files("npcchat.schemas").joinpath("eval-report.schema.json").read_text()
     )
     for rep in reports.values():
         jsonschema.validate(rep, schema)
-    a, b = reports[1], reports[4]
+    a, b, cold = (
+        reports[1, "--share-prefix"],
+        reports[4, "--share-prefix"],
+        reports[4, "--no-share-prefix"],
+    )
+    # sharing the prompt head between scenarios changes nothing but what it costs
+    assert strip_timing(a) == strip_timing(cold)
+    assert prefilled(a) < prefilled(cold) and prefilled(b) < prefilled(cold)
+    assert cold["settings"]["prefix_reuse"] == "off" and a["settings"]["prefix_reuse"] == "aligned"
     assert (
         a["aggregates"]["scenarios"] == 10
         and a["aggregates"]["turns"] == 12
@@ -153,7 +159,7 @@ def test_interrupt_keeps_partial_report_and_resume_finishes(
     out = tmp_path / "partial.json"
     real_run = evaluate.run
 
-    def interrupted(engine, found, sampling, sim, on_result):  # type: ignore[no-untyped-def]
+    def interrupted(engine, found, sampling, sim, on_result, share=True):  # type: ignore[no-untyped-def]
         count = [0]
 
         def once(r: dict[str, Any]) -> None:
@@ -162,7 +168,7 @@ def test_interrupt_keeps_partial_report_and_resume_finishes(
             if count[0] == 3:
                 raise KeyboardInterrupt
 
-        real_run(engine, found, sampling, sim, once)
+        real_run(engine, found, sampling, sim, once, share)
 
     monkeypatch.setattr(evaluate, "run", interrupted)
     import typer

@@ -35,6 +35,13 @@ def eval_cmd(
     strict: Annotated[
         bool, typer.Option("--strict", help="Any bad scenario line is fatal.")
     ] = False,
+    share_prefix: Annotated[
+        bool,
+        typer.Option(
+            "--share-prefix/--no-share-prefix",
+            help="Decode a prompt head that scenarios share once (same results, faster).",
+        ),
+    ] = True,
     resume: Annotated[
         Path | None, typer.Option(help="Continue a partial report (skips finished scenarios).")
     ] = None,
@@ -73,12 +80,12 @@ def eval_cmd(
     cfg = common.build_config(config, temperature=temperature, seed=seed, max_tokens=max_tokens, threads=threads,
                               ctx=ctx, gpu_layers=gpu_layers, lora=lora, lora_scale=lora_scale)  # fmt: skip
     _run(cfg, [Path(f) for f in files], bundle, parallel, report, html_out, fail_under or [], strict, resume,
-         embed_model, json_out)  # fmt: skip
+         embed_model, json_out, share_prefix)  # fmt: skip
 
 
 def _run(cfg: Any, paths: list[Path], bundle: Path | None, parallel: int, report_path: Path | None,
          html_path: Path | None, fail_under: list[str], strict: bool, resume: Path | None,
-         embed_model: Path | None, json_out: bool) -> None:  # fmt: skip
+         embed_model: Path | None, json_out: bool, share_prefix: bool) -> None:  # fmt: skip
     from npcchat import evaluate, scenarios, similarity
     from npcchat.cli import common, ui
     from npcchat.errors import ConfigError
@@ -110,7 +117,7 @@ def _run(cfg: Any, paths: list[Path], bundle: Path | None, parallel: int, report
                 "max_tokens": s.max_tokens, "n_ctx": cfg.runtime.n_ctx, "similarity": sim.name,
                 "knowledge_ranking": f"sentence-transformers:{Path(cfg.knowledge.embed_model).name}"
                 if cfg.knowledge.embed_model else "lexical",
-                "prefix_reuse": False}  # fmt: skip
+                "prefix_reuse": "aligned" if share_prefix else "off"}  # fmt: skip
     results = list(prior)
     elapsed = evaluate.timer()
     complete = True
@@ -126,7 +133,7 @@ def _run(cfg: Any, paths: list[Path], bundle: Path | None, parallel: int, report
                 progress.advance()
 
             try:
-                evaluate.run(engine, found, sampling, sim, finished)
+                evaluate.run(engine, found, sampling, sim, finished, share_prefix)
             except KeyboardInterrupt:
                 complete = False
         order = {sc.id: i for i, sc in enumerate(found)}
