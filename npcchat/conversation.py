@@ -90,6 +90,10 @@ class Conversation:
         self.mind = mind  # knowledge and long-term memory; None: the session's lore as is
         self._turns = len(session.history)
         self._ours: set[Path] = set()  # session files this conversation has written
+        # talk's REPL predecodes after every turn: its KV snapshot is written then, once,
+        # instead of once after the turn and again after the predecode
+        self.idle_snapshots = False
+        self._snapshot_due = False
 
     def _turn_sampling(self) -> SamplingParams:
         # The session seed plus a turn counter: reproducible runs, and /retry draws anew.
@@ -117,16 +121,23 @@ class Conversation:
 
     def predecode(self) -> int:
         """Idle-time work: decode the next prompt up to `<PLAYER>` (see Engine.predecode),
-        and refresh the KV snapshot so a resumed session starts from there too."""
+        and refresh the KV snapshot so a resumed session starts from there too (an
+        interrupted predecode leaves it due: :meth:`flush_snapshot`)."""
         pinned: tuple[ContextTurn, ...] = ()
         session = self.session
         if self.mind is not None:
             prep = self.mind.prepare(self.session, "")
             session, pinned = prep.session, prep.pinned
         n = self.engine.predecode(session, pinned, self.sampling.max_tokens)
-        if n and self.path is not None:
-            self._snapshot(self.path)
+        if n or self._snapshot_due:
+            self.flush_snapshot(force=True)
         return n
+
+    def flush_snapshot(self, force: bool = False) -> None:
+        """Write the session's KV snapshot if one is due (``force``: in any case)."""
+        if self.path is not None and (force or self._snapshot_due):
+            self._snapshot_due = False
+            self._snapshot(self.path)
 
     def retry(self, on_text: Callable[[str], None] | None = None) -> TurnResult | None:
         """Redo the last turn with a new draw (the state vector is the same: same prompt)."""
@@ -172,7 +183,10 @@ class Conversation:
     def _write(self, target: Path) -> None:
         session_mod.save(self.session, target, known=target in self._ours)
         self._ours.add(target)
-        self._snapshot(target)
+        if self.idle_snapshots and target == self.path:
+            self._snapshot_due = True
+        else:
+            self._snapshot(target)
 
     def _snapshot(self, target: Path) -> None:
         """KV snapshot beside the session file (optional; problems are warnings)."""

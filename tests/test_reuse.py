@@ -188,3 +188,31 @@ def test_predecode_ahead_of_the_player_matches_cold(bundle_reuse: Path, tmp_path
     # the snapshot saved after predecode lets a resumed session start from there too
     restored, warnings, r = _resume(bundle_reuse, tmp_path / "s.json")
     assert restored and warnings == [] and r.prefill_tokens < 0.25 * r.prompt_tokens
+
+
+def test_repl_writes_the_kv_snapshot_once_per_turn(
+    bundle_reuse: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """talk's REPL predecodes after every turn: the snapshot is written then, not twice."""
+    writes: list[int] = []
+    real = snapshot.save
+
+    def counted(*args: object, **kw: object) -> str | None:
+        writes.append(1)
+        return real(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(snapshot, "save", counted)
+    path = tmp_path / "s.json"
+    with load_engine(bundle_reuse, Config()) as engine:
+        conv = Conversation(engine, _session(), GREEDY, path)
+        conv.idle_snapshots = True
+        conv.predecode()
+        for line in LINES[:3]:
+            conv.say(line)
+            assert conv.predecode() > 0
+        conv.flush_snapshot()  # nothing due any more
+        tokens = engine.kv_tokens()
+    assert len(writes) == 4  # one per predecode: before the first turn and after each
+    _, warnings, r = _resume(bundle_reuse, path)
+    assert not warnings and r.prefill_tokens < r.prompt_tokens
+    assert tokens

@@ -187,6 +187,16 @@ def _repl(conv: Conversation) -> None:
             f"{len(k.triggers)} triggers · retrieval and memory ranking: {conv.mind.method} · "
             f"{len(s.memories)} memories"
         )
+    conv.idle_snapshots = True  # written by _idle, before each wait for the player
+    try:
+        _converse(conv)
+    finally:
+        conv.flush_snapshot()  # a predecode that failed or was interrupted left it due
+
+
+def _converse(conv: Conversation) -> None:
+    from npcchat.cli import ui
+
     while True:
         _idle(conv)
         line = _read_line()
