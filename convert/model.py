@@ -133,23 +133,6 @@ def hf_to_gguf(root: Path, out: Path, dtype: str = "f32", name: str = "npcchat")
     write_gguf(open_source(root, None), out, dtype, name)
 
 
-def quantize(
-    src: Path,
-    dst: Path,
-    quant: str,
-    threads: int = 0,
-    progress: Callable[[int, int], None] | None = None,
-) -> None:
-    """Quantize ``src`` (f32/f16 GGUF) into ``dst`` with llama.cpp's quantizer."""
-    from npcchat import backend
-
-    if quant not in QUANTS:
-        raise ConvertError(
-            f"unknown quantization {quant!r}", hint=f"choose one of {', '.join(QUANTS)}"
-        )
-    backend.quantize(src, dst, quant, threads, progress)
-
-
 def fallbacks(path: Path, quant: str) -> list[tuple[str, str, int]]:
     """Tensors that could not take a K-quant because their rows are not a multiple of 256:
     (name, type llama.cpp used instead, row length)."""

@@ -24,7 +24,7 @@ from npcchat.prompt import PromptTemplate, builtin_template, load_template
 
 from . import lora_gguf
 from .lora import read_adapter
-from .model import QUANTS, fallbacks, open_source, quantize, write_gguf
+from .model import QUANTS, fallbacks, open_source, write_gguf
 from .verify import Drift, drift
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -150,6 +150,8 @@ def _build(opts: Options, src: Any, adapter: Any, heads: Any, template: PromptTe
     unquant = model_file if opts.quant in ("f32", "f16") else stage / f"model-{unquant_type}.gguf"
     n_tensors = write_gguf(src, unquant, unquant_type, name, tick)
     if unquant != model_file:
+        from npcchat.backend import quantize  # llama.cpp loads only when a bundle quantizes
+
         quantize(
             unquant,
             model_file,

@@ -325,7 +325,7 @@ def build_bundle(
     from npcchat.prompt import builtin_template
     from npcchat_heads import onnx_builder
 
-    from .model import hf_to_gguf, quantize
+    from .model import hf_to_gguf
 
     hf = work / "hf"
     if not (hf / "config.json").is_file():
@@ -342,6 +342,8 @@ def build_bundle(
 
         shutil.copyfile(f32, out / "model.gguf")
     else:
+        from npcchat.backend import quantize
+
         quantize(f32, out / "model.gguf", quant)
     flag_names = flags or DEMO_FLAGS
     onnx_builder.write(

@@ -129,13 +129,13 @@ class Conversation:
             prep = self.mind.prepare(self.session, "")
             session, pinned = prep.session, prep.pinned
         n = self.engine.predecode(session, pinned, self.sampling.max_tokens)
-        if n or self._snapshot_due:
-            self.flush_snapshot(force=True)
+        self._snapshot_due |= n > 0
+        self.flush_snapshot()
         return n
 
-    def flush_snapshot(self, force: bool = False) -> None:
-        """Write the session's KV snapshot if one is due (``force``: in any case)."""
-        if self.path is not None and (force or self._snapshot_due):
+    def flush_snapshot(self) -> None:
+        """Write the session's KV snapshot if one is due."""
+        if self.path is not None and self._snapshot_due:
             self._snapshot_due = False
             self._snapshot(self.path)
 

@@ -45,6 +45,7 @@ class ModelLike(Protocol):
 
     n_embd: int
     n_ctx: int
+    n_batch: int
 
     def tokenize(self, text: str, special: bool = False) -> list[int]: ...
     def piece(self, token: int) -> bytes: ...
@@ -95,7 +96,7 @@ class Engine:
         self.reuse: Reuse = "prefix" if cfg.runtime.prefix_reuse else "off"
         self.kv = KvBook()
         # eval's aligned reuse cuts prefills at multiples of this (at most a batch)
-        self.grid = min(GRID, int(getattr(model, "n_batch", GRID)))
+        self.grid = min(GRID, model.n_batch)
         self.last_prefill = 0
         if model.n_embd != bundle.hidden_size:
             raise BundleError(
