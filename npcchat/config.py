@@ -7,12 +7,12 @@ name the file and the key, because a silently ignored typo is a designer's lost 
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 from npcchat.errors import ConfigError, where
+from npcchat.files.toml import read_toml
 
 
 def home() -> Path:
@@ -140,19 +140,6 @@ def validate(cfg: Config, path: object = "config") -> None:
         raise ConfigError(f"{where(path, 'sampling.top_p')}: expected (0, 1], got {p.top_p}")
     if p.temperature < 0:
         raise ConfigError(f"{where(path, 'sampling.temperature')}: expected >= 0")
-
-
-def read_toml(path: Path) -> dict[str, Any]:
-    """Read a TOML file, turning every failure into a one-line ConfigError."""
-    try:
-        with path.open("rb") as fh:
-            return tomllib.load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: invalid TOML: {e}") from None
 
 
 def load(path: Path | None = None) -> Config:

@@ -43,6 +43,10 @@ class BackendError(NpcchatError):
     """llama.cpp failed to load a model or to decode."""
 
 
+class WriteError(NpcchatError):
+    """A file cannot be written (permissions, a full disk); the old file is left intact."""
+
+
 class ConvertError(NpcchatError):
     """A checkpoint, adapter or head file cannot be converted."""
 

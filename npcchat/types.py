@@ -38,6 +38,14 @@ class ContextTurn:
 
 
 @dataclass(frozen=True)
+class Memory:
+    """A long-term memory line: made by the NPC's mind, stored in the session."""
+
+    turn: int  # index of the turn it came from
+    text: str
+
+
+@dataclass(frozen=True)
 class PromptInput:
     """Everything one prompt is rendered from."""
 
@@ -82,8 +90,11 @@ class Timings:
 
 
 @dataclass(frozen=True)
-class TurnResult:
-    """One finished NPC turn: the reply, what the heads predicted, and the new tags."""
+class Turn:
+    """One finished NPC turn: the reply, what the heads predicted, and the new tags.
+
+    :meth:`to_json` is the object ``npcchat talk --json`` prints, one per turn.
+    """
 
     player: str
     reply: str
@@ -94,9 +105,29 @@ class TurnResult:
     prefill_tokens: int  # decoded this turn (fewer than prompt_tokens when a prefix was reused)
     generated_tokens: int
     dropped_turns: int
-    stop_reason: str  # "eos", "tag", "length"
+    stop_reason: str  # "eos", "tag", "length", "trigger"
     timings: Timings
     seed: int
+    npc_id: str = ""
+
+    @property
+    def deltas(self) -> dict[str, float]:
+        """Trust and relationship change predicted by the heads, each in [-1, 1]."""
+        return dict(self.heads.deltas)
+
+    @property
+    def flags(self) -> dict[str, FlagResult]:
+        """Every flag of the bundle, in head order: probability, threshold, fired."""
+        return dict(self.heads.flags)
+
+    @property
+    def fired(self) -> tuple[str, ...]:
+        """The names of the flags that fired this turn."""
+        return tuple(n for n, f in self.heads.flags.items() if f.fired)
+
+    def to_json(self) -> dict[str, Any]:
+        """``{"npc_id", "reply", "deltas", "flags", "state", "tokens", "timings_ms"}``."""
+        return {"npc_id": self.npc_id, **turn_json(self)}
 
 
 def flags_json(flags: Mapping[str, FlagResult]) -> dict[str, dict[str, Any]]:
@@ -106,7 +137,7 @@ def flags_json(flags: Mapping[str, FlagResult]) -> dict[str, dict[str, Any]]:
     }
 
 
-def turn_json(r: TurnResult) -> dict[str, Any]:
+def turn_json(r: Turn) -> dict[str, Any]:
     """The part of a turn that `talk --json`, eval reports and bench print alike."""
     t = r.timings
     return {

@@ -43,7 +43,7 @@ def bundle_q4(tiny_work: Path) -> Path:
 @pytest.fixture()
 def engine_f32(bundle_f32: Path):  # type: ignore[no-untyped-def]
     from npcchat.config import Config
-    from npcchat.engine import load_engine
+    from npcchat.runtime.engine import load_engine
 
     with load_engine(bundle_f32, Config()) as engine:
         yield engine
@@ -52,7 +52,7 @@ def engine_f32(bundle_f32: Path):  # type: ignore[no-untyped-def]
 @pytest.fixture()
 def engine_q4(bundle_q4: Path):  # type: ignore[no-untyped-def]
     from npcchat.config import Config
-    from npcchat.engine import load_engine
+    from npcchat.runtime.engine import load_engine
 
     with load_engine(bundle_q4, Config()) as engine:
         yield engine
@@ -63,8 +63,8 @@ def bundle_reuse(tiny_work: Path) -> Path:
     """The tiny Q4_K_M model with the reuse-friendly template (issue 7)."""
     import shutil
 
-    from npcchat import bundle as bundle_mod
-    from npcchat.prompt import builtin_template
+    from npcchat.runtime import bundle as bundle_mod
+    from npcchat.runtime.prompt import builtin_template
 
     src = bundle_mod.load(tiny_work / "bundle-q4_k_m")
     root = tiny_work / "bundle-reuse"
@@ -75,7 +75,15 @@ def bundle_reuse(tiny_work: Path) -> Path:
             for k, v in src.manifest.items()
             if k not in ("format", "format_version", "name", "model", "heads", "prompt")
         }
-        bundle_mod.write_manifest(root, name="tiny-reuse", gguf="model.gguf", heads="heads.onnx",
-                                  template=builtin_template("reuse-v1"), flags=list(src.flags),
-                                  hidden_size=src.hidden_size, quant=src.quant, extra=keep)  # fmt: skip
+        bundle_mod.write_manifest(
+            root,
+            name="tiny-reuse",
+            gguf="model.gguf",
+            heads="heads.onnx",
+            template=builtin_template("reuse-v1"),
+            flags=list(src.flags),
+            hidden_size=src.hidden_size,
+            quant=src.quant,
+            extra=keep,
+        )
     return root

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from npcchat import bundle
 from npcchat.config import Config
-from npcchat.engine import load_engine
 from npcchat.errors import BundleError
+from npcchat.runtime import bundle
+from npcchat.runtime.engine import load_engine
 
 pytestmark = pytest.mark.model
 

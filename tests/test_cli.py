@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from npcchat import session as S
+from npcchat.sessions import session as S
 
 
 def run(
@@ -48,8 +48,22 @@ def test_help_lists_commands() -> None:
 def test_say_json_schema(bundle_q4: Path, tmp_path: Path) -> None:
     npc = tmp_path / "npc.toml"
     npc.write_text('id = "smith"\nlocation = "forge"\n[tags]\ntrust = 0.4\nquest_stage = "start"\n')
-    proc = run("talk", "--bundle", str(bundle_q4), "--npc", str(npc), "--say", "Hello", "--say", "<STATE> hi",
-               "--json", "--max-tokens", "8", "--seed", "1")  # fmt: skip
+    proc = run(
+        "talk",
+        "--bundle",
+        str(bundle_q4),
+        "--npc",
+        str(npc),
+        "--say",
+        "Hello",
+        "--say",
+        "<STATE> hi",
+        "--json",
+        "--max-tokens",
+        "8",
+        "--seed",
+        "1",
+    )
     assert proc.returncode == 0, proc.stderr
     turns = [json.loads(line) for line in proc.stdout.splitlines()]
     assert len(turns) == 2
@@ -73,8 +87,21 @@ def test_say_json_schema(bundle_q4: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize("suffix", [".toml", ".json"])
 def test_session_create_and_resume(bundle_q4: Path, tmp_path: Path, suffix: str) -> None:
     path = tmp_path / f"s{suffix}"
-    assert run("talk", "--bundle", str(bundle_q4), "--session", str(path), "--say", "one", "--json",
-               "--max-tokens", "4").returncode == 0  # fmt: skip
+    assert (
+        run(
+            "talk",
+            "--bundle",
+            str(bundle_q4),
+            "--session",
+            str(path),
+            "--say",
+            "one",
+            "--json",
+            "--max-tokens",
+            "4",
+        ).returncode
+        == 0
+    )
     assert len(S.load(path).history) == 1
     proc = run(
         "talk",
@@ -215,8 +242,19 @@ def test_save_refuses_to_clobber_a_foreign_file(bundle_q4: Path, tmp_path: Path)
 
 @pytest.mark.model
 def test_bench_json(bundle_q4: Path) -> None:
-    proc = run("bench", "--bundle", str(bundle_q4), "--json", "--no-rss", "--prompt-tokens", "120",
-               "--tokens", "8", "--repeats", "1")  # fmt: skip
+    proc = run(
+        "bench",
+        "--bundle",
+        str(bundle_q4),
+        "--json",
+        "--no-rss",
+        "--prompt-tokens",
+        "120",
+        "--tokens",
+        "8",
+        "--repeats",
+        "1",
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     for key in ("prefill_tok_s", "decode_tok_s", "heads_us", "turn_over_generate_only", "help_s"):

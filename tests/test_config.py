@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from npcchat import config, npc
+from npcchat import config
 from npcchat.errors import ConfigError
+from npcchat.mind import npc
 
 
 def test_defaults_and_file(tmp_path: Path) -> None:
@@ -46,7 +47,8 @@ def test_home_is_env_overridable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 def test_npc_file(tmp_path: Path) -> None:
     p = tmp_path / "n.toml"
     p.write_text(
-        'id = "smith"\nlocation = "forge"\nlore = "Swords."\n[tags]\ntrust = 0.8\nnpc_mood = "calm"\n'
+        'id = "smith"\nlocation = "forge"\nlore = "Swords."\n'
+        '[tags]\ntrust = 0.8\nnpc_mood = "calm"\n'
         '[player_state]\nitems = ["ore"]\n'
     )
     d = npc.load(p)

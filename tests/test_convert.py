@@ -12,12 +12,12 @@ import pytest
 from torchfmt import save as save_pt
 from torchfmt import write_heads
 
-from npcchat.bundle import load as load_bundle
 from npcchat.config import Config, RuntimeConfig
-from npcchat.engine import Engine, load_engine
 from npcchat.errors import ConvertError
-from npcchat.heads import Heads
-from npcchat.session import Session
+from npcchat.runtime.bundle import load as load_bundle
+from npcchat.runtime.engine import Engine, load_engine
+from npcchat.runtime.heads import Heads
+from npcchat.sessions.session import Session
 from npcchat.types import Tags
 from npcchat_convert import tiny
 from npcchat_convert.gguf_out import gguf_name
@@ -45,7 +45,7 @@ def reference(base: Path, adapter: Path | None = None) -> RefModel:
     ad_cfg: dict[str, object] = {}
     ad: dict[str, np.ndarray] = {}
     if adapter is not None:
-        from npcchat_convert.safetensors_io import SafeFile
+        from npcchat.files.safetensors import SafeFile
 
         ad_cfg = json.loads((adapter / "adapter_config.json").read_text())
         f = SafeFile(adapter / "adapter_model.safetensors")
@@ -221,9 +221,13 @@ def test_heads_from_pt_and_safetensors_match_numpy(base: Path, tmp_path: Path) -
         runner = Heads(b.heads, b.flags, 256)
         x = np.random.default_rng(0).standard_normal((4, 256)).astype(np.float32)
         weights = onnx_builder.HeadWeights(
-            w["delta_head.weight"], w["delta_head.bias"], w["flag_head.weight"], w["flag_head.bias"],
-            w[f"{thr}.weight"], w[f"{thr}.bias"],
-        )  # fmt: skip
+            w["delta_head.weight"],
+            w["delta_head.bias"],
+            w["flag_head.weight"],
+            w["flag_head.bias"],
+            w[f"{thr}.weight"],
+            w[f"{thr}.bias"],
+        )
         for got, want in zip(runner.run_batch(x), onnx_builder.reference(weights, x), strict=True):
             np.testing.assert_allclose(got, want, atol=1e-5)
 
@@ -303,7 +307,7 @@ def test_errors(base: Path, tmp_path: Path) -> None:
     cfg = json.loads((other / "config.json").read_text())
     cfg["num_hidden_layers"] = 3
     (other / "config.json").write_text(json.dumps(cfg))
-    from npcchat_convert.safetensors_io import SafeFile, save
+    from npcchat.files.safetensors import SafeFile, save
 
     f = SafeFile(other / "model.safetensors")
     tensors = {k: f.get(k) for k in f.names()}
@@ -375,23 +379,54 @@ def test_cli_convert_json(base: Path, tmp_path: Path) -> None:
     write_heads(heads, 256, FLAGS)
     out = tmp_path / "bundle"
     proc = subprocess.run(
-        [sys.executable, "-m", "npcchat", "convert", "--base", str(base), "--heads", str(heads),
-         "--out", str(out), "--quant", "q8_0", "--json"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "npcchat",
+            "convert",
+            "--base",
+            str(base),
+            "--heads",
+            str(heads),
+            "--out",
+            str(out),
+            "--quant",
+            "q8_0",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["quant"] == "q8_0" and report["drift"]["cosine_min"] > 0.99
     talk = subprocess.run(
-        [sys.executable, "-m", "npcchat", "talk", "--bundle", str(out), "--say", "hi", "--json", "--max-tokens", "4"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "npcchat",
+            "talk",
+            "--bundle",
+            str(out),
+            "--say",
+            "hi",
+            "--json",
+            "--max-tokens",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert talk.returncode == 0, talk.stderr
     assert list(json.loads(talk.stdout)["flags"]) == FLAGS
     again = subprocess.run(
         [sys.executable, "-m", "npcchat", "convert", "--base", str(base), "--out", str(out)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert (
         again.returncode == 1
         and again.stderr.startswith("error: ")

@@ -10,15 +10,19 @@ from pathlib import Path
 
 import pytest
 
-from npcchat.cli import common
+from npcchat import demo
 from npcchat_convert import demo_data
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def talk(*args: str) -> list[dict]:  # type: ignore[type-arg]
-    proc = subprocess.run([sys.executable, "-m", "npcchat", "talk", *args, "--json", "--temperature", "0"],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "npcchat", "talk", *args, "--json", "--temperature", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     return [json.loads(line) for line in proc.stdout.splitlines()]
 
@@ -45,7 +49,7 @@ def test_generator_labels_follow_intent_and_state() -> None:
 
 
 def test_packaged_npc_files_match_configs() -> None:
-    packaged = sorted((common.demo_dir() / "npcs").glob("*.toml"))
+    packaged = sorted((demo.root() / "npcs").glob("*.toml"))
     assert [p.name for p in packaged] == sorted(
         p.name for p in (ROOT / "configs" / "npcs").glob("*.toml")
     )
@@ -55,10 +59,10 @@ def test_packaged_npc_files_match_configs() -> None:
 
 @pytest.mark.model
 def test_packaged_demo_bundle_loads() -> None:
-    from npcchat import bundle
+    from npcchat.runtime import bundle
 
-    b = bundle.load(common.default_bundle())
-    assert b.root == common.demo_dir() / "bundle"
+    b = bundle.load(demo.default_bundle())
+    assert b.root == demo.root() / "bundle"
     assert b.quant == "q4_k_m" and b.heads is not None and "give_item" in b.flags
     size = sum(p.stat().st_size for p in b.root.iterdir())
     assert size <= 25 * 1024 * 1024
@@ -87,7 +91,11 @@ def test_insulting_lowers_trust_and_default_npc() -> None:
 
 
 def test_unknown_demo_npc_is_a_clear_error() -> None:
-    proc = subprocess.run([sys.executable, "-m", "npcchat", "talk", "--npc", "nobody", "--say", "hi"],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "npcchat", "talk", "--npc", "nobody", "--say", "hi"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1 and "not a file and not a demo NPC" in proc.stderr
     assert "mother_abandoned_factory" in proc.stderr

@@ -10,10 +10,10 @@ import pytest
 
 from npcchat.config import Config, RuntimeConfig
 from npcchat.conversation import Conversation
-from npcchat.engine import Engine, load_engine
 from npcchat.errors import PromptError
-from npcchat.prefill import Chunk, plan_prefill
-from npcchat.session import Session
+from npcchat.runtime.engine import Engine, load_engine
+from npcchat.runtime.prefill import Chunk, plan_prefill
+from npcchat.sessions.session import Session
 from npcchat.types import SamplingParams, Tags
 
 GREEDY = SamplingParams(temperature=0.0, top_p=1.0, repeat_penalty=1.05, max_tokens=12, seed=0)
@@ -75,7 +75,7 @@ def test_state_vector_matches_numpy_reference(engine_f32: Engine, tiny_work: Pat
 
 @pytest.mark.model
 def test_mean_over_several_state_tags(engine_f32: Engine, tiny_work: Path) -> None:
-    from npcchat.prompt import PromptTemplate
+    from npcchat.runtime.prompt import PromptTemplate
     from npcchat_convert.reference import RefModel
 
     tpl = PromptTemplate(
@@ -97,13 +97,13 @@ def test_mean_over_several_state_tags(engine_f32: Engine, tiny_work: Path) -> No
 def test_each_prompt_token_is_decoded_exactly_once(engine_q4: Engine) -> None:
     calls: list[int] = []
     model = engine_q4.model
-    real = model._decode  # type: ignore[attr-defined]
+    real = model.decode  # type: ignore[attr-defined]
 
     def counting(tokens, pos0, outputs, **kw):  # type: ignore[no-untyped-def]
         calls.append(len(tokens))
         return real(tokens, pos0, outputs, **kw)
 
-    model._decode = counting  # type: ignore[attr-defined]
+    model.decode = counting  # type: ignore[attr-defined]
     r = engine_q4.turn(_session(), "Tell me about the factory.", replace(GREEDY, max_tokens=10))
     # prompt tokens once each, then one decode per generated token that is not the last
     decoded_by_generation = r.generated_tokens - (1 if r.stop_reason == "length" else 0)

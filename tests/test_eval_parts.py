@@ -7,29 +7,73 @@ from pathlib import Path
 
 import pytest
 
-from npcchat import evaluate, scenarios
-from npcchat import metrics as M
 from npcchat.errors import ConfigError
+from npcchat.eval import metrics as M
+from npcchat.eval import report as evaluate
+from npcchat.eval import scenarios
 
 NESTED = {
-    "input": {"npc_id": "mother", "npc_location": "map1",
-              "tags": {"quest_stage": "in_progress", "relationship": 0.35, "trust": 0.35, "npc_mood": "grief",
-                       "player_reputation": "helpful", "style": "emotional"},
-              "lore": "L", "description": "D", "player_state": {"items": ["pic"], "actions": [], "position": "gate"},
-              "context": [{"role": "player", "text": "hi"}, {"role": "npc", "text": "who?"}],
-              "player_utterance": "Here."},
-    "output": {"response": "Thank you.", "delta": {"trust": 0.45, "relationship": 0.2},
-               "flag": {"give_item": {"score": 0.43, "threshold": 0.65, "label": 1},
-                        "give_hint": {"score": 0.1, "threshold": 0.5, "label": 0}}},
-}  # fmt: skip
-FLAT = {"npc_id": "smith", "tags": {"location": "forge", "trust": 0.6}, "context": ["player: hey", "npc: what"],
-        "player_utterance": "fool!", "response": "Out.", "delta": [-0.3, -0.4], "flag": ["npc_action"]}  # fmt: skip
-UNLABELLED = {"id": "u1", "npc_id": "hermit", "npc_location": "forest", "description": "moss",
-              "player_utterance": "hello", "tags": {"quest_stage": "start"}, "lore": "", "context": []}  # fmt: skip
-MULTI = {"id": "m1", "npc_id": "mage", "tags": {"trust": 0.9}, "turns": [
-    {"player": "one", "expect": {"delta": {"trust": 0.1, "relationship": 0.0}, "flags": ["give_hint"]}},
-    {"player": "two"},
-    {"player": "three", "expect": {"flags": {"give_item": False}, "thresholds": {"give_item": 0.7}}}]}  # fmt: skip
+    "input": {
+        "npc_id": "mother",
+        "npc_location": "map1",
+        "tags": {
+            "quest_stage": "in_progress",
+            "relationship": 0.35,
+            "trust": 0.35,
+            "npc_mood": "grief",
+            "player_reputation": "helpful",
+            "style": "emotional",
+        },
+        "lore": "L",
+        "description": "D",
+        "player_state": {"items": ["pic"], "actions": [], "position": "gate"},
+        "context": [{"role": "player", "text": "hi"}, {"role": "npc", "text": "who?"}],
+        "player_utterance": "Here.",
+    },
+    "output": {
+        "response": "Thank you.",
+        "delta": {"trust": 0.45, "relationship": 0.2},
+        "flag": {
+            "give_item": {"score": 0.43, "threshold": 0.65, "label": 1},
+            "give_hint": {"score": 0.1, "threshold": 0.5, "label": 0},
+        },
+    },
+}
+FLAT = {
+    "npc_id": "smith",
+    "tags": {"location": "forge", "trust": 0.6},
+    "context": ["player: hey", "npc: what"],
+    "player_utterance": "fool!",
+    "response": "Out.",
+    "delta": [-0.3, -0.4],
+    "flag": ["npc_action"],
+}
+UNLABELLED = {
+    "id": "u1",
+    "npc_id": "hermit",
+    "npc_location": "forest",
+    "description": "moss",
+    "player_utterance": "hello",
+    "tags": {"quest_stage": "start"},
+    "lore": "",
+    "context": [],
+}
+MULTI = {
+    "id": "m1",
+    "npc_id": "mage",
+    "tags": {"trust": 0.9},
+    "turns": [
+        {
+            "player": "one",
+            "expect": {"delta": {"trust": 0.1, "relationship": 0.0}, "flags": ["give_hint"]},
+        },
+        {"player": "two"},
+        {
+            "player": "three",
+            "expect": {"flags": {"give_item": False}, "thresholds": {"give_item": 0.7}},
+        },
+    ],
+}
 
 
 def _write(tmp_path: Path, *lines: object) -> Path:
@@ -51,7 +95,7 @@ def test_every_form_parses(tmp_path: Path) -> None:
         and nested.player_state.position == "gate"
     )
     assert [c.role for c in nested.context] == ["player", "npc"]
-    (player, exp), = nested.turns  # fmt: skip
+    ((player, exp),) = nested.turns
     assert player == "Here." and exp is not None
     assert exp.delta == {"trust": 0.45, "relationship": 0.2}
     assert exp.flags == {"give_item": True, "give_hint": False} and exp.thresholds == {
@@ -170,21 +214,47 @@ def test_reply_checks_by_hand() -> None:
 def _turn(
     deltas: dict[str, float], flags: dict[str, tuple[float, float]], expected: dict | None
 ) -> dict:  # type: ignore[type-arg]
-    return {"player": "p", "reply": "r", "deltas": deltas, "stop_reason": "eos",
-            "flags": {n: {"prob": p, "threshold": t, "fired": p >= t} for n, (p, t) in flags.items()},
-            "tokens": {"prompt": 10, "generated": 4}, "timings_ms": {"prefill": 10.0, "heads": 0.1, "generate": 40.0},
-            "expected": expected, "checks": {"empty": False, "truncated": False, "leaked_tags": [],
-                                             "exact_match": None, "similarity": None}}  # fmt: skip
+    return {
+        "player": "p",
+        "reply": "r",
+        "deltas": deltas,
+        "stop_reason": "eos",
+        "flags": {n: {"prob": p, "threshold": t, "fired": p >= t} for n, (p, t) in flags.items()},
+        "tokens": {"prompt": 10, "generated": 4},
+        "timings_ms": {"prefill": 10.0, "heads": 0.1, "generate": 40.0},
+        "expected": expected,
+        "checks": {
+            "empty": False,
+            "truncated": False,
+            "leaked_tags": [],
+            "exact_match": None,
+            "similarity": None,
+        },
+    }
 
 
 def test_aggregate_and_gates_by_hand() -> None:
     flags = ("give_item", "npc_action")
-    t1 = _turn({"trust": 0.3, "relationship": -0.1}, {"give_item": (0.8, 0.5), "npc_action": (0.2, 0.5)},
-               {"delta": {"trust": 0.5, "relationship": 0.1}, "flags": {"give_item": True, "npc_action": False},
-                "thresholds": {"give_item": 0.6}, "response": None})  # fmt: skip
-    t2 = _turn({"trust": -0.2, "relationship": 0.0}, {"give_item": (0.6, 0.7), "npc_action": (0.9, 0.5)},
-               {"delta": {"trust": -0.1, "relationship": 0.3}, "flags": {"give_item": True}, "thresholds": None,
-                "response": None})  # fmt: skip
+    t1 = _turn(
+        {"trust": 0.3, "relationship": -0.1},
+        {"give_item": (0.8, 0.5), "npc_action": (0.2, 0.5)},
+        {
+            "delta": {"trust": 0.5, "relationship": 0.1},
+            "flags": {"give_item": True, "npc_action": False},
+            "thresholds": {"give_item": 0.6},
+            "response": None,
+        },
+    )
+    t2 = _turn(
+        {"trust": -0.2, "relationship": 0.0},
+        {"give_item": (0.6, 0.7), "npc_action": (0.9, 0.5)},
+        {
+            "delta": {"trust": -0.1, "relationship": 0.3},
+            "flags": {"give_item": True},
+            "thresholds": None,
+            "response": None,
+        },
+    )
     t3 = _turn(
         {"trust": 0.0, "relationship": 0.0},
         {"give_item": (0.1, 0.5), "npc_action": (0.1, 0.5)},

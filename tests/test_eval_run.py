@@ -20,12 +20,23 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def scenario_file(tmp_path: Path) -> Path:
     lines = [
-        {"input": {"npc_id": "mother", "npc_location": "map1", "tags": {"quest_stage": "in_progress", "trust": 0.35},
-                   "lore": "Fire.", "context": [{"role": "player", "text": "hi"}], "player_utterance": f"Here is picture {i}."},
-         "output": {"response": "Thank you.", "delta": {"trust": 0.4, "relationship": 0.2},
-                    "flag": {"give_item": {"score": 0.5, "threshold": 0.6, "label": i % 2}}}}
+        {
+            "input": {
+                "npc_id": "mother",
+                "npc_location": "map1",
+                "tags": {"quest_stage": "in_progress", "trust": 0.35},
+                "lore": "Fire.",
+                "context": [{"role": "player", "text": "hi"}],
+                "player_utterance": f"Here is picture {i}.",
+            },
+            "output": {
+                "response": "Thank you.",
+                "delta": {"trust": 0.4, "relationship": 0.2},
+                "flag": {"give_item": {"score": 0.5, "threshold": 0.6, "label": i % 2}},
+            },
+        }
         for i in range(6)
-    ]  # fmt: skip
+    ]
     lines.append(
         {
             "npc_id": "smith",
@@ -44,17 +55,26 @@ def scenario_file(tmp_path: Path) -> Path:
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "npcchat", "eval", *args], capture_output=True, text=True,
-                          timeout=300, env={**os.environ})  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "npcchat", "eval", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ},
+    )
 
 
 def strip_timing(report: dict[str, Any]) -> list[dict[str, Any]]:
     """Per-scenario results without what a run costs (times, prefill tokens saved by sharing)."""
     out = []
     for s in report["scenarios"]:
-        turns = [{**{k: v for k, v in t.items() if k != "timings_ms"},
-                  "tokens": {k: v for k, v in t["tokens"].items() if k != "prefill"}}
-                 for t in s["turns"]]  # fmt: skip
+        turns = [
+            {
+                **{k: v for k, v in t.items() if k != "timings_ms"},
+                "tokens": {k: v for k, v in t["tokens"].items() if k != "prefill"},
+            }
+            for t in s["turns"]
+        ]
         out.append({**s, "turns": turns})
     return out
 
@@ -69,13 +89,23 @@ def test_report_validates_and_parallel_equals_sequential(bundle_q4: Path, tmp_pa
     reports = {}
     for n, share in ((1, "--share-prefix"), (4, "--share-prefix"), (4, "--no-share-prefix")):
         out = tmp_path / f"r{n}{share}.json"
-        proc = run(str(sc), "--bundle", str(bundle_q4), "--parallel", str(n), "--max-tokens", "12",
-                   "--report", str(out), share)  # fmt: skip
+        proc = run(
+            str(sc),
+            "--bundle",
+            str(bundle_q4),
+            "--parallel",
+            str(n),
+            "--max-tokens",
+            "12",
+            "--report",
+            str(out),
+            share,
+        )
         assert proc.returncode == 0, proc.stderr
         assert "s.jsonl:9: not valid JSON" in proc.stderr  # the bad line is named and skipped
         reports[n, share] = json.loads(out.read_text())
     schema = json.loads(
-        resources.files("npcchat.schemas").joinpath("eval-report.schema.json").read_text()
+        resources.files("npcchat.eval.schemas").joinpath("eval-report.schema.json").read_text()
     )
     for rep in reports.values():
         jsonschema.validate(rep, schema)
@@ -152,8 +182,8 @@ def test_strict_and_gating_exit_codes(bundle_q4: Path, tmp_path: Path) -> None:
 def test_interrupt_keeps_partial_report_and_resume_finishes(
     bundle_q4: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from npcchat import evaluate
     from npcchat.cli import eval as eval_cli
+    from npcchat.eval import runner as evaluate
 
     sc = scenario_file(tmp_path)
     out = tmp_path / "partial.json"
@@ -201,10 +231,25 @@ def test_html_report_holds_the_plots(bundle_q4: Path, tmp_path: Path) -> None:
     if chromium is None:
         pytest.skip("headless Chromium not installed: rendered check skipped")
     png = tmp_path / "r.png"
-    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                    "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'chr'}",
-                    f"--screenshot={png}", "--window-size=1200,2400", html.as_uri()],
-                   capture_output=True, timeout=120, check=False)  # fmt: skip
+    subprocess.run(
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            f"--user-data-dir={tmp_path / 'chr'}",
+            f"--screenshot={png}",
+            "--window-size=1200,2400",
+            html.as_uri(),
+        ],
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
     assert png.is_file() and png.stat().st_size > 20_000
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from npcchat.errors import BundleError
-from npcchat.heads import Heads, decide
+from npcchat.runtime.heads import Heads, decide
 from npcchat_heads import onnx_builder
 
 FLAGS = ("give_item", "npc_action", "give_hint")

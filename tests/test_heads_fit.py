@@ -50,8 +50,11 @@ def test_threshold_from_validation_when_unlabelled() -> None:
     x = rng.standard_normal((400, 8))
     y = (x[:, 0] > 0.5).astype(float)[:, None]
     nan = np.full((400, 2), np.nan)
-    heads, how = fit_heads(FitData(x[:300], nan[:300], y[:300], np.full((300, 1), np.nan)),
-                           FitData(x[300:], nan[300:], y[300:], np.full((100, 1), np.nan)), l2=0.1)  # fmt: skip
+    heads, how = fit_heads(
+        FitData(x[:300], nan[:300], y[:300], np.full((300, 1), np.nan)),
+        FitData(x[300:], nan[300:], y[300:], np.full((100, 1), np.nan)),
+        l2=0.1,
+    )
     assert str(how["0"]).startswith("F1-optimal on validation")
     _, prob, thr = reference(heads, x)
     assert np.all(thr == thr[0])  # a constant threshold
@@ -76,16 +79,22 @@ def _records(path: Path, n: int, seed: int) -> None:
     for i in range(n):
         nice = bool(rng.integers(0, 2))
         text = str(rng.choice(good if nice else bad)) + f" ({i % 7})"
-        lines.append({"npc_id": "mother", "tags": {"location": "map1", "trust": float(rng.uniform(0.2, 0.8))},
-                      "player_utterance": text, "delta": [0.5 if nice else -0.5, 0.3 if nice else -0.3],
-                      "flag": ["give_item"] if nice else ["npc_action"]})  # fmt: skip
+        lines.append(
+            {
+                "npc_id": "mother",
+                "tags": {"location": "map1", "trust": float(rng.uniform(0.2, 0.8))},
+                "player_utterance": text,
+                "delta": [0.5 if nice else -0.5, 0.3 if nice else -0.3],
+                "flag": ["give_item"] if nice else ["npc_action"],
+            }
+        )
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
 
 
 @pytest.mark.model
 def test_fitted_heads_beat_random_heads_on_the_tiny_model(bundle_q4: Path, tmp_path: Path) -> None:
     from npcchat.config import Config
-    from npcchat.heads_fit import fit_bundle
+    from npcchat_heads.refit import fit_bundle
 
     data = tmp_path / "train.jsonl"
     _records(data, 240, seed=0)
@@ -97,9 +106,9 @@ def test_fitted_heads_beat_random_heads_on_the_tiny_model(bundle_q4: Path, tmp_p
     ).read_text() == before_manifest  # --out leaves the source alone
     fitted = result["held_out"]
     # the random heads of the original bundle, scored on the same held-out rows
-    from npcchat import bundle as bundle_mod
-    from npcchat.engine import Engine
-    from npcchat.heads_fit import collect, labels, load_records, split
+    from npcchat.runtime import bundle as bundle_mod
+    from npcchat.runtime.engine import Engine
+    from npcchat_heads.refit import collect, labels, load_records, split
 
     records, _ = load_records([data], strict=False)
     b = bundle_mod.load(bundle_q4)
@@ -109,7 +118,7 @@ def test_fitted_heads_beat_random_heads_on_the_tiny_model(bundle_q4: Path, tmp_p
         lab = labels(records, b.flags)
         raw = engine.heads.run_batch(x[te].astype(np.float32))  # type: ignore[union-attr]
     k = b.flags.index("give_item")
-    from npcchat import metrics as M
+    from npcchat.eval import metrics as M
 
     random_f1 = M.prf(list(raw[1][:, k] >= raw[2][:, k]), list(lab.flags[te, k].astype(bool))).f1
     assert fitted["flags"]["give_item"]["f1"] > max(0.8, random_f1)
@@ -128,14 +137,57 @@ def test_cli_heads_fit_in_place(bundle_q4: Path, tmp_path: Path) -> None:
     shutil.copytree(bundle_q4, copy)
     data = tmp_path / "d.jsonl"
     _records(data, 60, seed=1)
-    proc = subprocess.run([sys.executable, "-m", "npcchat", "heads", "fit", str(data), "--bundle", str(copy), "--json"],
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "npcchat",
+            "heads",
+            "fit",
+            str(data),
+            "--bundle",
+            str(copy),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["bundle"] == str(copy) and result["records"] == 60
-    talk = subprocess.run([sys.executable, "-m", "npcchat", "talk", "--bundle", str(copy), "--say", "hi", "--json",
-                           "--max-tokens", "2"], capture_output=True, text=True, timeout=120)  # fmt: skip
+    talk = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "npcchat",
+            "talk",
+            "--bundle",
+            str(copy),
+            "--say",
+            "hi",
+            "--json",
+            "--max-tokens",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert talk.returncode == 0, talk.stderr
-    bad = subprocess.run([sys.executable, "-m", "npcchat", "heads", "fit", str(tmp_path / "none.jsonl"), "--bundle", str(copy)],
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "npcchat",
+            "heads",
+            "fit",
+            str(tmp_path / "none.jsonl"),
+            "--bundle",
+            str(copy),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 1 and bad.stderr.startswith("error: ")

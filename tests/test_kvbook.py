@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from npcchat.config import Config
-from npcchat.engine import Engine, load_engine
-from npcchat.kvbook import KvBook, Start
-from npcchat.prefill import Chunk, plan_prefill
-from npcchat.session import Session
+from npcchat.runtime.engine import Engine, load_engine
+from npcchat.runtime.kvbook import KvBook, Start
+from npcchat.runtime.prefill import Chunk, plan_prefill
+from npcchat.sessions.session import Session
 from npcchat.types import SamplingParams, Tags
 
 GREEDY = SamplingParams(temperature=0.0, top_p=1.0, repeat_penalty=1.05, max_tokens=10, seed=0)
@@ -81,17 +81,23 @@ def test_generated_tokens_and_unfinished_decodes_are_never_shared() -> None:
 # -- on the tiny model ----------------------------------------------------------------------
 def _session(i: int) -> Session:
     lore = "Ten years ago a fire closed the factory by the river. " * 6
-    return Session(npc_id="mother", tags=Tags("in_progress", 0.3 + 0.1 * (i % 3), 0.4, location="map1"),
-                   lore=lore, description="She sits by the loom.", seed=1)  # fmt: skip
+    return Session(
+        npc_id="mother",
+        tags=Tags("in_progress", 0.3 + 0.1 * (i % 3), 0.4, location="map1"),
+        lore=lore,
+        description="She sits by the loom.",
+        seed=1,
+    )
 
 
 def _turns(engine: Engine, order: list[int], reuse: str) -> dict[int, tuple[np.ndarray, str, int]]:
     """Scenario i as (head outputs, reply, prefill tokens), run two at a time in two slots."""
     out: dict[int, tuple[np.ndarray, str, int]] = {}
     for a, b in zip(order[::2], order[1::2], strict=True):
-        ps = [engine.start(_session(i), f"Have you seen picture {i}?", GREEDY, seq=slot,
-                           reuse=reuse)  # type: ignore[arg-type]
-              for slot, i in enumerate((a, b))]  # fmt: skip
+        ps = [
+            engine.start(_session(i), f"Have you seen picture {i}?", GREEDY, seq=slot, reuse=reuse)  # type: ignore[arg-type]
+            for slot, i in enumerate((a, b))
+        ]
         going = list(ps)
         while going := [p for p in going if engine.accept(p)]:
             engine.advance(going)
@@ -131,8 +137,10 @@ def test_batched_steps_go_in_sequence_order_and_keep_each_turn_its_own(bundle_q4
             step_many(items)
 
         engine.model.step_many = spy  # type: ignore[method-assign]
-        ps = {i: engine.start(_session(i), f"Have you seen picture {i}?", GREEDY, seq=i,
-                              reuse="off") for i in (2, 0, 1)}  # fmt: skip
+        ps = {
+            i: engine.start(_session(i), f"Have you seen picture {i}?", GREEDY, seq=i, reuse="off")
+            for i in (2, 0, 1)
+        }
         going = [ps[2], ps[0], ps[1]]
         while going := [p for p in going if engine.accept(p)]:
             engine.advance(going)

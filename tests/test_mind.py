@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from npcchat import npc as npc_mod
-from npcchat import session as session_mod
 from npcchat.config import Config, KnowledgeConfig, RuntimeConfig
 from npcchat.conversation import Conversation, new_session
-from npcchat.engine import load_engine
-from npcchat.mind import NpcMind, knowledge_of
+from npcchat.mind import npc as npc_mod
+from npcchat.mind.mind import NpcMind, knowledge_of
+from npcchat.runtime.engine import load_engine
+from npcchat.sessions import session as session_mod
 from npcchat.types import SamplingParams
 
 pytestmark = pytest.mark.model
@@ -86,10 +86,25 @@ def test_five_hundred_turns_at_small_context_recall_an_early_fact(
 
 def test_cli_memory_command_and_banner(bundle_q4: Path, tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "npcchat", "talk", "--bundle", str(bundle_q4), "--npc", str(KEEPER), "--ctx", "256",
-         "--max-tokens", "4"],
-        input="hello\n/memory\n/flags\nyou idiot\n/quit\n", capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "npcchat",
+            "talk",
+            "--bundle",
+            str(bundle_q4),
+            "--npc",
+            str(KEEPER),
+            "--ctx",
+            "256",
+            "--max-tokens",
+            "4",
+        ],
+        input="hello\n/memory\n/flags\nyou idiot\n/quit\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "retrieval and memory ranking: lexical" in proc.stdout
     assert "no memories yet" in proc.stdout

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from npcchat import prompt
 from npcchat.errors import PromptError
-from npcchat.prompt import PromptTemplate, SpecialTag
+from npcchat.runtime import prompt
+from npcchat.runtime.prompt import PromptTemplate, SpecialTag
 from npcchat.types import ContextTurn, PlayerState, PromptInput, Tags
 
 EXAMPLE = PromptInput(

@@ -14,33 +14,43 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from npcchat import session as session_mod
-from npcchat import snapshot
 from npcchat.config import Config, RuntimeConfig
 from npcchat.conversation import Conversation
-from npcchat.engine import load_engine
-from npcchat.session import Session
-from npcchat.types import SamplingParams, Tags, TurnResult
+from npcchat.runtime.engine import load_engine
+from npcchat.sessions import session as session_mod
+from npcchat.sessions import snapshot
+from npcchat.sessions.session import Session
+from npcchat.types import SamplingParams, Tags, Turn
 
 pytestmark = pytest.mark.model
 GREEDY = SamplingParams(temperature=0.0, top_p=1.0, repeat_penalty=1.05, max_tokens=8, seed=0)
-LINES = ["Hello there.", "What happened to the factory?", "I found a picture by the gate.", "Here, take it.",
-         "Where does the hidden path lead?"]  # fmt: skip
+LINES = [
+    "Hello there.",
+    "What happened to the factory?",
+    "I found a picture by the gate.",
+    "Here, take it.",
+    "Where does the hidden path lead?",
+]
 
 
 def _session() -> Session:
-    return Session(npc_id="mother", tags=Tags("in_progress", 0.4, 0.4, "grief", "helpful", "emotional", "map1"),
-                   lore="Ten years ago a fire closed the factory.", description="She sits by the loom.", seed=1)  # fmt: skip
+    return Session(
+        npc_id="mother",
+        tags=Tags("in_progress", 0.4, 0.4, "grief", "helpful", "emotional", "map1"),
+        lore="Ten years ago a fire closed the factory.",
+        description="She sits by the loom.",
+        seed=1,
+    )
 
 
-def _run(bundle: Path, reuse: bool, lines: list[str] = LINES) -> list[TurnResult]:
+def _run(bundle: Path, reuse: bool, lines: list[str] = LINES) -> list[Turn]:
     cfg = Config(runtime=RuntimeConfig(prefix_reuse=reuse))
     with load_engine(bundle, cfg) as engine:
         conv = Conversation(engine, _session(), GREEDY)
         return [conv.say(line) for line in lines]
 
 
-def _close(a: TurnResult, b: TurnResult) -> None:
+def _close(a: Turn, b: Turn) -> None:
     assert a.reply == b.reply
     for name in ("trust", "relationship"):
         assert a.heads.deltas[name] == pytest.approx(b.heads.deltas[name], abs=1e-3)
@@ -65,15 +75,13 @@ def test_served_template_still_reuses_the_static_head(bundle_q4: Path) -> None:
     assert 0 < warm[1].prefill_tokens <= warm[1].prompt_tokens
 
 
-def _talk_and_save(bundle: Path, path: Path) -> list[TurnResult]:
+def _talk_and_save(bundle: Path, path: Path) -> list[Turn]:
     with load_engine(bundle, Config()) as engine:
         conv = Conversation(engine, _session(), GREEDY, path)
         return [conv.say(line) for line in LINES[:3]]
 
 
-def _resume(
-    bundle: Path, path: Path, cfg: Config | None = None
-) -> tuple[bool, list[str], TurnResult]:
+def _resume(bundle: Path, path: Path, cfg: Config | None = None) -> tuple[bool, list[str], Turn]:
     """Resume a copy of the saved session (and its snapshot), so every call starts alike."""
     work = path.parent / f"resume-{len(list(path.parent.iterdir()))}{path.suffix}"
     shutil.copyfile(path, work)
@@ -153,8 +161,21 @@ def test_cli_resume_restores_snapshot(bundle_reuse: Path, tmp_path: Path) -> Non
     import sys
 
     path = tmp_path / "s.toml"
-    base = [sys.executable, "-m", "npcchat", "talk", "--bundle", str(bundle_reuse), "--session", str(path),
-            "--max-tokens", "6", "--temperature", "0", "--json"]  # fmt: skip
+    base = [
+        sys.executable,
+        "-m",
+        "npcchat",
+        "talk",
+        "--bundle",
+        str(bundle_reuse),
+        "--session",
+        str(path),
+        "--max-tokens",
+        "6",
+        "--temperature",
+        "0",
+        "--json",
+    ]
     first = subprocess.run(
         [*base, "--say", "hello", "--say", "tell me more"],
         capture_output=True,

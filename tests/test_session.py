@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from npcchat import session as S
 from npcchat.errors import SessionError
-from npcchat.types import FlagResult, HeadsOutput, PlayerState, Tags, Timings, TurnResult
+from npcchat.sessions import session as S
+from npcchat.types import FlagResult, HeadsOutput, PlayerState, Tags, Timings, Turn
 
 
-def _result(player: str, before: Tags, after: Tags, fired: bool = True) -> TurnResult:
-    return TurnResult(
+def _result(player: str, before: Tags, after: Tags, fired: bool = True) -> Turn:
+    return Turn(
         player=player,
         reply='Ah... 고마워요. "quoted" \\ back\nnew line',
         heads=HeadsOutput(
@@ -133,7 +133,7 @@ def test_killed_mid_save_leaves_previous_file(tmp_path: Path) -> None:
         import os, sys, time
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from test_session import make_session
-        from npcchat import session as S
+        from npcchat.sessions import session as S
         real = os.fsync
         def slow(fd):
             print("writing", flush=True)

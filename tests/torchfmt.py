@@ -89,19 +89,27 @@ def save(tensors: dict[str, np.ndarray], path: Path, extra: Any = None) -> None:
             z.writestr(f"archive/data/{key}", st.data.tobytes())
 
 
-def write_heads(root: Path, hidden: int, flags: list[str], fmt: str = "pt", seed: int = 0,
-                threshold_name: str = "threshold_head") -> dict[str, np.ndarray]:  # fmt: skip
+def write_heads(
+    root: Path,
+    hidden: int,
+    flags: list[str],
+    fmt: str = "pt",
+    seed: int = 0,
+    threshold_name: str = "threshold_head",
+) -> dict[str, np.ndarray]:
     """Head state dicts + flags.json as training writes them; returns the weights."""
     import json
 
-    from npcchat_convert.safetensors_io import save as save_st
+    from npcchat.files.safetensors import save as save_st
 
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
     w: dict[str, np.ndarray] = {}
     for stem, rows in (("delta_head", 2), ("flag_head", len(flags)), (threshold_name, len(flags))):
-        sd = {"weight": (rng.standard_normal((rows, hidden)) * 0.1).astype(np.float32),
-              "bias": (rng.standard_normal(rows) * 0.1).astype(np.float32)}  # fmt: skip
+        sd = {
+            "weight": (rng.standard_normal((rows, hidden)) * 0.1).astype(np.float32),
+            "bias": (rng.standard_normal(rows) * 0.1).astype(np.float32),
+        }
         w[f"{stem}.weight"], w[f"{stem}.bias"] = sd["weight"], sd["bias"]
         if fmt == "pt":
             save(sd, root / f"{stem}.pt")

@@ -35,13 +35,15 @@ def bench(
     config: Annotated[Path | None, typer.Option(help="Config TOML.")] = None,
 ) -> None:
     """Measure prefill/decode speed, heads time, turn overhead and memory against llama.cpp."""
-    from npcchat import bench as bench_mod
+    from npcchat import demo
+    from npcchat.bench import measure as bench_mod
     from npcchat.cli import common, ui
+    from npcchat.runtime.engine import load_engine
 
     cfg = common.build_config(
         config, threads=threads, ctx=ctx, gpu_layers=gpu_layers, lora=lora, lora_scale=lora_scale
     )
-    with common.open_engine(bundle, cfg) as engine:
+    with load_engine(bundle or demo.default_bundle(), cfg) as engine:
         report = bench_mod.run(engine, cfg, prompt_tokens, tokens, repeats, rss, extras)
     if json_out:
         print(json.dumps(report))

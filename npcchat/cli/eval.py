@@ -4,10 +4,15 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+
+if TYPE_CHECKING:
+    from npcchat import Config, Scenario
+    from npcchat.eval.scenarios import BadLine
 
 
 def eval_cmd(
@@ -77,138 +82,168 @@ def eval_cmd(
         raise ConfigError(f"--parallel {parallel}: expected 1..64")
     from npcchat.cli import common
 
-    cfg = common.build_config(config, temperature=temperature, seed=seed, max_tokens=max_tokens, threads=threads,
-                              ctx=ctx, gpu_layers=gpu_layers, lora=lora, lora_scale=lora_scale)  # fmt: skip
-    _run(cfg, [Path(f) for f in files], bundle, parallel, report, html_out, fail_under or [], strict, resume,
-         embed_model, json_out, share_prefix)  # fmt: skip
+    cfg = common.build_config(
+        config,
+        temperature=temperature,
+        seed=seed,
+        max_tokens=max_tokens,
+        threads=threads,
+        ctx=ctx,
+        gpu_layers=gpu_layers,
+        lora=lora,
+        lora_scale=lora_scale,
+    )
+    run = Run(
+        paths=[Path(f) for f in files],
+        bundle=bundle,
+        parallel=parallel,
+        report=report,
+        html=html_out,
+        fail_under=fail_under or [],
+        strict=strict,
+        resume=resume,
+        embed_model=embed_model,
+        json_out=json_out,
+        share_prefix=share_prefix,
+    )
+    _run(cfg, run)
 
 
-def _run(cfg: Any, paths: list[Path], bundle: Path | None, parallel: int, report_path: Path | None,
-         html_path: Path | None, fail_under: list[str], strict: bool, resume: Path | None,
-         embed_model: Path | None, json_out: bool, share_prefix: bool) -> None:  # fmt: skip
-    from npcchat import evaluate, scenarios, similarity
-    from npcchat.cli import common, ui
+@dataclass(frozen=True)
+class Run:
+    """What the command line asked of one eval run."""
+
+    paths: list[Path]
+    bundle: Path | None
+    parallel: int
+    report: Path | None
+    html: Path | None
+    fail_under: list[str]
+    strict: bool
+    resume: Path | None
+    embed_model: Path | None
+    json_out: bool
+    share_prefix: bool
+
+
+def _scenarios(run: Run) -> tuple[list[Scenario], list[BadLine]]:
+    """Every good scenario of the files; bad lines are warnings (fatal with --strict)."""
+    import npcchat
+    from npcchat.cli import ui
     from npcchat.errors import ConfigError
-    from npcchat.types import SamplingParams
 
-    found, bad = [], []
-    for p in paths:
-        good, wrong = scenarios.read(p)
+    found: list[Scenario] = []
+    bad: list[BadLine] = []
+    for p in run.paths:
+        good, wrong = npcchat.read_scenarios(p)
         found += good
         bad += wrong
     for b in bad:
-        if strict:
+        if run.strict:
             raise ConfigError(
                 f"{b.source}: {b.reason}", hint="fix the line, or drop --strict to skip bad lines"
             )
         ui.warn(f"skipped {b}")
+    return found, bad
+
+
+def _run(cfg: Config, run: Run) -> None:
+    import npcchat
+    from npcchat.api import sampling_of
+    from npcchat.cli import ui
+    from npcchat.errors import ConfigError
+    from npcchat.eval import report as report_mod
+    from npcchat.eval import runner, similarity
+
+    found, bad = _scenarios(run)
     prior: list[dict[str, Any]] = []
-    if resume is not None:
-        prior = evaluate.load_report(resume)["scenarios"]
+    report_path = run.report
+    if run.resume is not None:
+        prior = report_mod.load_report(run.resume)["scenarios"]
         done = {s["id"] for s in prior}
         found = [s for s in found if s.id not in done]
-        report_path = report_path or resume
+        report_path = report_path or run.resume
     if not found and not prior:
         raise ConfigError("no scenarios to run" + (f" ({len(bad)} bad lines)" if bad else ""))
-    sim = similarity.choose(embed_model)
+    sim = similarity.choose_similarity(run.embed_model)
     s = cfg.sampling
-    sampling = SamplingParams(s.temperature, s.top_p, s.repeat_penalty, s.max_tokens, s.seed)
-    settings = {"files": [str(p) for p in paths], "parallel": parallel, "temperature": s.temperature, "seed": s.seed,
-                "max_tokens": s.max_tokens, "n_ctx": cfg.runtime.n_ctx, "similarity": sim.name,
-                "knowledge_ranking": f"sentence-transformers:{Path(cfg.knowledge.embed_model).name}"
-                if cfg.knowledge.embed_model else "lexical",
-                "prefix_reuse": "aligned" if share_prefix else "off"}  # fmt: skip
+    knowledge = cfg.knowledge.embed_model
+    settings = {
+        "files": [str(p) for p in run.paths],
+        "parallel": run.parallel,
+        "temperature": s.temperature,
+        "seed": s.seed,
+        "max_tokens": s.max_tokens,
+        "n_ctx": cfg.runtime.n_ctx,
+        "similarity": sim.name,
+        "knowledge_ranking": f"sentence-transformers:{Path(knowledge).name}"
+        if knowledge
+        else "lexical",
+        "prefix_reuse": "aligned" if run.share_prefix else "off",
+    }
     results = list(prior)
-    elapsed = evaluate.timer()
+    elapsed = runner.timer()
     complete = True
-    from npcchat.engine import Engine
-
-    the_bundle = common.load_bundle(bundle)
-    evaluate.validate_gates(fail_under, the_bundle.flags)  # before the run, not after it
-    with Engine.load(the_bundle, cfg, n_seq=max(1, min(parallel, len(found)))) as engine:
-        with ui.EtaProgress(len(found), enabled=not json_out) as progress:
+    slots = max(1, min(run.parallel, len(found)))
+    with npcchat.load(run.bundle, config=cfg, slots=slots) as rt:
+        report_mod.validate_gates(run.fail_under, rt.flags)  # before the run, not after it
+        with ui.EtaProgress(len(found), enabled=not run.json_out) as progress:
 
             def finished(result: dict[str, Any]) -> None:
                 results.append(result)
                 progress.advance()
 
             try:
-                evaluate.run(engine, found, sampling, sim, finished, share_prefix)
+                rt.evaluate(
+                    found,
+                    sampling=sampling_of(cfg, s.seed),
+                    similarity=sim,
+                    on_result=finished,
+                    share_prefix=run.share_prefix,
+                )
             except KeyboardInterrupt:
                 complete = False
         order = {sc.id: i for i, sc in enumerate(found)}
         results.sort(key=lambda r: order.get(r["id"], -1))
-        rep = evaluate.report(engine, results, bad, settings, elapsed(), complete, sim.name)
+        rep = report_mod.build(rt.bundle, results, bad, settings, elapsed(), complete, sim.name)
     if not complete and report_path is None:
         report_path = Path("eval-report.partial.json")
     if report_path is not None:
         _write(report_path, json.dumps(rep, ensure_ascii=False, indent=1))
-    if html_path is not None:
-        from npcchat import report_html
+    if run.html is not None:
+        from npcchat.eval import html
 
-        _write(html_path, report_html.render(rep))
-    if json_out:
-        print(
-            json.dumps(
-                {"complete": complete, "aggregates": rep["aggregates"], "gates": rep["gates"]}
-            )
-        )
+        _write(run.html, html.render(rep))
+    if run.json_out:
+        summary = {"complete": complete, "aggregates": rep["aggregates"], "gates": rep["gates"]}
+        print(json.dumps(summary))
     else:
         ui.eval_summary(rep)
     if not complete:
         ui.warn(
-            f"interrupted: {len(results)} scenarios kept in {report_path}; continue with --resume {report_path}"
+            f"interrupted: {len(results)} scenarios kept in {report_path}; "
+            f"continue with --resume {report_path}"
         )
         raise typer.Exit(130)
-    failures = evaluate.check_gates(rep["gates"], fail_under)
+    failures = report_mod.check_gates(rep["gates"], run.fail_under)
     for f in failures:
-        ui.err.print(f"[bold red]fail:[/bold red] {f}")
+        ui.fail(f)
     if failures:
         raise typer.Exit(1)
 
 
 def _write(path: Path, text: str) -> None:
-    from npcchat.session import atomic_write
+    from npcchat.files.atomic import atomic_write
 
     atomic_write(path, text.encode("utf-8"))
 
 
 def _compare(a_path: Path, b_path: Path, json_out: bool) -> None:
-    from npcchat import evaluate
     from npcchat.cli import ui
+    from npcchat.eval import report
 
-    a, b = evaluate.load_report(a_path), evaluate.load_report(b_path)
-    metrics = {}
-    for name in sorted(set(a["gates"]) | set(b["gates"])):
-        va, vb = a["gates"].get(name), b["gates"].get(name)
-        metrics[name] = {
-            "a": va,
-            "b": vb,
-            "diff": (vb - va) if va is not None and vb is not None else None,
-        }
-    changed = _changed_scenarios(a["scenarios"], b["scenarios"])
-    result = {"a": str(a_path), "b": str(b_path), "metrics": metrics, "changed": changed}
+    result = report.compare(a_path, b_path)
     if json_out:
         print(json.dumps(result, ensure_ascii=False))
     else:
         ui.compare_summary(result)
-
-
-def _changed_scenarios(
-    sa: list[dict[str, Any]], sb: list[dict[str, Any]], tol: float = 0.05
-) -> list[dict[str, Any]]:
-    """Scenarios (by id, present in both) whose fired flags or deltas (beyond ``tol``) differ."""
-    by_id = {s["id"]: s for s in sa}
-    out = []
-    for s in sb:
-        other = by_id.get(s["id"])
-        if other is None:
-            continue
-        for i, (ta, tb) in enumerate(zip(other["turns"], s["turns"], strict=False)):
-            fa = {n for n, f in ta["flags"].items() if f["fired"]}
-            fb = {n for n, f in tb["flags"].items() if f["fired"]}
-            dd = {n: tb["deltas"][n] - ta["deltas"][n] for n in tb["deltas"]}
-            if fa != fb or any(abs(v) > tol for v in dd.values()):
-                out.append({"id": s["id"], "turn": i, "player": tb["player"], "flags_a": sorted(fa),
-                            "flags_b": sorted(fb), "delta_diff": dd})  # fmt: skip
-    return out

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 if TYPE_CHECKING:
-    from npcchat.config import Config
-    from npcchat.conversation import Conversation
-    from npcchat.engine import Engine
-    from npcchat.types import TurnResult
+    from npcchat import Conversation, Runtime
 
 HELP = (
     ("/state", "show the NPC state, player state and fired flags"),
@@ -48,7 +44,8 @@ def talk(
     session: Annotated[
         Path | None,
         typer.Option(
-            help="Session file (.toml/.json): resumed if it exists, else created; saved after every turn."
+            help="Session file (.toml/.json): resumed if it exists, else created; "
+            "saved after every turn."
         ),
     ] = None,
     temperature: Annotated[
@@ -74,72 +71,46 @@ def talk(
     ] = None,
 ) -> None:
     """Talk to an NPC: each turn shows the reply, trust/relationship deltas and flags."""
-    from npcchat.cli import common
+    import npcchat
+    from npcchat.cli import common, ui
 
     cfg = common.build_config(
-        config, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
-        repeat_penalty=repeat_penalty, threads=threads, gpu_layers=gpu_layers, ctx=ctx,
-        lora=lora, lora_scale=lora_scale,
-    )  # fmt: skip
-    engine = common.open_engine(bundle, cfg)
-    with engine:
-        if engine.heads is None and not json_out:
-            from npcchat.cli import ui
-
-            ui.warn(
-                f"{engine.bundle.name} has no heads: replies only, no state changes (npcchat heads fit adds them)"
-            )
-        conv = _conversation(engine, cfg, npc, session, quiet=json_out)
-        if say:
-            _scripted(conv, say, json_out)
-        else:
-            _repl(conv)
-
-
-def _conversation(
-    engine: Engine, cfg: Config, npc_path: str | None, path: Path | None, quiet: bool
-) -> Conversation:
-    import random
-
-    from npcchat import session as session_mod
-    from npcchat.cli import common, ui
-    from npcchat.conversation import Conversation, new_session
-    from npcchat.mind import NpcMind, knowledge_of
-    from npcchat.types import SamplingParams
-
-    s = cfg.sampling
-    sampling = SamplingParams(s.temperature, s.top_p, s.repeat_penalty, s.max_tokens, None)
-    if path is not None and path.exists():
-        sess = session_mod.load(path)
-        if npc_path is not None and not quiet:
-            ui.warn(f"resuming {path}; --npc {npc_path} is ignored")
-        if sess.bundle_id and sess.bundle_id != engine.bundle.identity and not quiet:
-            ui.warn(
-                f"{path} was made with bundle {sess.bundle_name} ({sess.bundle_id}), now {engine.bundle.identity}"
-            )
-        if s.seed >= 0:
-            sess = replace(sess, seed=s.seed)
-        know = knowledge_of(sess)
-    else:
-        is_demo = engine.bundle.root.resolve() == (common.demo_dir() / "bundle").resolve()
-        npc_def = common.load_npc(npc_path, demo=is_demo)
-        sess = new_session(npc_def, engine, s.seed if s.seed >= 0 else random.randrange(2**31))
-        know = npc_def.knowledge
-        if path is not None:
-            session_mod.save(sess, path)
-    mind = NpcMind(engine, know, cfg.knowledge)
-    conv = Conversation(
-        engine, sess, sampling, path, on_warning=None if quiet else ui.warn, mind=mind
+        config,
+        temperature=temperature,
+        top_p=top_p,
+        max_tokens=max_tokens,
+        seed=seed,
+        repeat_penalty=repeat_penalty,
+        threads=threads,
+        gpu_layers=gpu_layers,
+        ctx=ctx,
+        lora=lora,
+        lora_scale=lora_scale,
     )
-    if path is not None and sess.history and conv.resume_snapshot() and not quiet:
+    with npcchat.load(bundle, config=cfg) as rt:
+        if not rt.has_heads and not json_out:
+            ui.warn(
+                f"{rt.bundle.name} has no heads: replies only, no state changes "
+                "(npcchat heads fit adds them)"
+            )
+        with _conversation(rt, npc, session, quiet=json_out) as conv:
+            if say:
+                _scripted(conv, say, json_out)
+            else:
+                _repl(rt, conv)
+
+
+def _conversation(rt: Runtime, npc: str | None, path: Path | None, quiet: bool) -> Conversation:
+    from npcchat.cli import ui
+
+    conv = rt.open(npc, path, on_warning=_ignore if quiet else ui.warn)
+    if conv.restored_snapshot and path is not None and not quiet:
         ui.info(f"restored the KV cache saved with {path.name}")
     return conv
 
 
-def turn_json(conv: Conversation, r: TurnResult) -> dict[str, Any]:
-    from npcchat import types
-
-    return {"npc_id": conv.session.npc_id, **types.turn_json(r)}
+def _ignore(message: str) -> None:
+    """``--json`` output stays machine-readable: no warnings on the terminal."""
 
 
 def _scripted(conv: Conversation, lines: list[str], json_out: bool) -> None:
@@ -148,7 +119,7 @@ def _scripted(conv: Conversation, lines: list[str], json_out: bool) -> None:
     for line in lines:
         if json_out:
             r = conv.say(line)
-            print(json.dumps(turn_json(conv, r), ensure_ascii=False), flush=True)
+            print(json.dumps(r.to_json(), ensure_ascii=False), flush=True)
         else:
             ui.out.print(f"[bold]you>[/bold] {line}")
             ui.reply_start(conv.session.npc_id)
@@ -169,14 +140,14 @@ def _read_line() -> str | None:
             ui.info("\n(Ctrl-D or /quit to leave)")
 
 
-def _repl(conv: Conversation) -> None:
+def _repl(rt: Runtime, conv: Conversation) -> None:
     from npcchat.cli import ui
 
     s = conv.session
     ui.banner(
         s.npc_id,
         s.npc_id,
-        conv.engine.bundle.name,
+        rt.bundle.name,
         str(conv.path) if conv.path else None,
         len(s.history),
     )
@@ -189,12 +160,12 @@ def _repl(conv: Conversation) -> None:
         )
     conv.idle_snapshots = True  # written by _idle, before each wait for the player
     try:
-        _converse(conv)
+        _converse(rt, conv)
     finally:
         conv.flush_snapshot()  # a predecode that failed or was interrupted left it due
 
 
-def _converse(conv: Conversation) -> None:
+def _converse(rt: Runtime, conv: Conversation) -> None:
     from npcchat.cli import ui
 
     while True:
@@ -207,7 +178,7 @@ def _converse(conv: Conversation) -> None:
         if not line:
             continue
         if line.startswith("/"):
-            if _command(conv, line):
+            if _command(rt, conv, line):
                 break
             continue
         _run_turn(conv, lambda cb, text=line: conv.say(text, cb))
@@ -235,7 +206,7 @@ def _run_turn(conv: Conversation, action: Any) -> None:
     ui.turn_summary(r, _display(conv))
 
 
-def _command(conv: Conversation, line: str) -> bool:
+def _command(rt: Runtime, conv: Conversation, line: str) -> bool:
     """Run a slash command; True means quit."""
     from npcchat.cli import ui
     from npcchat.errors import NpcchatError
@@ -264,7 +235,7 @@ def _command(conv: Conversation, line: str) -> bool:
             saved = conv.save(Path(rest) if rest else None)
             ui.info(f"saved {saved}")
         elif name == "/flags":
-            ui.flag_defs(conv.engine.bundle.flags, conv.mind.know.flags if conv.mind else {})
+            ui.flag_defs(rt.flags, conv.mind.know.flags if conv.mind else {})
         elif name == "/memory":
             ui.memories(conv.session.memories)
         elif name == "/reset":
@@ -289,6 +260,6 @@ def _idle(conv: Conversation) -> None:
     try:
         conv.predecode()
     except KeyboardInterrupt:
-        conv.engine.forget()
+        pass  # the player pressed Ctrl-C while the next prompt was prepared: carry on
     except NpcchatError as e:
         ui.warn(f"could not prepare the next turn ahead of time ({e.message})")

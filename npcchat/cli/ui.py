@@ -11,8 +11,8 @@ from rich.table import Table
 from rich.text import Text
 
 from npcchat.errors import NpcchatError
-from npcchat.session import Session
-from npcchat.types import Tags, TurnResult
+from npcchat.sessions.session import Session
+from npcchat.types import Tags, Turn
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -27,6 +27,10 @@ def error(e: NpcchatError) -> None:
 
 def warn(message: str) -> None:
     err.print(Text(f"warning: {message}", style="yellow"), soft_wrap=True)
+
+
+def fail(message: str) -> None:
+    err.print(Text.assemble(("fail: ", "bold red"), message), soft_wrap=True)
 
 
 def info(message: str) -> None:
@@ -65,7 +69,7 @@ def _signed(x: float) -> Text:
     return Text(f"{x:+.3f}", style=style)
 
 
-def turn_summary(r: TurnResult, display: Mapping[str, str] | None = None) -> None:
+def turn_summary(r: Turn, display: Mapping[str, str] | None = None) -> None:
     """Deltas, every flag against its threshold, and what the turn cost; ``display`` maps
     flag names to the NPC file's display names."""
     grid = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
@@ -90,7 +94,8 @@ def turn_summary(r: TurnResult, display: Mapping[str, str] | None = None) -> Non
     dropped = f" · {r.dropped_turns} old turns left out" if r.dropped_turns else ""
     out.print(
         Text(
-            f"{r.prompt_tokens} prompt + {r.generated_tokens} reply tokens · prefill {t.prefill_ms:.0f} ms"
+            f"{r.prompt_tokens} prompt + {r.generated_tokens} reply tokens"
+            f" · prefill {t.prefill_ms:.0f} ms"
             f" · heads {t.heads_ms * 1000:.0f} µs · generate {t.generate_ms:.0f} ms"
             f" · stop: {r.stop_reason}{dropped}",
             style="dim",
@@ -111,12 +116,10 @@ def tags_table(tags: Tags, title: str = "state") -> Table:
 def state(s: Session) -> None:
     out.print(tags_table(s.tags))
     ps = s.player_state
-    out.print(
-        f"[bold]player[/bold] items={list(ps.items)} actions={list(ps.actions)} position={ps.position!r}"
-    )
-    out.print(
-        f"[bold]fired flags[/bold] {', '.join(s.fired_flags) or '(none)'} · {len(s.history)} turns"
-    )
+    player = f" items={list(ps.items)} actions={list(ps.actions)} position={ps.position!r}"
+    out.print(Text.assemble(("player", "bold"), player))
+    fired = f" {', '.join(s.fired_flags) or '(none)'} · {len(s.history)} turns"
+    out.print(Text.assemble(("fired flags", "bold"), fired))
 
 
 def help_table(commands: Sequence[tuple[str, str]]) -> None:
@@ -134,6 +137,42 @@ def kv_table(title: str, rows: Mapping[str, Any]) -> None:
     table.add_column("value", justify="right")
     for k, v in rows.items():
         table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
+    out.print(table)
+
+
+def info_table(data: Mapping[str, Any]) -> None:
+    """``npcchat info``: one row per fact; llama.cpp's backends one row each."""
+    table = Table(title="npcchat info", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    llama = data["llama_cpp"]
+    ort = data["onnxruntime"]
+    rows = [
+        ("npcchat", data["npcchat"]),
+        ("llama-cpp-python", llama["version"]),
+        ("GPU offload", "yes" if llama["gpu_offload"] else "no (CPU-only build)"),
+        ("default threads", str(llama["default_threads"])),
+    ]
+    for name, features in llama["backends"].items():
+        on = [k for k, v in features.items() if v not in ("0", "")]
+        rows.append(
+            (
+                f"llama.cpp {name}",
+                " ".join(f"{k}={features[k]}" if features[k] != "1" else k for k in on),
+            )
+        )
+    rows += [
+        ("onnxruntime", f"{ort['version']} ({', '.join(ort['providers'])})"),
+        (
+            "extras",
+            ", ".join(
+                f"{k}: {'installed' if v else 'not installed'}" for k, v in data["extras"].items()
+            ),
+        ),
+        ("demo bundle", data["demo_bundle"] or "(none installed)"),
+    ]
+    for key, value in rows:
+        table.add_row(Text(key), Text(str(value)))
     out.print(table)
 
 
@@ -233,8 +272,15 @@ class EtaProgress:
             TimeRemainingColumn,
         )
 
-        self._p = Progress(TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"),
-                           TimeRemainingColumn(), console=err, disable=not enabled)  # fmt: skip
+        self._p = Progress(
+            TextColumn("eval"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=err,
+            disable=not enabled,
+        )
         self._task = self._p.add_task("eval", total=total)
 
     def __enter__(self) -> EtaProgress:
@@ -254,22 +300,42 @@ def _f(x: Any) -> str:
 
 def eval_summary(rep: Mapping[str, Any]) -> None:
     agg = rep["aggregates"]
-    head = Table(title=f"npcchat eval · {rep['bundle']['name']}" + ("" if rep["complete"] else " (PARTIAL)"),
-                 show_header=False, title_justify="left")  # fmt: skip
+    head = Table(
+        title=f"npcchat eval · {rep['bundle']['name']}" + ("" if rep["complete"] else " (PARTIAL)"),
+        show_header=False,
+        title_justify="left",
+    )
     head.add_column(style="bold")
     head.add_column(justify="right")
     r = agg["replies"]
-    rows = [("scenarios / turns", f"{agg['scenarios']} / {agg['turns']}"), ("errors / bad lines", f"{agg['errors']} / {agg['bad_lines']}"),
-            ("flag F1 macro (model thr.)", _f(agg["flag_f1_macro"])), ("flag F1 macro (best thr.)", _f(agg["flag_best_f1_macro"])),
-            ("Brier mean", _f(agg["brier_mean"])), ("threshold MAE", _f(agg["threshold_mae"]))]  # fmt: skip
+    rows = [
+        ("scenarios / turns", f"{agg['scenarios']} / {agg['turns']}"),
+        ("errors / bad lines", f"{agg['errors']} / {agg['bad_lines']}"),
+        ("flag F1 macro (model thr.)", _f(agg["flag_f1_macro"])),
+        ("flag F1 macro (best thr.)", _f(agg["flag_best_f1_macro"])),
+        ("Brier mean", _f(agg["brier_mean"])),
+        ("threshold MAE", _f(agg["threshold_mae"])),
+    ]
     for n in ("trust", "relationship"):
         d = agg["delta"][n]
         rows.append((f"{n}: MAE / sign agreement", f"{_f(d['mae'])} / {_f(d['sign_agreement'])}"))
-    rows += [("empty / truncated / leaked", f"{_f(r['empty_rate'])} / {_f(r['truncated_rate'])} / {_f(r['leak_rate'])}"),
-             ("exact match", _f(r["exact_match_rate"])), (f"similarity ({r['similarity_method']})", _f(r["similarity_mean"])),
-             ("prefill p50 / p95 ms", f"{_f(agg['latency_ms']['prefill_p50'])} / {_f(agg['latency_ms']['prefill_p95'])}"),
-             ("generate p50 / p95 ms", f"{_f(agg['latency_ms']['generate_p50'])} / {_f(agg['latency_ms']['generate_p95'])}"),
-             ("tokens/s · scenarios/s", f"{_f(agg['tokens_per_s'])} · {_f(agg['scenarios_per_s'])}")]  # fmt: skip
+    rows += [
+        (
+            "empty / truncated / leaked",
+            f"{_f(r['empty_rate'])} / {_f(r['truncated_rate'])} / {_f(r['leak_rate'])}",
+        ),
+        ("exact match", _f(r["exact_match_rate"])),
+        (f"similarity ({r['similarity_method']})", _f(r["similarity_mean"])),
+        (
+            "prefill p50 / p95 ms",
+            f"{_f(agg['latency_ms']['prefill_p50'])} / {_f(agg['latency_ms']['prefill_p95'])}",
+        ),
+        (
+            "generate p50 / p95 ms",
+            f"{_f(agg['latency_ms']['generate_p50'])} / {_f(agg['latency_ms']['generate_p95'])}",
+        ),
+        ("tokens/s · scenarios/s", f"{_f(agg['tokens_per_s'])} · {_f(agg['scenarios_per_s'])}"),
+    ]
     for k, v in rows:
         head.add_row(k, v)
     out.print(head)
@@ -277,8 +343,17 @@ def eval_summary(rep: Mapping[str, Any]) -> None:
     for col in ("flag", "n", "pos", "P", "R", "F1", "best thr", "best F1", "Brier"):
         flags.add_column(col, justify="right" if col != "flag" else "left")
     for n, v in agg["flags"].items():
-        flags.add_row(n, str(v["n"]), str(v["positives"]), _f(v["precision"]), _f(v["recall"]), _f(v["f1"]),
-                      _f(v["best_threshold"]), _f(v["best_f1"]), _f(v["brier"]))  # fmt: skip
+        flags.add_row(
+            n,
+            str(v["n"]),
+            str(v["positives"]),
+            _f(v["precision"]),
+            _f(v["recall"]),
+            _f(v["f1"]),
+            _f(v["best_threshold"]),
+            _f(v["best_f1"]),
+            _f(v["brier"]),
+        )
     out.print(flags)
 
 
@@ -303,14 +378,24 @@ def compare_summary(result: Mapping[str, Any]) -> None:
 
 def fit_summary(result: Mapping[str, Any]) -> None:
     h = result["held_out"]
-    out.print(f"[bold]heads written to {result['bundle']}[/bold] · {result['records']} records "
-              f"({result['train']} train / {result['validation']} validation / {result['test']} held out)")  # fmt: skip
+    out.print(
+        f"[bold]heads written to {result['bundle']}[/bold] · {result['records']} records "
+        f"({result['train']} train / {result['validation']} validation / {result['test']} held out)"
+    )
     table = Table(title="held-out metrics", title_justify="left")
     for col in ("flag", "n", "pos", "P", "R", "F1", "Brier", "threshold"):
         table.add_column(col, justify="left" if col in ("flag", "threshold") else "right")
     for name, v in h["flags"].items():
-        table.add_row(name, str(v["n"]), str(v["positives"]), _f(v["precision"]), _f(v["recall"]), _f(v["f1"]),
-                      _f(v["brier"]), str(result["thresholds"].get(name, "")))  # fmt: skip
+        table.add_row(
+            name,
+            str(v["n"]),
+            str(v["positives"]),
+            _f(v["precision"]),
+            _f(v["recall"]),
+            _f(v["f1"]),
+            _f(v["brier"]),
+            str(result["thresholds"].get(name, "")),
+        )
     out.print(table)
     for name, d in h["delta"].items():
         out.print(f"{name}: MAE {_f(d['mae'])} · sign agreement {_f(d['sign_agreement'])}")

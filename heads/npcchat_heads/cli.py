@@ -1,0 +1,73 @@
+"""``npcchat heads fit``: refit the heads on the bundle's own (quantized) GGUF.
+
+Registered into the ``npcchat`` command through the ``npcchat.commands`` entry point.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(help="Work on a bundle's heads.", no_args_is_help=True, add_completion=False)
+
+
+@app.command("fit")
+def fit(
+    data: Annotated[
+        list[Path],
+        typer.Argument(help="Labelled JSONL records (nested or flat form).", show_default=False),
+    ],
+    bundle: Annotated[
+        Path | None, typer.Option(help="Bundle whose GGUF gives the <STATE> vectors.")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Write a new bundle here instead of updating --bundle.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the train/validation/test split.")] = 0,
+    l2: Annotated[float, typer.Option(help="L2 regularization strength.")] = 1.0,
+    test_frac: Annotated[
+        float, typer.Option(help="Share of records held out for the metrics.")
+    ] = 0.2,
+    flags: Annotated[
+        str | None, typer.Option(help="Flag names in head order (default: the bundle's).")
+    ] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Any bad line is fatal.")] = False,
+    threads: Annotated[int | None, typer.Option(help="CPU threads.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    config: Annotated[Path | None, typer.Option(help="Config TOML.")] = None,
+) -> None:
+    """Collect <STATE> vectors through the same one-prefill path as talk, fit the delta,
+    flag and threshold heads with numpy, and write them into the bundle."""
+    from npcchat import demo, extras
+    from npcchat.cli import common, ui
+
+    extras.require("convert", "npcchat heads fit")
+    from npcchat_heads.refit import fit_bundle
+
+    cfg = common.build_config(config, threads=threads)
+    names = [f.strip() for f in flags.split(",") if f.strip()] if flags else None
+    with ui.StageProgress(enabled=not json_out) as progress:
+        result = fit_bundle(
+            bundle or demo.default_bundle(),
+            data,
+            out,
+            cfg,
+            seed=seed,
+            l2=l2,
+            test_frac=test_frac,
+            flags_given=names,
+            strict=strict,
+            progress=lambda d, t: progress("state vectors", d, t),
+        )
+    if json_out:
+        print(json.dumps(result))
+    else:
+        ui.fit_summary(result)
+
+
+def register(root: typer.Typer) -> None:
+    """Add ``npcchat heads ...`` to the CLI (entry point ``npcchat.commands``)."""
+    root.add_typer(app, name="heads")

@@ -1,0 +1,240 @@
+"""`npcchat heads fit`: recalibrate the heads on the GGUF that actually ships.
+
+Quantization moves the `<STATE>` vector, so heads trained on the full-precision model are
+refitted on vectors from the bundle's own GGUF, collected through the same one-prefill
+path as `talk` (prefill only: no reply is generated). Fitting is numpy (npcchat_heads.fit);
+held-out metrics come from the eval metrics code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from npcchat.config import Config
+from npcchat.errors import ConfigError
+from npcchat.eval import metrics as M
+from npcchat.eval.scenarios import Scenario, read
+from npcchat.files.atomic import atomic_write
+from npcchat.runtime.bundle import Bundle, write_manifest
+from npcchat.runtime.bundle import load as load_bundle
+from npcchat.runtime.engine import Engine
+from npcchat.sessions.session import Session
+from npcchat.types import DELTA_NAMES
+
+
+@dataclass(frozen=True)
+class Labels:
+    delta: np.ndarray  # [n, 2]
+    flags: np.ndarray  # [n, F]
+    thresholds: np.ndarray  # [n, F]
+
+
+def load_records(paths: list[Path], strict: bool) -> tuple[list[Scenario], list[str]]:
+    records: list[Scenario] = []
+    notes: list[str] = []
+    for p in paths:
+        good, bad = read(p)
+        if bad and strict:
+            raise ConfigError(f"{bad[0].source}: {bad[0].reason}")
+        notes += [f"skipped {b}" for b in bad]
+        for sc in good:
+            if len(sc.turns) != 1 or sc.turns[0][1] is None:
+                notes.append(f"skipped {sc.source}: heads fit needs single-turn labelled records")
+                continue
+            records.append(sc)
+    if not records:
+        raise ConfigError("no labelled single-turn records to fit on")
+    return records, notes
+
+
+def flag_names(bundle: Bundle, records: list[Scenario], given: list[str] | None) -> tuple[str, ...]:
+    if given:
+        return tuple(given)
+    if bundle.flags:
+        return bundle.flags
+    names: list[str] = []
+    for sc in records:
+        e = sc.turns[0][1]
+        for n in (e.flags or {}) if e else {}:
+            if n not in names:
+                names.append(n)
+    if not names:
+        raise ConfigError(
+            "the bundle names no flags and the data labels none", hint="pass --flags a,b,c"
+        )
+    return tuple(names)
+
+
+def labels(records: list[Scenario], flags: tuple[str, ...]) -> Labels:
+    n, f = len(records), len(flags)
+    delta, fl, thr = np.full((n, 2), np.nan), np.full((n, f), np.nan), np.full((n, f), np.nan)
+    for i, sc in enumerate(records):
+        e = sc.turns[0][1]
+        assert e is not None
+        if e.delta:
+            delta[i] = [e.delta[k] for k in DELTA_NAMES]
+        for k, name in enumerate(flags):
+            if e.flags and name in e.flags:
+                fl[i, k] = float(e.flags[name])
+            elif e.all_flags_negative_unless_listed:
+                fl[i, k] = 0.0
+            if e.thresholds and name in e.thresholds:
+                thr[i, k] = e.thresholds[name]
+    return Labels(delta, fl, thr)
+
+
+def collect(engine: Engine, records: list[Scenario], tick: Callable[[], None]) -> np.ndarray:
+    """The `<STATE>` vector of every record's prompt (one prefill each, no generation)."""
+    rows = []
+    for sc in records:
+        s = Session(
+            npc_id=sc.npc_id,
+            tags=sc.tags,
+            player_state=sc.player_state,
+            lore=sc.lore,
+            description=sc.description,
+        )
+        fitted = engine.fit(engine.prompt_input(s, sc.turns[0][0], sc.context), 1)
+        rows.append(engine.state_vector(fitted)[0])
+        tick()
+    return np.stack(rows).astype(np.float64)
+
+
+def split(
+    n: int, seed: int, test_frac: float, val_frac: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    idx = np.random.default_rng(seed).permutation(n)
+    n_test = max(1, round(n * test_frac))
+    n_val = max(1, round((n - n_test) * val_frac))
+    return idx[n_test + n_val :], idx[n_test : n_test + n_val], idx[:n_test]
+
+
+def held_out(weights: Any, x: np.ndarray, lab: Labels, flags: tuple[str, ...]) -> dict[str, Any]:
+    """Metrics of fitted heads on rows they never saw (eval's metric functions)."""
+    from npcchat_heads.onnx_builder import reference
+
+    delta, prob, thr = reference(weights, x)
+    out: dict[str, Any] = {"n": len(x), "delta": {}, "flags": {}}
+    for k, name in enumerate(DELTA_NAMES):
+        m = ~np.isnan(lab.delta[:, k])
+        out["delta"][name] = {
+            "mae": M.mae(list(delta[m, k]), list(lab.delta[m, k])),
+            "sign_agreement": M.sign_agreement(list(delta[m, k]), list(lab.delta[m, k])),
+        }
+    f1s = []
+    for k, name in enumerate(flags):
+        m = ~np.isnan(lab.flags[:, k])
+        if not m.any():
+            continue
+        true = list(lab.flags[m, k].astype(bool))
+        r = M.prf(list(prob[m, k] >= thr[m, k]), true)
+        out["flags"][name] = {
+            "n": int(m.sum()),
+            "positives": int(sum(true)),
+            "precision": r.precision,
+            "recall": r.recall,
+            "f1": r.f1,
+            "brier": M.brier(list(prob[m, k]), true),
+        }
+        f1s.append(r.f1)
+    out["flag_f1_macro"] = float(np.mean(f1s)) if f1s else None
+    return out
+
+
+def write_heads(
+    bundle: Bundle, target: Path, weights: Any, flags: tuple[str, ...], info: dict[str, Any]
+) -> None:
+    """New heads.onnx and manifest in ``target`` (a copy of the bundle when it differs)."""
+    from npcchat_heads import onnx_builder
+
+    if target.resolve() != bundle.root.resolve():
+        if target.exists():
+            raise ConfigError(f"--out {target}: already exists; npcchat never overwrites it")
+        shutil.copytree(bundle.root, target)
+    atomic_write(target / "heads.onnx", onnx_builder.build(weights, list(flags)))
+    keep = {
+        k: v
+        for k, v in bundle.manifest.items()
+        if k not in ("format", "format_version", "name", "model", "heads", "prompt")
+    }
+    keep["heads_fit"] = info
+    write_manifest(
+        target,
+        name=bundle.name,
+        gguf=bundle.manifest["model"]["file"],
+        heads="heads.onnx",
+        template=bundle.template,
+        flags=list(flags),
+        hidden_size=bundle.hidden_size,
+        quant=bundle.quant,
+        extra=keep,
+    )
+
+
+def fit_bundle(
+    bundle_dir: Path,
+    data: list[Path],
+    out: Path | None,
+    cfg: Config,
+    seed: int = 0,
+    l2: float = 1.0,
+    test_frac: float = 0.2,
+    val_frac: float = 0.2,
+    flags_given: list[str] | None = None,
+    strict: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    from npcchat_heads.fit import FitData, fit_heads
+
+    bundle = load_bundle(bundle_dir)
+    records, notes = load_records(data, strict)
+    flags = flag_names(bundle, records, flags_given)
+    lab = labels(records, flags)
+    done = [0]
+
+    def tick() -> None:
+        done[0] += 1
+        if progress:
+            progress(done[0], len(records))
+
+    with Engine.load(bundle, cfg) as engine:
+        x = collect(engine, records, tick)
+    tr, va, te = split(len(records), seed, test_frac, val_frac)
+
+    def part(ix: np.ndarray) -> FitData:
+        return FitData(x[ix], lab.delta[ix], lab.flags[ix], lab.thresholds[ix])
+
+    weights, how = fit_heads(part(tr), part(va), l2)
+    test_lab = Labels(lab.delta[te], lab.flags[te], lab.thresholds[te])
+    metrics = held_out(weights, x[te], test_lab, flags)
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in data)).hexdigest()
+    info = {
+        "data_sha256": digest,
+        "records": len(records),
+        "train": len(tr),
+        "validation": len(va),
+        "test": len(te),
+        "seed": seed,
+        "l2": l2,
+        "flag_f1_macro_test": metrics["flag_f1_macro"],
+    }
+    target = out or bundle.root
+    write_heads(bundle, target, weights, flags, info)
+    return {
+        "bundle": str(target),
+        "flags": list(flags),
+        "records": len(records),
+        "train": len(tr),
+        "validation": len(va),
+        "test": len(te),
+        "thresholds": {flags[int(k)]: v for k, v in how.items()},
+        "held_out": metrics,
+        "notes": notes,
+    }

@@ -1,0 +1,115 @@
+"""Run scenarios through the same engine as `talk`: each scenario is a conversation, up to
+one per sequence of the llama.cpp context at once (npcchat.runtime.batch).
+
+Runs are deterministic by default (temperature 0, fixed seed); results equal a sequential
+run bit for bit. What is measured from the results is :mod:`npcchat.eval.report`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from npcchat.errors import NpcchatError
+from npcchat.eval import metrics as M
+from npcchat.eval.scenarios import Expected, Scenario
+from npcchat.eval.similarity import Similarity
+from npcchat.runtime import batch
+from npcchat.runtime.engine import Engine
+from npcchat.runtime.kvbook import Reuse
+from npcchat.sessions.session import Session
+from npcchat.types import SamplingParams, Turn, turn_json
+
+
+def _expected_dict(e: Expected | None, flags: tuple[str, ...]) -> dict[str, Any] | None:
+    if e is None:
+        return None
+    labels = dict(e.flags or {})
+    if e.all_flags_negative_unless_listed:
+        labels = {n: n in labels for n in (*flags, *labels)}
+    return {
+        "response": e.response,
+        "delta": e.delta,
+        "flags": labels or None,
+        "thresholds": e.thresholds,
+    }
+
+
+def _turn_dict(
+    r: Turn, e: Expected | None, flags: tuple[str, ...], sim: Similarity
+) -> dict[str, Any]:
+    expected = _expected_dict(e, flags)
+    ref = expected["response"] if expected else None
+    return {
+        "player": r.player,
+        **turn_json(r),
+        "stop_reason": r.stop_reason,
+        "expected": expected,
+        "checks": {
+            "empty": not r.reply.strip(),
+            "truncated": r.stop_reason == "length",
+            "leaked_tags": M.leaked_tags(r.reply),
+            "exact_match": M.exact_match(r.reply, ref) if ref is not None else None,
+            "similarity": sim.score(r.reply, ref) if ref is not None else None,
+        },
+    }
+
+
+def _driver(
+    sc: Scenario, engine: Engine, sampling: SamplingParams, sim: Similarity, reuse: Reuse
+) -> batch.Driver[dict[str, Any]]:
+    """One scenario as a conversation; the NPC state carries from turn to turn."""
+    session = Session(
+        npc_id=sc.npc_id,
+        tags=sc.tags,
+        player_state=sc.player_state,
+        lore=sc.lore,
+        description=sc.description,
+        seed=sampling.seed or 0,
+    )
+    out: dict[str, Any] = {
+        "id": sc.id,
+        "source": sc.source,
+        "kind": sc.kind,
+        "npc_id": sc.npc_id,
+        "turns": [],
+        "error": None,
+    }
+    flags = engine.bundle.flags
+    for player, expected in sc.turns:
+        try:
+            # "aligned" (or "off"), never "prefix": results must not depend on which scenario
+            # ran before in which slot, so --parallel never changes them (npcchat.runtime.kvbook)
+            r = yield batch.TurnRequest(session, player, sampling, sc.context, reuse=reuse)
+        except NpcchatError as e:
+            out["error"] = e.message
+            return out
+        out["turns"].append(_turn_dict(r, expected, flags, sim))
+        session = session.with_turn(r)
+    return out
+
+
+def run(
+    engine: Engine,
+    scenarios: list[Scenario],
+    sampling: SamplingParams,
+    sim: Similarity,
+    on_result: Callable[[dict[str, Any]], None],
+    share_prefix: bool = True,
+) -> None:
+    """Run every scenario; ``on_result`` gets each finished scenario (completion order).
+
+    ``share_prefix``: decode the head of the prompt that scenarios share only once (aligned
+    KV reuse: identical results, fewer prefill tokens)."""
+    reuse: Reuse = "aligned" if share_prefix else "off"
+    drivers: Iterator[tuple[str, batch.Driver[dict[str, Any]]]] = (
+        (sc.id, _driver(sc, engine, sampling, sim, reuse)) for sc in scenarios
+    )
+    for _, result in batch.run(engine, drivers):
+        on_result(result)
+
+
+def timer() -> Callable[[], float]:
+    t0 = time.perf_counter()
+    return lambda: time.perf_counter() - t0

@@ -1,0 +1,443 @@
+"""One NPC turn: prompt -> tokens -> one prefill -> `<STATE>` vector -> heads -> generate.
+
+The prompt is decoded exactly once per turn. The same decode yields the post-final-norm
+hidden state(s) at `<STATE>` (mean if several) and the logits of the first reply token;
+generation continues on that KV cache. Game-state decisions are pure functions of the
+head outputs: no randomness, so the same prompt always moves the state the same way.
+"""
+
+from __future__ import annotations
+
+import codecs
+import random
+import time
+from collections.abc import Callable, Generator
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from npcchat.config import Config, StateConfig
+from npcchat.errors import BundleError
+from npcchat.runtime import prompt as prompt_mod
+from npcchat.runtime.bundle import Bundle
+from npcchat.runtime.heads import Heads
+from npcchat.runtime.kvbook import GRID, KvBook, Reuse
+from npcchat.runtime.model import ModelLike
+from npcchat.runtime.prompt import SpecialTag
+from npcchat.runtime.vocab import check_vocab
+from npcchat.sessions.session import Session
+from npcchat.sessions.snapshot import KvState
+from npcchat.types import (
+    DELTA_NAMES,
+    ContextTurn,
+    FlagResult,
+    HeadsOutput,
+    PromptInput,
+    SamplingParams,
+    Tags,
+    Timings,
+    Turn,
+)
+
+
+def apply_deltas(tags: Tags, deltas: dict[str, float], rule: StateConfig) -> Tags:
+    """trust/relationship += scale * delta, clamped to the configured range and rounded."""
+
+    def move(value: float, delta: float) -> float:
+        moved = min(rule.clamp_max, max(rule.clamp_min, value + rule.delta_scale * delta))
+        return round(moved, rule.decimals)
+
+    return replace(
+        tags,
+        trust=move(tags.trust, deltas["trust"]),
+        relationship=move(tags.relationship, deltas["relationship"]),
+    )
+
+
+def context_of(session: Session) -> tuple[ContextTurn, ...]:
+    turns: list[ContextTurn] = []
+    for t in session.history:
+        turns += [ContextTurn("player", t.player), ContextTurn("npc", t.reply)]
+    return tuple(turns)
+
+
+class Engine:
+    """A bundle loaded and ready for turns. Owns the model; call :meth:`close`."""
+
+    def __init__(self, bundle: Bundle, cfg: Config, model: ModelLike, heads: Heads | None) -> None:
+        self.bundle = bundle
+        self.cfg = cfg
+        self.model = model
+        self.heads = heads
+        self.vocab = check_vocab(model, bundle.name)
+        self.reuse: Reuse = "prefix" if cfg.runtime.prefix_reuse else "off"
+        self.kv = KvBook()
+        # eval's aligned reuse cuts prefills at multiples of this (at most a batch)
+        self.grid = min(GRID, model.n_batch)
+        self.last_prefill = 0
+        if model.n_embd != bundle.hidden_size:
+            raise BundleError(
+                f"{bundle.root}: manifest hidden_size is {bundle.hidden_size}, "
+                f"but the GGUF's n_embd is {model.n_embd}"
+            )
+
+    @classmethod
+    def load(cls, bundle: Bundle, cfg: Config, n_seq: int = 1) -> Engine:
+        from npcchat.runtime.backend import Model
+
+        model = Model(bundle.gguf, cfg.runtime, n_seq)
+        try:
+            heads = Heads(bundle.heads, bundle.flags, model.n_embd) if bundle.heads else None
+            return cls(bundle, cfg, model, heads)
+        except BaseException:
+            model.close()
+            raise
+
+    def close(self) -> None:
+        self.model.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- prompt ---------------------------------------------------------------------------
+    def tokenize_prompt(self, rendered: prompt_mod.RenderedPrompt) -> list[int]:
+        """Scaffold tags become their control ids; all other text is plain text."""
+        out: list[int] = []
+        for part in rendered.parts:
+            if isinstance(part, SpecialTag):
+                tid = self.vocab.tags.get(part.text)
+                if tid is None:
+                    raise BundleError(f"{self.bundle.name}: the GGUF has no token for {part.text}")
+                out.append(tid)
+            else:
+                out += self.model.tokenize(part, special=False)
+        return out
+
+    def prompt_input(
+        self, session: Session, player: str, context: tuple[ContextTurn, ...] = ()
+    ) -> PromptInput:
+        """What the prompt is rendered from; ``context`` is history from outside the
+        session (a scenario's recorded exchanges), placed before the session's own turns."""
+        return PromptInput(
+            npc_id=session.npc_id,
+            tags=session.tags,
+            player_utterance=player,
+            lore=session.lore,
+            description=session.description,
+            player_state=session.player_state,
+            context=context + context_of(session),
+        )
+
+    def fit(self, inp: PromptInput, max_tokens: int, pinned: int = 0) -> prompt_mod.FittedPrompt:
+        budget = self.model.n_ctx - max_tokens
+        return prompt_mod.fit(self.bundle.template, inp, self.tokenize_prompt, budget, pinned)
+
+    # -- the turn -------------------------------------------------------------------------
+    def state_vector(
+        self, fitted: prompt_mod.FittedPrompt, seq: int = 0, reuse: Reuse | None = None
+    ) -> tuple[np.ndarray, list[int]]:
+        """Prefill once; the mean hidden state over `<STATE>` positions.
+
+        With reuse (see :mod:`npcchat.runtime.kvbook`), only the tokens after a prefix some KV
+        cache already holds are decoded (never past the first `<STATE>`: its hidden state
+        must come out of this decode). ``self.last_prefill`` is how many were decoded.
+        """
+        tokens = list(fitted.tokens)
+        state_id = self.vocab.tags[prompt_mod.STATE_TAG]
+        positions = [i for i, t in enumerate(tokens) if t == state_id]
+        outputs = [*positions, len(tokens) - 1]
+        mode = reuse or self.reuse
+        grid = self.grid if mode == "aligned" else 0
+        start = 0
+        if mode == "prefix":
+            start = self.kv.prefix_start(seq, tokens, outputs[0])
+        elif mode == "aligned":
+            where = self.kv.aligned_start(seq, tokens, outputs[0], grid)
+            self.model.share(where.source, seq, where.position)
+            start = where.position
+        self.kv.begin(seq)  # unknown until the decode below completes
+        rows = self.model.prefill(tokens, outputs, start=start, seq=seq, grid=grid)
+        self.kv.record(seq, tokens, exact=outputs[0] // grid * grid if grid else 0)
+        self.last_prefill = len(tokens) - start
+        return rows[: len(positions)].mean(axis=0), tokens
+
+    def predecode(
+        self,
+        session: Session,
+        pinned: tuple[ContextTurn, ...] = (),
+        max_tokens: int = 1,
+        seq: int = 0,
+    ) -> int:
+        """Decode, ahead of time, the part of the next prompt that cannot depend on what the
+        player will say: everything up to and including `<PLAYER>`. Called while the player
+        reads and types; the next turn then decodes little more than the player's line.
+        Returns how many tokens were decoded (0 when reuse is off or nothing is new)."""
+        if self.reuse == "off":
+            return 0
+        player_id = self.vocab.tags.get(prompt_mod.PLAYER_TAG)
+        fitted = self.fit(self.prompt_input(session, "", pinned), max_tokens, pinned=len(pinned))
+        tokens = list(fitted.tokens)
+        if player_id is None or player_id not in tokens:
+            return 0
+        end = len(tokens) - tokens[::-1].index(player_id)  # through the last <PLAYER>
+        start = self.kv.prefix_start(seq, tokens[:end], end)
+        if start >= end:
+            return 0
+        self.kv.begin(seq)
+        self.model.extend(tokens[:end], start, seq)
+        self.kv.record(seq, tokens[:end])
+        return end - start
+
+    def forget(self, seq: int | None = None) -> None:
+        """Treat a sequence's (or every) KV cache as empty: the next prefill starts cold."""
+        self.kv.forget(seq)
+
+    def kv_tokens(self, seq: int = 0) -> list[int]:
+        return self.kv.tokens(seq)
+
+    def adopt(self, tokens: list[int], seq: int = 0) -> None:
+        """Declare that ``seq``'s KV cache holds ``tokens`` (after a snapshot restore)."""
+        self.kv.record(seq, tokens)
+
+    def kv_state(self, seq: int = 0) -> KvState | None:
+        """``seq``'s KV cache as a snapshot (None when it holds nothing known)."""
+        tokens = self.kv_tokens(seq)
+        if not tokens:
+            return None
+        payload = self.model.state_get(seq)
+        return KvState(self.bundle.identity, self.model.n_ctx, tuple(tokens), payload)
+
+    def restore_kv(self, state: KvState, seq: int = 0) -> bool:
+        """Load a snapshot into ``seq``; False (and an empty cache) when llama.cpp refuses."""
+        if state.bundle_id != self.bundle.identity or state.n_ctx != self.model.n_ctx:
+            return False
+        if not self.model.state_set(seq, state.payload):
+            self.forget(seq)
+            self.model.keep_prefix(0, seq)
+            return False
+        self.adopt(list(state.tokens), seq)
+        return True
+
+    def run_heads(self, vec: np.ndarray) -> HeadsOutput:
+        if self.heads is None:  # model-only bundle: no state changes until heads are fitted
+            return HeadsOutput(deltas=dict.fromkeys(DELTA_NAMES, 0.0), flags={})
+        return self.heads.run(vec)
+
+    def start(
+        self,
+        session: Session,
+        player: str,
+        sampling: SamplingParams,
+        on_text: Callable[[str], None] | None = None,
+        seq: int = 0,
+        context: tuple[ContextTurn, ...] = (),
+        pinned: tuple[ContextTurn, ...] = (),
+        reuse: Reuse | None = None,
+    ) -> Pending:
+        """First half of a turn: prompt, the one prefill, heads, first token drawn.
+
+        The first token is sampled here because the prefill's logits only live until the
+        next decode (another sequence's, when turns run side by side)."""
+        t0 = time.perf_counter()
+        inp = self.prompt_input(session, player, pinned + context)
+        fitted = self.fit(inp, sampling.max_tokens, pinned=len(pinned))
+        vec, tokens = self.state_vector(fitted, seq, reuse)
+        t1 = time.perf_counter()
+        heads = self.run_heads(vec)
+        t2 = time.perf_counter()
+        seed = sampling.seed if sampling.seed is not None else random.randrange(2**31)
+        self.model.new_sampler(sampling, seed, seq)
+        p = Pending(
+            session, player, sampling, seed, fitted, heads, seq, len(tokens), on_text, [t0, t1, t2]
+        )
+        p.prefilled = self.last_prefill
+        p.next_token = self.model.sample(seq)
+        return p
+
+    def accept(self, p: Pending) -> bool:
+        """Take ``p.next_token`` into the reply; True when it must be decoded to go on."""
+        tok = p.next_token
+        if tok in self.vocab.stop or self.model.is_eog(tok):
+            p.reason = "tag" if tok in self.vocab.tags.values() else "eos"
+            return False
+        p.n += 1
+        p.emit(p.decoder.decode(self.model.piece(tok)))
+        if p.n >= p.sampling.max_tokens or p.pos >= self.model.n_ctx:
+            p.reason = "length"
+            return False
+        return True
+
+    def finish(self, p: Pending) -> Turn:
+        p.emit(p.decoder.decode(b"", final=True))
+        t0, t1, t2 = p.times
+        t3 = time.perf_counter()
+        heads = p.heads
+        return Turn(
+            player=p.player,
+            reply="".join(p.pieces).rstrip(),
+            heads=heads,
+            tags_before=p.session.tags,
+            tags_after=apply_deltas(p.session.tags, heads.deltas, self.cfg.state),
+            prompt_tokens=len(p.fitted.tokens),
+            prefill_tokens=p.prefilled,
+            generated_tokens=p.n,
+            dropped_turns=p.fitted.dropped_turns,
+            stop_reason=p.reason,
+            timings=Timings((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3),
+            seed=p.seed,
+            npc_id=p.session.npc_id,
+        )
+
+    def stream(
+        self,
+        session: Session,
+        player: str,
+        sampling: SamplingParams,
+        context: tuple[ContextTurn, ...] = (),
+        pinned: tuple[ContextTurn, ...] = (),
+    ) -> Generator[str, None, Turn]:
+        """One turn as a generator: yields the reply's text pieces as they are generated
+        and returns the :class:`Turn`. Closing it early (or any exception) abandons the
+        turn: the session is not changed and sequence 0's KV cache is treated as unknown.
+
+        ``context`` is history from outside the session (dropped first when the window is
+        full); ``pinned`` lines (recalled memories) come first and are never dropped."""
+        pieces: list[str] = []
+        try:
+            p = self.start(session, player, sampling, pieces.append, context=context, pinned=pinned)
+            while True:
+                going = self.accept(p)
+                yield from pieces
+                pieces.clear()
+                if not going:
+                    break
+                self.advance([p])
+            result = self.finish(p)
+            yield from pieces
+            return result
+        except BaseException:
+            self.forget(0)  # an interrupted turn leaves the KV cache in an unknown state
+            raise
+
+    def turn(
+        self,
+        session: Session,
+        player: str,
+        sampling: SamplingParams,
+        on_text: Callable[[str], None] | None = None,
+        context: tuple[ContextTurn, ...] = (),
+        pinned: tuple[ContextTurn, ...] = (),
+    ) -> Turn:
+        """Run one turn (see :meth:`stream`), passing each text piece to ``on_text``.
+        Raises KeyboardInterrupt untouched: the session is not changed."""
+        return drive(self.stream(session, player, sampling, context, pinned), on_text)
+
+    def fixed_turn(
+        self,
+        session: Session,
+        player: str,
+        reply: str,
+        deltas: dict[str, float],
+        fired: tuple[str, ...],
+    ) -> Turn:
+        """A turn decided without the model (a forbidden trigger): fixed reply and delta."""
+        flags = {
+            n: FlagResult(1.0 if n in fired else 0.0, 0.5, n in fired) for n in self.bundle.flags
+        }
+        heads = HeadsOutput(deltas={n: float(deltas.get(n, 0.0)) for n in DELTA_NAMES}, flags=flags)
+        return Turn(
+            player=player,
+            reply=reply,
+            heads=heads,
+            tags_before=session.tags,
+            tags_after=apply_deltas(session.tags, heads.deltas, self.cfg.state),
+            prompt_tokens=0,
+            prefill_tokens=0,
+            generated_tokens=0,
+            dropped_turns=0,
+            stop_reason="trigger",
+            timings=Timings(0.0, 0.0, 0.0),
+            seed=0,
+            npc_id=session.npc_id,
+        )
+
+    def advance(self, pending: list[Pending]) -> None:
+        """Decode each turn's accepted token (one batch) and draw its next one."""
+        # In ascending sequence order: with one KV stream per sequence, llama.cpp splits a
+        # batch into ubatches of consecutive streams (split_equal(..., sequential=true) in
+        # llama-kv-cache.cpp), so 8 slots listed 7..0 ran as 8 one-token decodes (measured
+        # 165 ms a step instead of 94 for Qwen2.5-0.5B dimensions on 2 cores).
+        pending = sorted(pending, key=lambda p: p.seq)
+        if len(pending) == 1:
+            p = pending[0]
+            self.model.step(p.next_token, p.pos, p.seq)
+        else:
+            self.model.step_many([(p.seq, p.next_token, p.pos) for p in pending])
+        for i, p in enumerate(pending):
+            self.kv.append(p.seq, p.next_token)
+            p.pos += 1
+            p.next_token = self.model.sample(p.seq, i if len(pending) > 1 else -1)
+
+
+class Pending:
+    """A turn between its prefill and its last token (mutable, internal to the engine)."""
+
+    def __init__(
+        self,
+        session: Session,
+        player: str,
+        sampling: SamplingParams,
+        seed: int,
+        fitted: prompt_mod.FittedPrompt,
+        heads: HeadsOutput,
+        seq: int,
+        pos: int,
+        on_text: Callable[[str], None] | None,
+        times: list[float],
+    ) -> None:
+        self.session, self.player, self.sampling, self.seed = session, player, sampling, seed
+        self.fitted, self.heads, self.seq, self.pos = fitted, heads, seq, pos
+        self.on_text, self.times = on_text, times
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.pieces: list[str] = []
+        self.n = 0
+        self.next_token = -1
+        self.reason = "length"
+        self.started = False
+        self.prefilled = pos
+
+    def emit(self, text: str) -> None:
+        if not self.started:  # the reply starts at its first visible character
+            text = text.lstrip()
+            self.started = bool(text)
+        if text:
+            self.pieces.append(text)
+            if self.on_text:
+                self.on_text(text)
+
+
+def drive(steps: Generator[str, None, Turn], on_text: Callable[[str], None] | None) -> Turn:
+    """Run a turn generator to its end, passing each text piece to ``on_text``; a failure
+    in ``on_text`` (Ctrl-C while printing) closes the generator, abandoning the turn."""
+    try:
+        while True:
+            try:
+                piece = next(steps)
+            except StopIteration as stop:
+                turn: Turn = stop.value
+                return turn
+            if on_text is not None:
+                on_text(piece)
+    except BaseException:
+        steps.close()
+        raise
+
+
+def load_engine(bundle_dir: Path, cfg: Config, n_seq: int = 1) -> Engine:
+    from npcchat.runtime import bundle as bundle_mod
+
+    return Engine.load(bundle_mod.load(bundle_dir), cfg, n_seq)

@@ -1,0 +1,361 @@
+"""Session files: NPC state and history, as TOML or JSON by suffix, written atomically.
+
+A session is a frozen value; every change makes a new one. Files carry a schema version.
+Reading validates every key and names the one at fault; a corrupt file or one from a newer
+npcchat is refused and never overwritten. Writing goes to a temp file in the same
+directory, is fsynced, then renamed over the target, so a crash mid-save leaves the old file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from npcchat.errors import SessionError, where
+from npcchat.files.atomic import atomic_write
+from npcchat.types import (
+    DELTA_NAMES,
+    FlagResult,
+    Memory,
+    PlayerState,
+    Tags,
+    Turn,
+    flags_json,
+)
+
+SCHEMA_VERSION = 1
+SUFFIXES = (".toml", ".json")
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class TurnRecord:
+    player: str
+    reply: str
+    deltas: dict[str, float]
+    flags: dict[str, FlagResult]
+    tags_before: Tags
+    prompt_tokens: int
+    generated_tokens: int
+    dropped_turns: int
+    stop_reason: str
+    seed: int
+    prefill_tokens: int
+    timings_ms: dict[str, float]
+    time: str
+
+    @classmethod
+    def from_result(cls, r: Turn) -> TurnRecord:
+        t = r.timings
+        return cls(
+            player=r.player,
+            reply=r.reply,
+            deltas=dict(r.heads.deltas),
+            flags=dict(r.heads.flags),
+            tags_before=r.tags_before,
+            prompt_tokens=r.prompt_tokens,
+            prefill_tokens=r.prefill_tokens,
+            generated_tokens=r.generated_tokens,
+            dropped_turns=r.dropped_turns,
+            stop_reason=r.stop_reason,
+            seed=r.seed,
+            timings_ms={"prefill": t.prefill_ms, "heads": t.heads_ms, "generate": t.generate_ms},
+            time=_now(),
+        )
+
+
+@dataclass(frozen=True)
+class Session:
+    npc_id: str
+    tags: Tags
+    player_state: PlayerState = field(default_factory=PlayerState)
+    lore: str = ""
+    description: str = ""
+    history: tuple[TurnRecord, ...] = ()
+    fired_flags: tuple[str, ...] = ()  # every flag that fired, in order of first firing
+    bundle_name: str = ""
+    bundle_id: str = ""
+    seed: int = 0
+    created: str = field(default_factory=_now)
+    initial_tags: Tags | None = None  # what /reset returns to
+    npc_file: str = ""  # the NPC definition its knowledge (lore entries, triggers) comes from
+    memories: tuple[Memory, ...] = ()  # long-term memory lines of turns out of the window
+    memorized: int = 0  # history turns [0, memorized) have been turned into memories
+
+    def with_turn(self, r: Turn) -> Session:
+        """The session after a finished turn: new tags, one more record, fired flags noted."""
+        fired = list(self.fired_flags)
+        fired += [n for n, f in r.heads.flags.items() if f.fired and n not in fired]
+        return replace(
+            self,
+            tags=r.tags_after,
+            history=(*self.history, TurnRecord.from_result(r)),
+            fired_flags=tuple(fired),
+        )
+
+    def undo(self) -> Session:
+        """Drop the last turn and take back what it changed (trust and relationship).
+
+        Other tags are only changed by the designer (/set), so they stay as they are now.
+        """
+        if not self.history:
+            return self
+        before = self.history[-1].tags_before
+        rest = self.history[:-1]
+        fired = [n for n in self.fired_flags if any(t.flags.get(n, _NO).fired for t in rest)]
+        tags = replace(self.tags, trust=before.trust, relationship=before.relationship)
+        memories = tuple(m for m in self.memories if m.turn < len(rest))
+        return replace(
+            self,
+            tags=tags,
+            history=rest,
+            fired_flags=tuple(fired),
+            memories=memories,
+            memorized=min(self.memorized, len(rest)),
+        )
+
+    def reset(self) -> Session:
+        return replace(
+            self,
+            tags=self.initial_tags or self.tags,
+            history=(),
+            fired_flags=(),
+            memories=(),
+            memorized=0,
+        )
+
+
+_NO = FlagResult(0.0, 1.0, False)
+
+
+# -- serialization ---------------------------------------------------------------------------
+def _tags_dict(t: Tags) -> dict[str, Any]:
+    return {f.name: getattr(t, f.name) for f in fields(Tags)}
+
+
+def to_dict(s: Session) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "npc_id": s.npc_id,
+        "created": s.created,
+        "seed": s.seed,
+        "bundle": {"name": s.bundle_name, "id": s.bundle_id},
+        "lore": s.lore,
+        "description": s.description,
+        "tags": _tags_dict(s.tags),
+        "initial_tags": _tags_dict(s.initial_tags or s.tags),
+        "player_state": {
+            "items": list(s.player_state.items),
+            "actions": list(s.player_state.actions),
+            "position": s.player_state.position,
+        },
+        "fired_flags": list(s.fired_flags),
+        "npc_file": s.npc_file,
+        "memorized": s.memorized,
+        "memories": [{"turn": m.turn, "text": m.text} for m in s.memories],
+        "history": [_turn_dict(t) for t in s.history],
+    }
+    return out
+
+
+def _turn_dict(t: TurnRecord) -> dict[str, Any]:
+    return {
+        "player": t.player,
+        "reply": t.reply,
+        "deltas": dict(t.deltas),
+        "flags": flags_json(t.flags),
+        "tags_before": _tags_dict(t.tags_before),
+        "tokens": {
+            "prompt": t.prompt_tokens,
+            "prefill": t.prefill_tokens,
+            "generated": t.generated_tokens,
+        },
+        "dropped_turns": t.dropped_turns,
+        "stop_reason": t.stop_reason,
+        "seed": t.seed,
+        "timings_ms": dict(t.timings_ms),
+        "time": t.time,
+    }
+
+
+class _Reader:
+    """Typed access to a parsed file that names the key at fault."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def get(self, d: Any, key: str, kind: type | tuple[type, ...], label: str) -> Any:
+        if not isinstance(d, dict) or key not in d:
+            raise SessionError(f"{where(self.path, label)}: missing")
+        v = d[key]
+        if kind is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        if not isinstance(v, kind) or (isinstance(v, bool) and kind in (int, float)):
+            name = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+            raise SessionError(f"{where(self.path, label)}: expected {name}, got {v!r}")
+        return v
+
+    def strs(self, d: Any, key: str, label: str) -> tuple[str, ...]:
+        items = self.get(d, key, list, label)
+        if not all(isinstance(x, str) for x in items):
+            raise SessionError(f"{where(self.path, label)}: expected a list of strings")
+        return tuple(items)
+
+    def tags(self, d: Any, label: str) -> Tags:
+        values = {}
+        for f in fields(Tags):
+            kind = float if f.name in ("trust", "relationship") else str
+            values[f.name] = self.get(d, f.name, kind, f"{label}.{f.name}")
+        return Tags(**values)
+
+    def floats(self, d: Any, label: str) -> dict[str, float]:
+        if not isinstance(d, dict):
+            raise SessionError(f"{where(self.path, label)}: expected a table")
+        return {k: self.get(d, k, float, f"{label}.{k}") for k in d}
+
+    def turn(self, d: Any, label: str) -> TurnRecord:
+        g = self.get
+        flags_raw = g(d, "flags", dict, f"{label}.flags")
+        flags = {
+            n: FlagResult(
+                g(v, "prob", float, f"{label}.flags.{n}.prob"),
+                g(v, "threshold", float, f"{label}.flags.{n}.threshold"),
+                g(v, "fired", bool, f"{label}.flags.{n}.fired"),
+            )
+            for n, v in flags_raw.items()
+        }
+        deltas = self.floats(g(d, "deltas", dict, f"{label}.deltas"), f"{label}.deltas")
+        for name in DELTA_NAMES:
+            if name not in deltas:
+                raise SessionError(f"{where(self.path, f'{label}.deltas.{name}')}: missing")
+        tokens = g(d, "tokens", dict, f"{label}.tokens")
+        return TurnRecord(
+            player=g(d, "player", str, f"{label}.player"),
+            reply=g(d, "reply", str, f"{label}.reply"),
+            deltas=deltas,
+            flags=flags,
+            tags_before=self.tags(
+                g(d, "tags_before", dict, f"{label}.tags_before"), f"{label}.tags_before"
+            ),
+            prompt_tokens=g(tokens, "prompt", int, f"{label}.tokens.prompt"),
+            prefill_tokens=g(tokens, "prefill", int, f"{label}.tokens.prefill")
+            if "prefill" in tokens
+            else g(tokens, "prompt", int, f"{label}.tokens.prompt"),
+            generated_tokens=g(tokens, "generated", int, f"{label}.tokens.generated"),
+            dropped_turns=g(d, "dropped_turns", int, f"{label}.dropped_turns"),
+            stop_reason=g(d, "stop_reason", str, f"{label}.stop_reason"),
+            seed=g(d, "seed", int, f"{label}.seed"),
+            timings_ms=self.floats(
+                g(d, "timings_ms", dict, f"{label}.timings_ms"), f"{label}.timings_ms"
+            ),
+            time=g(d, "time", str, f"{label}.time"),
+        )
+
+
+def from_dict(data: Any, path: Path) -> Session:
+    r = _Reader(path)
+    if not isinstance(data, dict):
+        raise SessionError(f"{path}: not an npcchat session (expected a table at the top)")
+    version = r.get(data, "schema_version", int, "schema_version")
+    if version > SCHEMA_VERSION:
+        raise SessionError(
+            f"{where(path, 'schema_version')}: session format {version} is newer than this npcchat "
+            f"reads ({SCHEMA_VERSION})",
+            hint="upgrade npcchat to open it; the file was left untouched",
+        )
+    if version < 1:
+        raise SessionError(f"{where(path, 'schema_version')}: expected 1, got {version}")
+    ps = r.get(data, "player_state", dict, "player_state")
+    bundle = r.get(data, "bundle", dict, "bundle")
+    history = r.get(data, "history", list, "history")
+    return Session(
+        npc_id=r.get(data, "npc_id", str, "npc_id"),
+        tags=r.tags(r.get(data, "tags", dict, "tags"), "tags"),
+        initial_tags=r.tags(r.get(data, "initial_tags", dict, "initial_tags"), "initial_tags"),
+        player_state=PlayerState(
+            items=r.strs(ps, "items", "player_state.items"),
+            actions=r.strs(ps, "actions", "player_state.actions"),
+            position=r.get(ps, "position", str, "player_state.position"),
+        ),
+        lore=r.get(data, "lore", str, "lore"),
+        description=r.get(data, "description", str, "description"),
+        history=tuple(r.turn(t, f"history[{i}]") for i, t in enumerate(history)),
+        fired_flags=r.strs(data, "fired_flags", "fired_flags"),
+        bundle_name=r.get(bundle, "name", str, "bundle.name"),
+        bundle_id=r.get(bundle, "id", str, "bundle.id"),
+        seed=r.get(data, "seed", int, "seed"),
+        created=r.get(data, "created", str, "created"),
+        npc_file=r.get(data, "npc_file", str, "npc_file") if "npc_file" in data else "",
+        memorized=r.get(data, "memorized", int, "memorized") if "memorized" in data else 0,
+        memories=tuple(
+            Memory(
+                r.get(m, "turn", int, f"memories[{i}].turn"),
+                r.get(m, "text", str, f"memories[{i}].text"),
+            )
+            for i, m in enumerate(
+                r.get(data, "memories", list, "memories") if "memories" in data else []
+            )
+        ),
+    )
+
+
+def _suffix(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise SessionError(f"{path}: session files end in .toml or .json, not {suffix or '(none)'}")
+    return suffix
+
+
+def dumps(s: Session, suffix: str) -> str:
+    data = to_dict(s)
+    if suffix == ".json":
+        return json.dumps(data, ensure_ascii=False, indent=2) + "\n"
+    import tomli_w
+
+    return tomli_w.dumps(data)
+
+
+def load(path: Path) -> Session:
+    suffix = _suffix(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise SessionError(f"{path}: no such session file") from None
+    except OSError as e:
+        raise SessionError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        text = raw.decode("utf-8")
+        if suffix == ".json":
+            data = json.loads(text)
+        else:
+            import tomllib
+
+            data = tomllib.loads(text)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise SessionError(
+            f"{path}: corrupt session file ({e})", hint="the file was left untouched"
+        ) from None
+    return from_dict(data, path)
+
+
+def save(s: Session, path: Path, known: bool = False) -> None:
+    """Write atomically; refuses to replace a file that is not an npcchat session.
+
+    ``known``: the caller wrote or read this file itself, so it need not be read back and
+    parsed again (autosave after every turn would otherwise re-read the whole history)."""
+    text = dumps(s, _suffix(path))
+    if path.exists() and not known:
+        try:
+            load(path)
+        except SessionError as e:
+            raise SessionError(
+                f"{path}: refusing to overwrite a file npcchat cannot read as a session ({e})",
+                hint="save to another file name",
+            ) from None
+    atomic_write(path, text.encode("utf-8"))
