@@ -181,3 +181,15 @@ def test_no_formatter_escapes_beyond_a_handful() -> None:
         for path in root.rglob("*.py")
     )
     assert skips <= 5
+
+
+def test_every_package_is_in_the_wheel() -> None:
+    """pyproject lists packages by hand (two live under renamed folders): a new subpackage
+    missing there would work in the editable checkout and vanish from `pip install .`."""
+    import tomllib
+
+    listed = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    found = {m for m, p in _modules().items() if p.name == "__init__.py"}
+    assert listed == found

@@ -260,3 +260,32 @@ def test_bench_json(bundle_q4: Path) -> None:
     for key in ("prefill_tok_s", "decode_tok_s", "heads_us", "turn_over_generate_only", "help_s"):
         assert report[key] > 0
     assert report["prompt_tokens"] >= 120
+
+
+@pytest.mark.parametrize(
+    ("args", "what"),
+    [
+        (["convert", "--base", "b", "--out", "o"], "npcchat convert"),
+        (["heads", "fit", "data.jsonl"], "npcchat heads fit"),
+    ],
+)
+def test_a_missing_extra_names_the_pip_install_line(
+    args: list[str], what: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """On a runtime-only install the model-side commands say what to install, in one line."""
+    from npcchat import extras
+
+    # one module of the extra that no machine has: the real lookup reports it missing
+    monkeypatch.setitem(extras.EXTRAS, "convert", ("gguf", "npcchat_no_such_module"))
+    assert extras.missing("convert") == ["npcchat_no_such_module"]
+    code = (
+        "import sys; from npcchat import extras; "
+        "extras.EXTRAS['convert'] = ('gguf', 'npcchat_no_such_module'); "
+        f"sys.argv = ['npcchat', *{args!r}]; "
+        "from npcchat.cli import main; main()"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120
+    )
+    assert_user_error(proc, f"{what} needs the 'convert' extra (npcchat_no_such_module")
+    assert "hint: pip install 'npcchat[convert]'" in proc.stderr

@@ -25,7 +25,6 @@ from npcchat.files.atomic import atomic_write
 from npcchat.runtime.bundle import Bundle, write_manifest
 from npcchat.runtime.bundle import load as load_bundle
 from npcchat.runtime.engine import Engine
-from npcchat.sessions.session import Session
 from npcchat.types import DELTA_NAMES
 
 
@@ -94,14 +93,7 @@ def collect(engine: Engine, records: list[Scenario], tick: Callable[[], None]) -
     """The `<STATE>` vector of every record's prompt (one prefill each, no generation)."""
     rows = []
     for sc in records:
-        s = Session(
-            npc_id=sc.npc_id,
-            tags=sc.tags,
-            player_state=sc.player_state,
-            lore=sc.lore,
-            description=sc.description,
-        )
-        fitted = engine.fit(engine.prompt_input(s, sc.turns[0][0], sc.context), 1)
+        fitted = engine.fit(engine.prompt_input(sc.new_session(), sc.turns[0][0], sc.context), 1)
         rows.append(engine.state_vector(fitted)[0])
         tick()
     return np.stack(rows).astype(np.float64)

@@ -18,7 +18,6 @@ from npcchat.eval.similarity import Similarity
 from npcchat.runtime import batch
 from npcchat.runtime.engine import Engine
 from npcchat.runtime.kvbook import Reuse
-from npcchat.sessions.session import Session
 from npcchat.types import SamplingParams, Turn, turn_json
 
 
@@ -60,14 +59,7 @@ def _driver(
     sc: Scenario, engine: Engine, sampling: SamplingParams, sim: Similarity, reuse: Reuse
 ) -> batch.Driver[dict[str, Any]]:
     """One scenario as a conversation; the NPC state carries from turn to turn."""
-    session = Session(
-        npc_id=sc.npc_id,
-        tags=sc.tags,
-        player_state=sc.player_state,
-        lore=sc.lore,
-        description=sc.description,
-        seed=sampling.seed or 0,
-    )
+    session = sc.new_session(seed=sampling.seed or 0)
     out: dict[str, Any] = {
         "id": sc.id,
         "source": sc.source,

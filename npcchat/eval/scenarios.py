@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from npcchat.sessions.session import Session
 from npcchat.types import DELTA_NAMES, ContextTurn, PlayerState, Tags
 
 
@@ -52,6 +53,17 @@ class Scenario:
     @property
     def labelled(self) -> bool:
         return any(e is not None for _, e in self.turns)
+
+    def new_session(self, seed: int = 0) -> Session:
+        """The session the scenario starts from (no history: its context is separate)."""
+        return Session(
+            npc_id=self.npc_id,
+            tags=self.tags,
+            player_state=self.player_state,
+            lore=self.lore,
+            description=self.description,
+            seed=seed,
+        )
 
 
 @dataclass(frozen=True)
