@@ -147,7 +147,7 @@ class Runtime:
         if path.is_file():
             return npc_mod.load(path)
         if path.suffix == ".toml" or "/" in str(spec):
-            raise ConfigError(f"--npc {spec}: file not found")
+            raise ConfigError(f"NPC file {spec}: not found")
         return npc_mod.load(demo.find_npc(str(spec)))
 
     def evaluate(

@@ -53,4 +53,4 @@ def find_npc(spec: str) -> Path:
     if len(matches) == 1:
         return matches[0]
     names = ", ".join(p.stem for p in npcs) or "(no demo NPCs installed)"
-    raise ConfigError(f"--npc {spec}: not a file and not a demo NPC", hint=f"demo NPCs: {names}")
+    raise ConfigError(f"NPC {spec!r}: not a file and not a demo NPC", hint=f"demo NPCs: {names}")
