@@ -12,11 +12,19 @@ Load a bundle once, open conversations on it, run scenarios through it::
                 print(piece, end="", flush=True)
             print(stream.turn.to_json())             # what `npcchat talk --json` prints
 
-Threads: a :class:`Runtime` owns one llama.cpp context. Every call that decodes (a turn, a
-stream, a predecode, :meth:`Runtime.evaluate`) takes the runtime's lock, so a runtime and
-its conversations may be used from any thread: turns run one after the other, never
-interleaved, and each conversation's session changes atomically per turn. Nothing else is
-shared between runtimes; two runtimes (two contexts) run in parallel.
+Threads: a :class:`Runtime` and its conversations may be used from any thread.
+
+* Each conversation does one thing at a time: its turns (and undo, set, save...) never
+  interleave, and its session changes in whole turns.
+* The runtime owns one llama.cpp context. By default every call that decodes (a turn, a
+  stream, a predecode, :meth:`Runtime.evaluate`) takes the runtime's lock: turns of
+  different conversations run one after the other.
+* After :meth:`Runtime.start_batching` (load with ``slots=N``), turns of different
+  conversations run side by side, up to N at once in one batched decode per step, and a
+  new turn joins while others generate; more than ``max_waiting`` waiting turns are
+  refused with :class:`npcchat.errors.BusyError`. ``npcchat serve`` is this mode.
+
+Two runtimes share nothing (two contexts, two copies of the weights).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import logging
 import random
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import as_completed
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -32,17 +41,20 @@ from typing import Any
 from npcchat import demo
 from npcchat.config import Config
 from npcchat.config import load as load_config
-from npcchat.conversation import Conversation, new_session
+from npcchat.conversation import Conversation, EngineAccess, new_session
 from npcchat.errors import ConfigError
 from npcchat.eval.scenarios import Scenario
 from npcchat.eval.similarity import Similarity
 from npcchat.mind import npc as npc_mod
 from npcchat.mind.mind import NpcMind, knowledge_of
 from npcchat.runtime import bundle as bundle_mod
+from npcchat.runtime.batch import Driver, TurnRequest
 from npcchat.runtime.bundle import Bundle
 from npcchat.runtime.engine import Engine
+from npcchat.runtime.scheduler import Load, Scheduler
 from npcchat.sessions import session as session_mod
-from npcchat.types import SamplingParams, Tags
+from npcchat.sessions.session import Session
+from npcchat.types import ContextTurn, SamplingParams, Tags, Turn
 
 log = logging.getLogger("npcchat")
 
@@ -59,13 +71,13 @@ class Runtime:
     """A bundle loaded once: the GGUF in llama.cpp, the ONNX heads, the prompt template and
     the settings. Open any number of conversations on it; :meth:`close` frees the model.
 
-    Thread-safe as described in :mod:`npcchat.api`: decoding calls take :attr:`lock`.
+    Thread-safe as described in :mod:`npcchat.api`.
     """
 
     def __init__(self, engine: Engine, config: Config) -> None:
         self._engine = engine
         self.config = config
-        self.lock = threading.RLock()
+        self._access = EngineAccess(engine, threading.Lock())
 
     @property
     def bundle(self) -> Bundle:
@@ -85,6 +97,31 @@ class Runtime:
     def slots(self) -> int:
         """Sequences of the llama.cpp context (``load(..., slots=N)``): turns at once."""
         return self._engine.model.n_seq
+
+    @property
+    def batching(self) -> bool:
+        return self._access.scheduler is not None
+
+    @property
+    def occupancy(self) -> Load:
+        """Turns running and waiting (all zero unless batching)."""
+        scheduler = self._access.scheduler
+        return scheduler.load if scheduler else Load(self.slots, 0, 0)
+
+    def start_batching(self, max_waiting: int | None = None) -> None:
+        """From now on turns of different conversations run side by side in the
+        :attr:`slots` (continuous batching); beyond them at most ``max_waiting`` turns wait
+        (default: as many as there are slots) and more are refused with BusyError. KV
+        snapshots and idle-time predecode are off meanwhile (a slot is not a session's)."""
+        if self._access.scheduler is None:
+            waiting = self.slots if max_waiting is None else max_waiting
+            self._access.scheduler = Scheduler(self._engine, self._access.lock, waiting)
+
+    def stop_batching(self) -> None:
+        """Let the running turns finish; then turns take the runtime's lock again."""
+        scheduler, self._access.scheduler = self._access.scheduler, None
+        if scheduler is not None:
+            scheduler.close()
 
     def open(
         self,
@@ -129,11 +166,10 @@ class Runtime:
                 session_mod.save(sess, path)
         mind = NpcMind(engine, know, cfg.knowledge)
         conv = Conversation(
-            engine, sess, sampling_of(cfg), path, on_warning=warn, mind=mind, lock=self.lock
+            engine, sess, sampling_of(cfg), path, on_warning=warn, mind=mind, access=self._access
         )
         if path is not None and sess.history:
-            with self.lock:
-                conv.restored_snapshot = conv.resume_snapshot()
+            conv.restored_snapshot = conv.resume_snapshot()
         return conv
 
     def _npc(self, spec: NpcSpec) -> npc_mod.NpcDef:
@@ -173,20 +209,44 @@ class Runtime:
             if on_result is not None:
                 on_result(result)
 
-        with self.lock:
-            runner.run(
-                self._engine,
-                list(scenarios),
-                params,
-                similarity or Similarity(),
-                done,
-                share_prefix,
-            )
+        sim = similarity or Similarity()
+        scheduler = self._access.scheduler
+        if scheduler is None:
+            with self._access.lock:
+                runner.run(self._engine, list(scenarios), params, sim, done, share_prefix)
+            return results
+        futures = [
+            scheduler.submit(driver, queue=False)
+            for driver in runner.drivers(self._engine, list(scenarios), params, sim, share_prefix)
+        ]
+        for future in as_completed(futures):
+            done(future.result())
         return results
+
+    def turn(
+        self,
+        session: Session,
+        text: str,
+        *,
+        context: Sequence[ContextTurn] = (),
+        sampling: SamplingParams | None = None,
+    ) -> Turn:
+        """One stateless turn on a session value (nothing is saved, no NPC file applies):
+        what a caller that keeps its own history needs (``/api/predict_main``).
+        ``context``: history lines placed before the session's own."""
+        params = sampling or sampling_of(self.config, session.seed)
+        scheduler = self._access.scheduler
+        if scheduler is not None:
+            future = scheduler.submit(_one_turn(session, text, tuple(context), params))
+            turn: Turn = future.result()
+            return turn
+        with self._access.lock:
+            return self._engine.turn(session, text, params, context=tuple(context))
 
     def close(self) -> None:
         """Free the model and context (native memory). Conversations on it end with it."""
-        with self.lock:
+        self.stop_batching()
+        with self._access.lock:
             self._engine.close()
 
     def __enter__(self) -> Runtime:
@@ -194,6 +254,13 @@ class Runtime:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _one_turn(
+    session: Session, text: str, context: tuple[ContextTurn, ...], sampling: SamplingParams
+) -> Driver[Turn]:
+    turn = yield TurnRequest(session, text, sampling, context=context)
+    return turn
 
 
 def _fresh_seed() -> int:

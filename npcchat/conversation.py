@@ -4,17 +4,22 @@ This is the object :meth:`npcchat.Runtime.open` returns and ``npcchat talk`` dri
 change produces a new frozen Session; a turn only lands when it finished, so an interrupted
 or cancelled turn (Ctrl-C, a closed stream) leaves the session exactly as it was.
 
-Threads: every method takes the runtime's lock (one llama.cpp context serves every
-conversation opened on it), so a conversation may be used from any thread and turns of
-several conversations on one runtime run one after the other, never interleaved. A
-:class:`TurnStream` holds that lock from its first piece to its end: consume or close it.
+Threads: every method may be called from any thread. A conversation's own lock makes its
+turns and changes happen one at a time, in full (two threads saying something to the same
+NPC in one session get two whole turns, one after the other). Turns of different
+conversations share the runtime's engine through :class:`EngineAccess`: one after the
+other under the runtime's lock, or side by side in the slots of a running scheduler
+(:meth:`npcchat.Runtime.start_batching`). A :class:`TurnStream` holds its conversation
+(and, without a scheduler, the engine) from its first piece to its end: consume or close it.
 """
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections.abc import Callable, Generator, Iterator
-from dataclasses import replace
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -22,7 +27,9 @@ from typing import Any, TypeVar
 from npcchat.errors import ConfigError
 from npcchat.mind.mind import NpcMind
 from npcchat.mind.npc import NpcDef
+from npcchat.runtime.batch import Driver, TurnRequest
 from npcchat.runtime.engine import Engine, drive
+from npcchat.runtime.scheduler import Scheduler
 from npcchat.sessions import session as session_mod
 from npcchat.sessions import snapshot
 from npcchat.sessions.session import Session
@@ -81,10 +88,21 @@ def set_value(s: Session, key: str, value: str) -> Session:
     raise ConfigError(f"/set: unknown key {key!r}", hint=f"keys: {', '.join(SETTABLE)}")
 
 
+@dataclass
+class EngineAccess:
+    """How conversations reach the one engine of a runtime: ``lock`` serializes turns (and
+    every other use of the engine) while no ``scheduler`` runs; with one, turns go to its
+    slots instead, side by side, and nothing else touches the engine."""
+
+    engine: Engine
+    lock: threading.Lock
+    scheduler: Scheduler | None = None
+
+
 class Conversation:
     """An NPC and a session on a loaded bundle: :meth:`say` or :meth:`stream` a player's
     line, get a :class:`npcchat.Turn`. With a ``path`` the session is saved atomically after
-    every change (and its KV snapshot beside it)."""
+    every change (and, outside a scheduler, its KV snapshot beside it)."""
 
     def __init__(
         self,
@@ -94,15 +112,18 @@ class Conversation:
         path: Path | None = None,
         on_warning: Callable[[str], None] | None = None,
         mind: NpcMind | None = None,
-        lock: threading.RLock | None = None,
+        access: EngineAccess | None = None,
+        affinity: str = "",
     ) -> None:
         self.engine = engine
-        self.lock = lock or threading.RLock()
+        self.access = access or EngineAccess(engine, threading.Lock())
+        self.lock = threading.Lock()  # this conversation's turns and changes, one at a time
         self.session = session
         self.sampling = sampling
         self.path = path
         self.on_warning = on_warning
         self.mind = mind  # knowledge and long-term memory; None: the session's lore as is
+        self.affinity = affinity or (str(path) if path else f"conversation-{id(self)}")
         self._turns = len(session.history)
         self._ours: set[Path] = set()  # session files this conversation has written
         # talk's REPL predecodes after every turn: its KV snapshot is written then, once,
@@ -110,36 +131,77 @@ class Conversation:
         self.idle_snapshots = False
         self._snapshot_due = False
         self.restored_snapshot = False  # set by Runtime.open when a KV snapshot was restored
+        self._engine_held = False  # this conversation holds the engine lock (inside a turn)
 
     def _turn_sampling(self) -> SamplingParams:
         # The session seed plus a turn counter: reproducible runs, and /retry draws anew.
         return replace(self.sampling, seed=(self.session.seed + self._turns) % 2**31)
 
-    def say(self, text: str, on_text: Callable[[str], None] | None = None) -> Turn:
+    # -- turns ----------------------------------------------------------------------------
+    def say(
+        self,
+        text: str,
+        on_text: Callable[[str], None] | None = None,
+        sampling: SamplingParams | None = None,
+    ) -> Turn:
         """Run one turn for the player's ``text``; ``on_text`` gets each reply piece as it
         is generated. Returns the :class:`npcchat.Turn` (its ``to_json()`` is a line of
-        ``talk --json``). The turn is committed (and saved) only when it finished."""
-        with self.lock:
-            return drive(self._steps(text), on_text)
+        ``talk --json``). The turn is committed (and saved) only when it finished.
+        ``sampling`` replaces the conversation's settings for this turn (its seed, when
+        None, is the session's seed plus the turn number, as always)."""
+        return drive(self._steps(text, sampling=sampling), on_text)
 
-    def stream(self, text: str) -> TurnStream:
+    def stream(self, text: str, sampling: SamplingParams | None = None) -> TurnStream:
         """The same turn as :meth:`say`, as an iterator of reply pieces; ``.turn`` is the
         finished turn. Closing the stream before its end cancels the turn: nothing of it is
         committed."""
-        return TurnStream(self._steps(text), self.lock)
+        return TurnStream(self._steps(text, sampling=sampling))
 
-    def _steps(self, text: str) -> Generator[str, None, Turn]:
-        """One turn as a generator of text pieces; commits the session when it returns."""
+    def retry(self, on_text: Callable[[str], None] | None = None) -> Turn | None:
+        """Redo the last turn with a new draw (the state vector is the same: same prompt)."""
+        if not self.session.history:
+            return None
+        return drive(self._steps("", retry=True), on_text)
+
+    def _steps(
+        self, text: str, retry: bool = False, sampling: SamplingParams | None = None
+    ) -> Generator[str, None, Turn]:
+        """One turn as a generator of text pieces; commits the session when it returns.
+        Holds the conversation's lock (and, without a scheduler, the engine's) from its
+        first piece to its end, releasing both when it ends or is closed."""
+        with ExitStack() as held:
+            held.enter_context(self.lock)
+            before = self.session
+            if retry:
+                text = self.session.history[-1].player
+                self.session = self.session.undo()
+            try:
+                scheduler = self.access.scheduler
+                if scheduler is not None:
+                    result = yield from self._batched(scheduler, text, sampling)
+                else:
+                    held.enter_context(self._hold_engine())
+                    result = yield from self._sequential(text, sampling)
+            except BaseException:
+                self.session = before
+                raise
+            return result
+
+    def _begin(self, text: str, sampling: SamplingParams | None) -> Turn | TurnRequest:
+        """A forbidden trigger's fixed turn, or the request the engine must run."""
         result = self.mind.trigger(self.session, text) if self.mind else None
-        if result is not None:  # a forbidden trigger: fixed reaction, no model call
-            yield result.reply
-        elif self.mind is not None:
-            prep = self.mind.prepare(self.session, text)
-            result = yield from self.engine.stream(
-                prep.session, text, self._turn_sampling(), pinned=prep.pinned
-            )
-        else:
-            result = yield from self.engine.stream(self.session, text, self._turn_sampling())
+        if result is not None:
+            return result
+        params = sampling or self.sampling
+        if params.seed is None:
+            params = replace(params, seed=self._turn_sampling().seed)
+        if self.mind is None:
+            return TurnRequest(self.session, text, params, affinity=self.affinity)
+        prep = self.mind.prepare(self.session, text)
+        return TurnRequest(prep.session, text, params, pinned=prep.pinned, affinity=self.affinity)
+
+    def _commit(self, result: Turn) -> Turn:
+        """The finished turn lands in the session, which is saved."""
         if self.mind is not None:
             self.session, result = self.mind.after(self.session, result)
         else:
@@ -148,11 +210,60 @@ class Conversation:
         self.autosave()
         return result
 
+    def _sequential(self, text: str, sampling: SamplingParams | None) -> Generator[str, None, Turn]:
+        first = self._begin(text, sampling)
+        if isinstance(first, Turn):  # a forbidden trigger: fixed reaction, no model call
+            yield first.reply
+            return self._commit(first)
+        result = yield from self.engine.stream(
+            first.session, first.player, first.sampling, pinned=first.pinned
+        )
+        return self._commit(result)
+
+    def _batched(
+        self, scheduler: Scheduler, text: str, sampling: SamplingParams | None
+    ) -> Generator[str, None, Turn]:
+        """The turn in a scheduler slot; pieces come back through a queue. Closing this
+        generator cancels the turn (the driver gets TurnCancelled and commits nothing)."""
+        pieces: queue.SimpleQueue[object] = queue.SimpleQueue()
+        cancel = threading.Event()
+        done = object()
+        future = scheduler.submit(self.driver(text, pieces.put, cancel, sampling))
+        future.add_done_callback(lambda _: pieces.put(done))
+        try:
+            while (piece := pieces.get()) is not done:
+                yield str(piece)
+            turn: Turn = future.result()
+            return turn
+        except BaseException:
+            cancel.set()
+            raise
+
+    def driver(
+        self,
+        text: str,
+        on_text: Callable[[str], None] | None = None,
+        cancel: threading.Event | None = None,
+        sampling: SamplingParams | None = None,
+    ) -> Driver[Turn]:
+        """This conversation's next turn as a driver for :mod:`npcchat.runtime.batch`
+        (run by a scheduler thread; the caller holds the conversation's lock)."""
+        first = self._begin(text, sampling)
+        if isinstance(first, Turn):
+            if on_text is not None:
+                on_text(first.reply)
+            return self._commit(first)
+        result = yield replace(first, on_text=on_text, cancel=cancel)
+        return self._commit(result)
+
     def predecode(self) -> int:
         """Idle-time work: decode the next prompt up to `<PLAYER>` (see Engine.predecode),
         and refresh the KV snapshot so a resumed session starts from there too (an
-        interrupted predecode leaves it due: :meth:`flush_snapshot`)."""
-        with self.lock:
+        interrupted predecode leaves it due: :meth:`flush_snapshot`). Nothing to do while a
+        scheduler owns the engine."""
+        if self.access.scheduler is not None:
+            return 0
+        with self.lock, self._hold_engine():
             pinned: tuple[ContextTurn, ...] = ()
             session = self.session
             if self.mind is not None:
@@ -164,30 +275,10 @@ class Conversation:
                 self.engine.forget()  # an interrupted predecode leaves the KV cache unknown
                 raise
             self._snapshot_due |= n > 0
-            self.flush_snapshot()
+            self._flush_snapshot()
             return n
 
-    def flush_snapshot(self) -> None:
-        """Write the session's KV snapshot if one is due."""
-        with self.lock:
-            if self.path is not None and self._snapshot_due:
-                self._snapshot_due = False
-                self._snapshot(self.path)
-
-    def retry(self, on_text: Callable[[str], None] | None = None) -> Turn | None:
-        """Redo the last turn with a new draw (the state vector is the same: same prompt)."""
-        with self.lock:
-            if not self.session.history:
-                return None
-            last = self.session.history[-1].player
-            before = self.session
-            self.session = self.session.undo()
-            try:
-                return self.say(last, on_text)
-            except BaseException:
-                self.session = before
-                raise
-
+    # -- state ----------------------------------------------------------------------------
     def undo(self) -> bool:
         """Take back the last turn (trust and relationship return to before it)."""
         with self.lock:
@@ -207,6 +298,12 @@ class Conversation:
         """``/set KEY VALUE``: a tag, the player state, lore or description."""
         with self.lock:
             self.session = set_value(self.session, key, value)
+            self.autosave()
+
+    def update(self, session: Session) -> None:
+        """Replace the session's state (a game sending its own tags); saved at once."""
+        with self.lock:
+            self.session = session
             self.autosave()
 
     def save(self, path: Path | None = None) -> Path:
@@ -230,6 +327,7 @@ class Conversation:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    # -- files ----------------------------------------------------------------------------
     def autosave(self) -> None:
         if self.path is not None:
             self._write(self.path)
@@ -242,32 +340,59 @@ class Conversation:
         else:
             self._snapshot(target)
 
+    def flush_snapshot(self) -> None:
+        """Write the session's KV snapshot if one is due."""
+        with self.lock:
+            self._flush_snapshot()
+
+    def _flush_snapshot(self) -> None:
+        if self.path is not None and self._snapshot_due:
+            self._snapshot_due = False
+            self._snapshot(self.path)
+
     def _snapshot(self, target: Path) -> None:
-        """KV snapshot beside the session file (optional; problems are warnings)."""
+        """KV snapshot beside the session file (optional; problems are warnings). Only
+        while turns run one at a time: a scheduler's slots are not this session's cache."""
         runtime = self.engine.cfg.runtime
-        if not runtime.snapshots:
+        if not runtime.snapshots or self.access.scheduler is not None:
             return
-        state = self.engine.kv_state()
-        if state is None:
-            return
-        self._warn(snapshot.save(target, state, runtime.snapshot_max_mb))
+        with self._engine_context():
+            state = self.engine.kv_state()
+        if state is not None:
+            self._warn(snapshot.save(target, state, runtime.snapshot_max_mb))
+
+    @contextmanager
+    def _hold_engine(self) -> Iterator[None]:
+        with self.access.lock:
+            self._engine_held = True
+            try:
+                yield
+            finally:
+                self._engine_held = False
+
+    def _engine_context(self) -> AbstractContextManager[None]:
+        """The engine lock, unless this conversation holds it already (inside a turn)."""
+        return nullcontext() if self._engine_held else self._hold_engine()
 
     def resume_snapshot(self) -> bool:
         """Restore the KV snapshot saved with this session, when it matches the bundle."""
         if self.path is None or not self.engine.cfg.runtime.snapshots:
             return False
+        if self.access.scheduler is not None:
+            return False  # the scheduler's slots are not this session's cache
         bundle_id, n_ctx = self.engine.bundle.identity, self.engine.model.n_ctx
         state, warning = snapshot.load(self.path, bundle_id, n_ctx)
         self._warn(warning)
         if state is None:
             return False
-        if not self.engine.restore_kv(state):
+        with self.lock, self._hold_engine():
+            restored = self.engine.restore_kv(state)
+        if not restored:
             self._warn(
                 f"{snapshot.path_for(self.path)}: llama.cpp refused the KV snapshot; "
                 "the next turn reads the prompt in full"
             )
-            return False
-        return True
+        return restored
 
     def _warn(self, message: str | None) -> None:
         if message and self.on_warning:
@@ -279,14 +404,13 @@ class TurnStream(Iterator[str]):
 
     ``for piece in stream: ...`` and afterwards ``stream.turn``; reading ``turn`` early
     runs the turn to its end. :meth:`close` (or leaving a ``with`` block) before the end
-    cancels the turn: nothing of it is committed. The runtime's lock is held from the
-    first piece to the end, so consume a stream from one thread and do not leave it open.
+    cancels the turn: nothing of it is committed. From its first piece to its end the
+    stream holds its conversation (and, without a scheduler, the engine): consume it or
+    close it. Any thread may call ``next``, one at a time.
     """
 
-    def __init__(self, steps: Generator[str, None, Turn], lock: threading.RLock) -> None:
+    def __init__(self, steps: Generator[str, None, Turn]) -> None:
         self._steps = steps
-        self._lock = lock
-        self._locked = False
         self._turn: Turn | None = None
         self._done = False
 
@@ -296,17 +420,14 @@ class TurnStream(Iterator[str]):
     def __next__(self) -> str:
         if self._done:
             raise StopIteration
-        if not self._locked:
-            self._lock.acquire()
-            self._locked = True
         try:
             return next(self._steps)
         except StopIteration as stop:
             self._turn = stop.value
-            self._end()
+            self._done = True
             raise StopIteration from None
         except BaseException:
-            self._end()
+            self._done = True
             raise
 
     @property
@@ -321,14 +442,8 @@ class TurnStream(Iterator[str]):
     def close(self) -> None:
         """Cancel the turn if it has not finished (nothing is committed)."""
         if not self._done:
+            self._done = True
             self._steps.close()
-            self._end()
-
-    def _end(self) -> None:
-        self._done = True
-        if self._locked:
-            self._locked = False
-            self._lock.release()
 
     def __enter__(self) -> TurnStream:
         return self

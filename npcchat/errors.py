@@ -43,6 +43,14 @@ class BackendError(NpcchatError):
     """llama.cpp failed to load a model or to decode."""
 
 
+class BusyError(NpcchatError):
+    """Every slot is taken and the waiting line is full: try again after ``retry_after``."""
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message, hint="try again shortly, or start the server with more --slots")
+        self.retry_after = retry_after
+
+
 class WriteError(NpcchatError):
     """A file cannot be written (permissions, a full disk); the old file is left intact."""
 

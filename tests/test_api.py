@@ -156,3 +156,30 @@ def test_version_info_and_the_commands_of_the_model_side() -> None:
         [sys.executable, "-m", "npcchat", "--help"], capture_output=True, text=True, check=True
     )
     assert "convert" in out.stdout and "heads" in out.stdout and "talk" in out.stdout
+
+
+def test_batched_turns_of_many_conversations_equal_one_at_a_time() -> None:
+    """start_batching: turns of four conversations run side by side in the slots of one
+    context; each conversation gets what it gets alone."""
+    with npcchat.load(config=_config()) as rt:
+        alone: list[str] = []
+        chat = rt.open("village_blacksmith")
+        alone = [chat.say(line).reply for line in LINES]
+    results: dict[int, list[str]] = {}
+    with npcchat.load(config=_config(), slots=4) as rt:
+        rt.start_batching()
+        chats = [rt.open("village_blacksmith") for _ in range(4)]
+
+        def talk(i: int) -> None:
+            results[i] = [chats[i].say(line).reply for line in LINES]
+
+        threads = [threading.Thread(target=talk, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert rt.occupancy.running == 0
+        stream = chats[0].stream("One more thing.")
+        pieces = list(stream)
+        assert "".join(pieces).rstrip() == stream.turn.reply
+    assert [results[i] for i in range(4)] == [alone] * 4

@@ -94,12 +94,25 @@ def run(
 
     ``share_prefix``: decode the head of the prompt that scenarios share only once (aligned
     KV reuse: identical results, fewer prefill tokens)."""
-    reuse: Reuse = "aligned" if share_prefix else "off"
-    drivers: Iterator[tuple[str, batch.Driver[dict[str, Any]]]] = (
-        (sc.id, _driver(sc, engine, sampling, sim, reuse)) for sc in scenarios
+    keyed = zip(
+        (sc.id for sc in scenarios),
+        drivers(engine, scenarios, sampling, sim, share_prefix),
+        strict=True,
     )
-    for _, result in batch.run(engine, drivers):
+    for _, result in batch.run(engine, keyed):
         on_result(result)
+
+
+def drivers(
+    engine: Engine,
+    scenarios: list[Scenario],
+    sampling: SamplingParams,
+    sim: Similarity,
+    share_prefix: bool = True,
+) -> Iterator[batch.Driver[dict[str, Any]]]:
+    """Each scenario as a driver (for :mod:`npcchat.runtime.batch` or a scheduler)."""
+    reuse: Reuse = "aligned" if share_prefix else "off"
+    return (_driver(sc, engine, sampling, sim, reuse) for sc in scenarios)
 
 
 def timer() -> Callable[[], float]:

@@ -1,18 +1,24 @@
-"""Run many conversations side by side in one llama.cpp context.
+"""Run many conversations side by side in one llama.cpp context (continuous batching).
 
 Each conversation is a *driver*: a generator that yields turn requests and receives each
 turn's result, so multi-turn scenarios can build on their own replies. Up to
 ``model.n_seq`` drivers hold a sequence slot each. Every turn still gets its own single
 prefill (so its `<STATE>` vector is the one a sequential run computes); what is shared is
 the generation: one batched decode per step for all slots, which reads the weights once
-for all of them. On a memory-bound CPU that is most of a turn's cost.
+for all of them.
+
+Drivers come from a plain iterable (eval: every scenario is known up front) or a
+:class:`LiveFeed` that a server fills while turns run (a new turn joins the batch at the
+next step, and the loop sleeps when nothing is waiting or running).
 """
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterable, Iterator
+import queue
+import threading
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 from npcchat.errors import NpcchatError
 from npcchat.runtime.engine import Engine, Pending
@@ -24,92 +30,196 @@ K = TypeVar("K")
 R = TypeVar("R")
 
 
+class TurnCancelled(NpcchatError):
+    """Thrown into a driver whose request was cancelled (its client went away)."""
+
+
 @dataclass(frozen=True)
 class TurnRequest:
     session: Session
     player: str
     sampling: SamplingParams
     context: tuple[ContextTurn, ...] = ()  # extra history before the session's own
+    pinned: tuple[ContextTurn, ...] = ()  # recalled memories, never dropped
     reuse: Reuse | None = None  # KV reuse for this turn (None: the engine's setting)
+    on_text: Callable[[str], None] | None = None  # each reply piece, as it is generated
+    cancel: threading.Event | None = None  # set it to abandon the turn at the next step
+    affinity: str = ""  # turns with the same affinity prefer the slot that ran the last one
 
 
 Driver = Generator[TurnRequest, Turn, R]
+
+
+class IterFeed(Generic[K, R]):
+    """Drivers known up front. ``get`` never waits; :attr:`closed` once exhausted."""
+
+    def __init__(self, drivers: Iterable[tuple[K, Driver[R]]]) -> None:
+        self._it = iter(drivers)
+        self._done = False
+
+    @property
+    def closed(self) -> bool:
+        return self._done
+
+    def get(self, block: bool) -> tuple[K, Driver[R]] | None:
+        item = next(self._it, None)
+        self._done = item is None
+        return item
+
+
+class LiveFeed(Generic[K, R]):
+    """Drivers that other threads add while the batch runs. ``get(block=True)`` waits for
+    one (the batch does that only when no turn is running); None after :meth:`close`."""
+
+    _STOP = object()
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def put(self, key: K, driver: Driver[R]) -> None:
+        self._queue.put((key, driver))
+
+    def close(self) -> None:
+        """No more drivers: the batch ends when the running ones have."""
+        self._queue.put(self._STOP)
+
+    def get(self, block: bool) -> tuple[K, Driver[R]] | None:
+        try:
+            item = self._queue.get(block=block)
+        except queue.Empty:
+            return None
+        if item is self._STOP:
+            self._closed = True
+            return None
+        return item  # type: ignore[return-value]
 
 
 @dataclass
 class _Slot(Generic[K, R]):
     key: K
     driver: Driver[R]
+    request: TurnRequest | None = None
     pending: Pending | None = None
 
 
-def run(engine: Engine, drivers: Iterable[tuple[K, Driver[R]]]) -> Iterator[tuple[K, R]]:
+def run(
+    engine: Engine, drivers: Iterable[tuple[K, Driver[R]]] | LiveFeed[K, R]
+) -> Iterator[tuple[K, R]]:
     """Drive every conversation to its end; yields ``(key, driver's return value)`` as
     each one finishes (completion order, not input order).
 
-    A request that fails with an NpcchatError (a prompt that cannot fit, say) is thrown
-    into its driver, which may record it and return or let it propagate.
+    A request that fails with an NpcchatError (a prompt that cannot fit, say) or is
+    cancelled (:class:`TurnCancelled`) is thrown into its driver, which may record it and
+    return or let it propagate.
     """
-    n_slots = engine.model.n_seq
-    queue = iter(drivers)
-    slots: dict[int, _Slot[K, R]] = {}
-    free = list(range(n_slots - 1, -1, -1))
-    finished: list[tuple[K, R]] = []
-
-    def next_request(seq: int, slot: _Slot[K, R], send: Turn | NpcchatError | None) -> None:
-        """Get the driver's next request and start it, until one starts or it ends."""
-        while True:
-            try:
-                if isinstance(send, NpcchatError):
-                    req = slot.driver.throw(send)
-                else:
-                    req = slot.driver.send(send) if send is not None else next(slot.driver)
-            except StopIteration as stop:
-                finished.append((slot.key, stop.value))
-                del slots[seq]
-                free.append(seq)
-                return
-            try:
-                slot.pending = engine.start(
-                    req.session,
-                    req.player,
-                    req.sampling,
-                    seq=seq,
-                    context=req.context,
-                    reuse=req.reuse,
-                )
-                return
-            except NpcchatError as e:
-                send = e
-
+    feed = drivers if isinstance(drivers, LiveFeed) else IterFeed(drivers)
     try:
-        yield from _loop(engine, queue, slots, free, finished, next_request)
+        yield from _Batch(engine, feed).loop()
     except BaseException:
         engine.forget()  # KV caches of interrupted turns are in an unknown state
         raise
 
 
-def _loop(
-    engine: Engine, queue: Any, slots: Any, free: list[int], finished: list[Any], next_request: Any
-) -> Iterator[Any]:
-    """Fill free slots, then one step for every active turn, until all drivers end."""
-    while True:
-        while free and (item := next(queue, None)) is not None:
-            seq = free.pop()
-            slots[seq] = _Slot(item[0], item[1])
-            next_request(seq, slots[seq], None)
-        yield from finished
-        finished.clear()
-        if not slots:
+class _Batch(Generic[K, R]):
+    def __init__(self, engine: Engine, feed: IterFeed[K, R] | LiveFeed[K, R]) -> None:
+        self.engine = engine
+        self.feed = feed
+        self.slots: dict[int, _Slot[K, R]] = {}
+        self.free = list(range(engine.model.n_seq - 1, -1, -1))
+        self.finished: list[tuple[K, R]] = []
+        self.affinity: dict[int, str] = {}  # the affinity of the last turn each slot ran
+
+    def loop(self) -> Iterator[tuple[K, R]]:
+        """Fill free slots, then one step for every active turn; wait when idle."""
+        while True:
+            while self.free and not self.feed.closed:
+                # wait only when nothing runs and nothing finished is left to hand out
+                item = self.feed.get(block=not self.slots and not self.finished)
+                if item is None:
+                    break
+                self._admit(*item)
+            yield from self.finished
+            self.finished.clear()
+            if not self.slots:
+                if self.feed.closed:
+                    return
+                continue
+            self._step()
+
+    def _admit(self, key: K, driver: Driver[R]) -> None:
+        """Take a new driver: its first request decides the slot (affinity first)."""
+        try:
+            req = next(driver)
+        except StopIteration as stop:
+            self.finished.append((key, stop.value))
             return
-        going: list[tuple[int, Pending]] = []
-        for seq, slot in list(slots.items()):
-            p = slot.pending
-            assert p is not None
-            if engine.accept(p):
-                going.append((seq, p))
+        want = req.affinity
+        seq = next((s for s in self.free if want and self.affinity.get(s) == want), None)
+        if seq is None:
+            seq = self.free[-1]
+        self.free.remove(seq)
+        self.slots[seq] = slot = _Slot(key, driver)
+        self._start(seq, slot, req)
+
+    def _start(self, seq: int, slot: _Slot[K, R], req: TurnRequest) -> None:
+        """Start ``req`` in ``seq``; a request that cannot start goes back to its driver."""
+        while True:
+            try:
+                if req.cancel is not None and req.cancel.is_set():
+                    raise TurnCancelled("the turn was cancelled before it started")
+                slot.request = req
+                self.affinity[seq] = req.affinity
+                slot.pending = self.engine.start(
+                    req.session,
+                    req.player,
+                    req.sampling,
+                    req.on_text,
+                    seq=seq,
+                    context=req.context,
+                    pinned=req.pinned,
+                    reuse=req.reuse,
+                )
+                return
+            except NpcchatError as e:
+                next_req = self._send(seq, slot, e)
+            if next_req is None:
+                return
+            req = next_req
+
+    def _send(self, seq: int, slot: _Slot[K, R], value: Turn | NpcchatError) -> TurnRequest | None:
+        """The driver's answer to a result (or an error): its next request, or None when
+        it has ended (its slot is free again)."""
+        try:
+            if isinstance(value, NpcchatError):
+                return slot.driver.throw(value)
+            return slot.driver.send(value)
+        except StopIteration as stop:
+            self.finished.append((slot.key, stop.value))
+            del self.slots[seq]
+            self.free.append(seq)
+            return None
+
+    def _step(self) -> None:
+        going: list[Pending] = []
+        for seq, slot in list(self.slots.items()):
+            p, req = slot.pending, slot.request
+            assert p is not None and req is not None
+            if req.cancel is not None and req.cancel.is_set():
+                self.engine.forget(seq)  # a half-generated reply: the cache is not a prompt
+                slot.pending = None
+                after = self._send(seq, slot, TurnCancelled("the turn was cancelled"))
+            elif self.engine.accept(p):
+                going.append(p)
+                continue
             else:
                 slot.pending = None
-                next_request(seq, slot, engine.finish(p))
+                after = self._send(seq, slot, self.engine.finish(p))
+            if after is not None:
+                self._start(seq, slot, after)
         if going:
-            engine.advance([p for _, p in going])
+            self.engine.advance(going)
