@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 from npcchat.errors import ConfigError
 from npcchat.mind.mind import NpcMind
 from npcchat.mind.npc import NpcDef
-from npcchat.runtime.batch import Driver, TurnRequest
+from npcchat.runtime.batch import Driver, TurnCancelled, TurnRequest
 from npcchat.runtime.engine import Engine, drive
 from npcchat.runtime.scheduler import Scheduler
 from npcchat.sessions import session as session_mod
@@ -143,13 +143,20 @@ class Conversation:
         text: str,
         on_text: Callable[[str], None] | None = None,
         sampling: SamplingParams | None = None,
+        *,
+        update: Callable[[Session], Session] | None = None,
+        cancel: threading.Event | None = None,
     ) -> Turn:
         """Run one turn for the player's ``text``; ``on_text`` gets each reply piece as it
         is generated. Returns the :class:`npcchat.Turn` (its ``to_json()`` is a line of
         ``talk --json``). The turn is committed (and saved) only when it finished.
+
         ``sampling`` replaces the conversation's settings for this turn (its seed, when
-        None, is the session's seed plus the turn number, as always)."""
-        return drive(self._steps(text, sampling=sampling), on_text)
+        None, is the session's seed plus the turn number, as always). ``update`` changes
+        the session just before the turn (a game sending its own tags), committed with the
+        turn. Setting ``cancel`` abandons the turn (TurnCancelled; nothing committed)."""
+        steps = self._steps(text, sampling=sampling, update=update, cancel=cancel)
+        return drive(steps, on_text)
 
     def stream(self, text: str, sampling: SamplingParams | None = None) -> TurnStream:
         """The same turn as :meth:`say`, as an iterator of reply pieces; ``.turn`` is the
@@ -164,7 +171,12 @@ class Conversation:
         return drive(self._steps("", retry=True), on_text)
 
     def _steps(
-        self, text: str, retry: bool = False, sampling: SamplingParams | None = None
+        self,
+        text: str,
+        retry: bool = False,
+        sampling: SamplingParams | None = None,
+        update: Callable[[Session], Session] | None = None,
+        cancel: threading.Event | None = None,
     ) -> Generator[str, None, Turn]:
         """One turn as a generator of text pieces; commits the session when it returns.
         Holds the conversation's lock (and, without a scheduler, the engine's) from its
@@ -172,16 +184,18 @@ class Conversation:
         with ExitStack() as held:
             held.enter_context(self.lock)
             before = self.session
-            if retry:
-                text = self.session.history[-1].player
-                self.session = self.session.undo()
             try:
+                if retry:
+                    text = self.session.history[-1].player
+                    self.session = self.session.undo()
+                if update is not None:
+                    self.session = update(self.session)
                 scheduler = self.access.scheduler
                 if scheduler is not None:
-                    result = yield from self._batched(scheduler, text, sampling)
+                    result = yield from self._batched(scheduler, text, sampling, cancel)
                 else:
                     held.enter_context(self._hold_engine())
-                    result = yield from self._sequential(text, sampling)
+                    result = yield from self._sequential(text, sampling, cancel)
             except BaseException:
                 self.session = before
                 raise
@@ -210,23 +224,35 @@ class Conversation:
         self.autosave()
         return result
 
-    def _sequential(self, text: str, sampling: SamplingParams | None) -> Generator[str, None, Turn]:
+    def _sequential(
+        self, text: str, sampling: SamplingParams | None, cancel: threading.Event | None
+    ) -> Generator[str, None, Turn]:
         first = self._begin(text, sampling)
         if isinstance(first, Turn):  # a forbidden trigger: fixed reaction, no model call
             yield first.reply
             return self._commit(first)
-        result = yield from self.engine.stream(
-            first.session, first.player, first.sampling, pinned=first.pinned
-        )
-        return self._commit(result)
+        steps = self.engine.stream(first.session, first.player, first.sampling, pinned=first.pinned)
+        while True:
+            if cancel is not None and cancel.is_set():
+                steps.close()
+                raise TurnCancelled("the turn was cancelled")
+            try:
+                piece = next(steps)
+            except StopIteration as stop:
+                return self._commit(stop.value)
+            yield piece
 
     def _batched(
-        self, scheduler: Scheduler, text: str, sampling: SamplingParams | None
+        self,
+        scheduler: Scheduler,
+        text: str,
+        sampling: SamplingParams | None,
+        cancel: threading.Event | None,
     ) -> Generator[str, None, Turn]:
         """The turn in a scheduler slot; pieces come back through a queue. Closing this
         generator cancels the turn (the driver gets TurnCancelled and commits nothing)."""
         pieces: queue.SimpleQueue[object] = queue.SimpleQueue()
-        cancel = threading.Event()
+        cancel = cancel or threading.Event()
         done = object()
         future = scheduler.submit(self.driver(text, pieces.put, cancel, sampling))
         future.add_done_callback(lambda _: pieces.put(done))

@@ -17,7 +17,7 @@ from typing import Annotated
 import typer
 
 from npcchat import __version__
-from npcchat.cli import bench, eval, info, talk
+from npcchat.cli import bench, eval, info, serve, talk
 
 app = typer.Typer(
     name="npcchat",
@@ -49,6 +49,7 @@ def _root(
 app.command("talk")(talk.talk)
 app.command("eval")(eval.eval_cmd)
 app.command("bench")(bench.bench)
+app.command("serve")(serve.serve)
 app.command("info")(info.info)
 
 

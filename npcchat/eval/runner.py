@@ -100,6 +100,8 @@ def run(
         strict=True,
     )
     for _, result in batch.run(engine, keyed):
+        if isinstance(result, NpcchatError):  # a scenario's driver records its own errors
+            raise result
         on_result(result)
 
 

@@ -109,13 +109,14 @@ class _Slot(Generic[K, R]):
 
 def run(
     engine: Engine, drivers: Iterable[tuple[K, Driver[R]]] | LiveFeed[K, R]
-) -> Iterator[tuple[K, R]]:
+) -> Iterator[tuple[K, R | NpcchatError]]:
     """Drive every conversation to its end; yields ``(key, driver's return value)`` as
     each one finishes (completion order, not input order).
 
     A request that fails with an NpcchatError (a prompt that cannot fit, say) or is
     cancelled (:class:`TurnCancelled`) is thrown into its driver, which may record it and
-    return or let it propagate.
+    return; a driver that lets it propagate ends with it (yielded in place of a value),
+    and the other drivers go on.
     """
     feed = drivers if isinstance(drivers, LiveFeed) else IterFeed(drivers)
     try:
@@ -131,10 +132,10 @@ class _Batch(Generic[K, R]):
         self.feed = feed
         self.slots: dict[int, _Slot[K, R]] = {}
         self.free = list(range(engine.model.n_seq - 1, -1, -1))
-        self.finished: list[tuple[K, R]] = []
+        self.finished: list[tuple[K, R | NpcchatError]] = []
         self.affinity: dict[int, str] = {}  # the affinity of the last turn each slot ran
 
-    def loop(self) -> Iterator[tuple[K, R]]:
+    def loop(self) -> Iterator[tuple[K, R | NpcchatError]]:
         """Fill free slots, then one step for every active turn; wait when idle."""
         while True:
             while self.free and not self.feed.closed:
@@ -157,6 +158,9 @@ class _Batch(Generic[K, R]):
             req = next(driver)
         except StopIteration as stop:
             self.finished.append((key, stop.value))
+            return
+        except NpcchatError as e:
+            self.finished.append((key, e))
             return
         want = req.affinity
         seq = next((s for s in self.free if want and self.affinity.get(s) == want), None)
@@ -200,9 +204,11 @@ class _Batch(Generic[K, R]):
             return slot.driver.send(value)
         except StopIteration as stop:
             self.finished.append((slot.key, stop.value))
-            del self.slots[seq]
-            self.free.append(seq)
-            return None
+        except NpcchatError as e:
+            self.finished.append((slot.key, e))
+        del self.slots[seq]
+        self.free.append(seq)
+        return None
 
     def _step(self) -> None:
         going: list[Pending] = []

@@ -18,7 +18,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-from npcchat.errors import BusyError
+from npcchat.errors import BusyError, NpcchatError
 from npcchat.runtime import batch
 from npcchat.runtime.engine import Engine
 
@@ -32,6 +32,7 @@ class Load:
     slots: int
     running: int  # turns in a slot
     waiting: int  # turns queued for a slot
+    max_waiting: int = 0  # more waiting turns are refused (BusyError)
 
 
 class Scheduler:
@@ -61,7 +62,7 @@ class Scheduler:
         with self._guard:
             inflight = len(self._futures)
         running = min(inflight, self.slots)
-        return Load(self.slots, running, inflight - running)
+        return Load(self.slots, running, inflight - running, self.max_waiting)
 
     def submit(self, driver: batch.Driver[Any], *, queue: bool = True) -> Future[Any]:
         """Run ``driver`` in the next free slot; its return value resolves the future.
@@ -92,7 +93,10 @@ class Scheduler:
             while True:
                 try:
                     for key, result in batch.run(self.engine, self._feed):
-                        self._resolve(key, result=result)
+                        if isinstance(result, NpcchatError):
+                            self._resolve(key, error=result)
+                        else:
+                            self._resolve(key, result=result)
                     return  # the feed was closed and every driver has ended
                 except Exception as e:
                     log.exception("npcchat scheduler: a batch failed")

@@ -1,0 +1,477 @@
+"""The routes of ``npcchat serve`` over the public API (:class:`npcchat.Runtime`).
+
+Every answer of a turn is sent only after the session file holding that turn is on disk
+(the conversation saves it with fsync before ``say`` returns). Every error is a JSON body
+``{"error": {"code", "message"}}`` with its status; a traceback never leaves the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import re
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from typing import Any
+
+import anyio.to_thread
+from fastapi import Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from npcchat import __version__
+from npcchat.api import Runtime, sampling_of
+from npcchat.errors import (
+    BusyError,
+    ConfigError,
+    NpcchatError,
+    PromptError,
+    SessionError,
+)
+from npcchat.runtime import served_format
+from npcchat.runtime.batch import TurnCancelled
+from npcchat.serve import schemas as S
+from npcchat.serve.metrics import CONTENT_TYPE, Metrics
+from npcchat.serve.store import NotFound, SessionStore
+from npcchat.sessions import session as session_mod
+from npcchat.sessions.session import Session
+from npcchat.types import PlayerState, SamplingParams, Turn
+
+log = logging.getLogger("npcchat.serve")
+
+
+@dataclass(frozen=True)
+class Settings:
+    api_key: str | None = None  # Bearer token every route but /healthz requires
+    max_body: int = 256 * 1024  # bytes of one request body
+    max_text: int = S.MAX_TEXT  # characters of one player line
+
+
+class ApiError(Exception):
+    """An error answer: status, a short code and a one-line message."""
+
+    def __init__(
+        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers
+
+
+def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Any:
+    body = {"error": {"code": code, "message": message}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _api_error(e: NpcchatError) -> ApiError:
+    """The HTTP face of a user error."""
+    if isinstance(e, BusyError):
+        retry = str(max(1, round(e.retry_after)))
+        return ApiError(503, "busy", e.message, {"Retry-After": retry})
+    if isinstance(e, NotFound):
+        return ApiError(404, "not_found", e.message)
+    if isinstance(e, PromptError):
+        return ApiError(422, "bad_prompt", e.message)
+    if isinstance(e, TurnCancelled):
+        return ApiError(499, "cancelled", e.message)
+    if isinstance(e, SessionError):
+        return ApiError(409, "session_unreadable", e.message)
+    if isinstance(e, ConfigError):
+        return ApiError(400, "bad_request", e.message)
+    return ApiError(500, "server_error", e.message)
+
+
+class BodyLimit:
+    """Refuse request bodies over ``max_bytes`` with 413, chunked ones included, before the
+    body is parsed (pure ASGI, so nothing reads a huge body into memory first)."""
+
+    class _TooLarge(Exception):
+        pass
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await self._refuse(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise self._TooLarge
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except self._TooLarge:
+            await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        message = f"request body over {self.max_bytes} bytes"
+        await _error(413, "too_large", message)(scope, receive, send)
+
+
+def create_app(runtime: Runtime, store: SessionStore, settings: Settings) -> FastAPI:
+    """The server's routes. ``runtime`` should be batching (``start_batching``)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # each turn waits in a worker thread: room for every turn the scheduler may hold
+        load = runtime.occupancy
+        limiter = anyio.to_thread.current_default_thread_limiter()
+        limiter.total_tokens = max(limiter.total_tokens, 2 * (load.slots + load.max_waiting) + 16)
+        yield
+
+    app = FastAPI(
+        title="npcchat",
+        version=__version__,
+        description="NPC replies and game-state changes from one llama.cpp prefill.",
+        lifespan=lifespan,
+    )
+    metrics = Metrics(lambda: runtime.occupancy)
+    bearer = HTTPBearer(auto_error=False)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body)
+
+    async def authorized(
+        credentials: HTTPAuthorizationCredentials | None = Depends(bearer),  # noqa: B008
+    ) -> None:
+        if settings.api_key is None:
+            return
+        given = credentials.credentials if credentials else ""
+        if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
+            raise ApiError(
+                401, "unauthorized", "missing or wrong API key", {"WWW-Authenticate": "Bearer"}
+            )
+
+    guarded = [Depends(authorized)]
+
+    @app.exception_handler(ApiError)
+    async def _on_api_error(request: Request, e: ApiError) -> Response:
+        return _error(e.status, e.code, e.message, e.headers)  # type: ignore[no-any-return]
+
+    @app.exception_handler(NpcchatError)
+    async def _on_user_error(request: Request, e: NpcchatError) -> Response:
+        err = _api_error(e)
+        return _error(err.status, err.code, err.message, err.headers)  # type: ignore[no-any-return]
+
+    @app.exception_handler(RequestValidationError)
+    async def _on_invalid(request: Request, e: RequestValidationError) -> Response:
+        first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return _error(422, "invalid_request", f"{where}: {first.get('msg')}")  # type: ignore[no-any-return]
+
+    @app.exception_handler(HTTPException)
+    async def _on_http(request: Request, e: HTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
+        return _error(e.status_code, code, str(e.detail), getattr(e, "headers", None))  # type: ignore[no-any-return]
+
+    @app.exception_handler(Exception)
+    async def _on_crash(request: Request, e: Exception) -> Response:
+        log.exception("npcchat serve: %s %s failed", request.method, request.url.path)
+        return _error(500, "server_error", "internal error (see the server log)")  # type: ignore[no-any-return]
+
+    # -- the game's turn ------------------------------------------------------------------
+    def turn_job(
+        body: S.TurnIn, on_text: Callable[[str], None], cancel: threading.Event | None
+    ) -> tuple[Turn, int]:
+        with store.lease(body.player_id, body.npc_id) as conv:
+            sampling = conv.sampling
+            if body.max_tokens is not None:
+                sampling = replace(sampling, max_tokens=body.max_tokens)
+            sampling = replace(sampling, seed=body.seed)
+            turn = conv.say(body.text, on_text, sampling, update=_overrides(body), cancel=cancel)
+            return turn, len(conv.session.history)
+
+    def check(body: S.TurnIn) -> None:
+        if len(body.text) > settings.max_text:
+            raise ApiError(
+                422, "invalid_request", f"body.text: at most {settings.max_text} characters"
+            )
+        store.npc(body.npc_id)  # 404 before any work
+
+    def record(endpoint: str, turn: Turn, started: float, first: list[float]) -> None:
+        outcome = "trigger" if turn.stop_reason == "trigger" else "ok"
+        metrics.turns.labels(endpoint, outcome).inc()
+        metrics.turn_seconds.labels(endpoint).observe(time.perf_counter() - started)
+        if first:
+            metrics.ttft_seconds.labels(endpoint).observe(first[0] - started)
+        metrics.generated.inc(turn.generated_tokens)
+        metrics.prefill.inc(turn.prefill_tokens)
+        if turn.timings.generate_ms > 0 and turn.generated_tokens:
+            metrics.decode_rate.set(turn.generated_tokens / (turn.timings.generate_ms / 1e3))
+
+    def failed(endpoint: str, e: BaseException) -> None:
+        outcome = {BusyError: "busy", TurnCancelled: "cancelled", NotFound: "bad_request"}
+        label = next((v for k, v in outcome.items() if isinstance(e, k)), "error")
+        if isinstance(e, ConfigError | PromptError):
+            label = "bad_request"
+        metrics.turns.labels(endpoint, label).inc()
+
+    @app.post(
+        "/v1/turn",
+        response_model=S.TurnOut,
+        dependencies=guarded,
+        responses={
+            200: {"content": {"text/event-stream": {}}},
+            404: {"model": S.ErrorOut},
+            422: {"model": S.ErrorOut},
+            503: {"model": S.ErrorOut},
+        },
+        summary="A player's line to an NPC: its reply and the state change",
+    )
+    async def turn(body: S.TurnIn) -> Any:
+        """The original AI server's contract. With ``"stream": true`` the answer is
+        Server-Sent Events: ``text`` events with reply pieces, then one ``turn`` event with
+        this same JSON (or an ``error`` event). A client that disconnects cancels its turn."""
+        check(body)
+        if body.stream:
+            load = runtime.occupancy
+            if load.running >= load.slots and load.waiting >= load.max_waiting:
+                failed("turn", BusyError(""))
+                raise _api_error(BusyError("all slots are busy and the waiting line is full"))
+            return StreamingResponse(stream_turn(body), media_type="text/event-stream")
+        started, first = time.perf_counter(), list[float]()
+
+        def on_text(piece: str) -> None:
+            if not first:
+                first.append(time.perf_counter())
+
+        try:
+            result, count = await run_in_threadpool(turn_job, body, on_text, None)
+        except NpcchatError as e:
+            failed("turn", e)
+            raise
+        record("turn", result, started, first)
+        return _turn_out(result, body, count)
+
+    async def stream_turn(body: S.TurnIn) -> AsyncIterator[str]:
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue[str | None] = asyncio.Queue()
+        cancel = threading.Event()
+        started, first = time.perf_counter(), list[float]()
+
+        def on_text(piece: str) -> None:
+            if not first:
+                first.append(time.perf_counter())
+            loop.call_soon_threadsafe(pieces.put_nowait, piece)
+
+        job = asyncio.ensure_future(run_in_threadpool(turn_job, body, on_text, cancel))
+        job.add_done_callback(lambda _: pieces.put_nowait(None))
+        try:
+            while (piece := await pieces.get()) is not None:
+                yield _sse("text", {"text": piece})
+            try:
+                result, count = job.result()
+            except NpcchatError as e:
+                failed("turn", e)
+                err = _api_error(e)
+                yield _sse("error", {"error": {"code": err.code, "message": err.message}})
+                return
+            record("turn", result, started, first)
+            yield _sse("turn", _turn_out(result, body, count).model_dump())
+        finally:
+            if not job.done():  # the client went away: the turn is cancelled, not committed
+                cancel.set()
+                job.add_done_callback(_consume)
+
+    # -- the original model server --------------------------------------------------------
+    @app.post(
+        "/api/predict_main",
+        response_model=S.PredictOut,
+        dependencies=guarded,
+        responses={422: {"model": S.ErrorOut}, 503: {"model": S.ErrorOut}},
+        summary="The original model server: a prompt in the served format, run as it says",
+    )
+    async def predict_main(body: S.PredictIn) -> S.PredictOut:
+        """``prompt`` is parsed into its fields and rendered again through the bundle's own
+        template: the player's line stays plain text. Nothing is stored."""
+        started = time.perf_counter()
+        inp = served_format.parse(body.prompt)
+        if inp.npc_id != body.npc_id:
+            raise ApiError(
+                422,
+                "bad_prompt",
+                f"npc_id {body.npc_id!r} differs from the prompt's NPC_ID {inp.npc_id!r}",
+            )
+        session = Session(
+            npc_id=inp.npc_id,
+            tags=inp.tags,
+            player_state=inp.player_state,
+            lore=inp.lore,
+            description=inp.description,
+        )
+        cfg = runtime.config
+        seed = cfg.sampling.seed if cfg.sampling.seed >= 0 else None
+        sampling = replace(sampling_of(cfg, seed), max_tokens=body.max_tokens)
+        try:
+            result = await run_in_threadpool(
+                _predict, runtime, session, inp.player_utterance, inp.context, sampling
+            )
+        except NpcchatError as e:
+            failed("predict_main", e)
+            raise
+        record("predict_main", result, started, [])
+        flags = result.heads.flags
+        return S.PredictOut(
+            session_id=body.session_id,
+            npc_id=body.npc_id,
+            npc_response=result.reply,
+            deltas=S.Delta(**_deltas(result)),
+            flags={n: f.prob for n, f in flags.items()},
+            thresholds={n: f.threshold for n, f in flags.items()},
+        )
+
+    # -- sessions, NPCs, health, metrics --------------------------------------------------
+    @app.get("/v1/sessions/{player_id}/{npc_id}", dependencies=guarded)
+    async def get_session(player_id: str, npc_id: str) -> dict[str, Any]:
+        """The session file's content: state, player state, memories, every turn."""
+        _ids(player_id, npc_id)
+
+        def read() -> dict[str, Any]:
+            with store.lease(player_id, npc_id, create=False) as conv, conv.lock:
+                return session_mod.to_dict(conv.session)
+
+        return await run_in_threadpool(read)
+
+    @app.post("/v1/sessions/{player_id}/{npc_id}/reset", dependencies=guarded)
+    async def reset_session(player_id: str, npc_id: str) -> dict[str, Any]:
+        """Back to the NPC's initial state: no history, no memories (saved)."""
+        _ids(player_id, npc_id)
+
+        def reset() -> dict[str, Any]:
+            with store.lease(player_id, npc_id, create=False) as conv:
+                conv.reset()
+                return session_mod.to_dict(conv.session)
+
+        return await run_in_threadpool(reset)
+
+    @app.delete("/v1/sessions/{player_id}/{npc_id}", status_code=204, dependencies=guarded)
+    async def delete_session(player_id: str, npc_id: str) -> Response:
+        _ids(player_id, npc_id)
+        await run_in_threadpool(store.delete, player_id, npc_id)
+        return Response(status_code=204)
+
+    @app.get("/v1/npcs", response_model=list[S.NpcOut], dependencies=guarded)
+    async def npcs() -> list[S.NpcOut]:
+        return [
+            S.NpcOut(
+                id=n.id,
+                name=n.name,
+                location=n.tags.location,
+                lore_entries=len(n.knowledge.lore),
+                triggers=len(n.knowledge.triggers),
+            )
+            for n in store.npcs.values()
+        ]
+
+    @app.get("/healthz", response_model=S.Health)
+    async def healthz() -> S.Health:
+        load = runtime.occupancy
+        return S.Health(
+            status="ok",
+            bundle=runtime.bundle.name,
+            bundle_id=runtime.bundle.identity,
+            slots=load.slots,
+            running=load.running,
+            waiting=load.waiting,
+        )
+
+    @app.get("/metrics", dependencies=guarded)
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    app.state.metrics = metrics
+    return app
+
+
+def _predict(
+    runtime: Runtime,
+    session: Session,
+    text: str,
+    context: Any,
+    sampling: SamplingParams,
+) -> Turn:
+    return runtime.turn(session, text, context=context, sampling=sampling)
+
+
+def _ids(player_id: str, npc_id: str) -> None:
+    for name, value in (("player_id", player_id), ("npc_id", npc_id)):
+        if not re.match(S.ID_PATTERN, value):
+            raise ApiError(422, "invalid_request", f"{name}: not a valid id")
+
+
+def _overrides(body: S.TurnIn) -> Callable[[Session], Session] | None:
+    """The game's tags and player state, applied to the session just before the turn."""
+    if body.tags is None and body.player_state is None:
+        return None
+    tags = body.tags.model_dump(exclude_none=True) if body.tags else {}
+    state = body.player_state.model_dump(exclude_none=True) if body.player_state else {}
+
+    def apply(s: Session) -> Session:
+        player = s.player_state
+        if state:
+            player = PlayerState(
+                items=tuple(state.get("items", player.items)),
+                actions=tuple(state.get("actions", player.actions)),
+                position=state.get("position", player.position),
+            )
+        return replace(s, tags=replace(s.tags, **tags), player_state=player)
+
+    return apply
+
+
+def _deltas(turn: Turn) -> dict[str, float]:
+    """Clamped to [-1, 1] and rounded, as the original answered."""
+    return {k: round(max(-1.0, min(1.0, v)), 4) for k, v in turn.heads.deltas.items()}
+
+
+def _turn_out(turn: Turn, body: S.TurnIn, count: int) -> S.TurnOut:
+    t = turn.timings
+    flags = turn.heads.flags
+    return S.TurnOut(
+        text=turn.reply,
+        delta=S.Delta(**_deltas(turn)),
+        flags={n: f.fired for n, f in flags.items()},
+        meta=S.TurnMeta(
+            npc_id=body.npc_id,
+            player_id=body.player_id,
+            turn=count,
+            flags={n: S.FlagMeta(prob=f.prob, threshold=f.threshold) for n, f in flags.items()},
+            state=dict(vars(turn.tags_after)),
+            stop_reason=turn.stop_reason,
+            tokens={
+                "prompt": turn.prompt_tokens,
+                "prefill": turn.prefill_tokens,
+                "generated": turn.generated_tokens,
+            },
+            timings_ms={"prefill": t.prefill_ms, "heads": t.heads_ms, "generate": t.generate_ms},
+        ),
+    )
+
+
+def _sse(event: str, data: dict[str, Any]) -> str:
+    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def _consume(task: asyncio.Future[Any]) -> None:
+    """Retrieve a finished background turn's outcome (a cancelled turn raises)."""
+    if not task.cancelled():
+        task.exception()

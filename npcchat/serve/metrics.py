@@ -1,0 +1,61 @@
+"""Prometheus metrics of ``npcchat serve`` (``GET /metrics``, the text format).
+
+A registry per server, not the process-global one, so tests and in-process servers do not
+share counters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from npcchat.runtime.scheduler import Load
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+_SECONDS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
+
+
+class Metrics:
+    def __init__(self, load: Callable[[], Load]) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.turn_seconds = Histogram(
+            "npcchat_turn_seconds",
+            "Time from a turn's request to its answer (queue wait included).",
+            ["endpoint"],
+            buckets=_SECONDS,
+            registry=r,
+        )
+        self.ttft_seconds = Histogram(
+            "npcchat_time_to_first_token_seconds",
+            "Time from a turn's request to the first piece of its reply.",
+            ["endpoint"],
+            buckets=_SECONDS,
+            registry=r,
+        )
+        self.turns = Counter(
+            "npcchat_turns",
+            "Turns by outcome: ok, trigger, cancelled, busy, bad_request, error.",
+            ["endpoint", "outcome"],
+            registry=r,
+        )
+        self.generated = Counter("npcchat_generated_tokens", "Reply tokens generated.", registry=r)
+        self.prefill = Counter(
+            "npcchat_prefill_tokens", "Prompt tokens decoded (after prefix reuse).", registry=r
+        )
+        self.decode_rate = Gauge(
+            "npcchat_decode_tokens_per_second",
+            "Reply tokens per second of the last finished turn's generation.",
+            registry=r,
+        )
+        waiting = Gauge("npcchat_queue_depth", "Turns waiting for a slot.", registry=r)
+        waiting.set_function(lambda: load().waiting)
+        running = Gauge("npcchat_slots_busy", "Turns generating in a slot.", registry=r)
+        running.set_function(lambda: load().running)
+        slots = Gauge("npcchat_slots", "Sequence slots of the llama.cpp context.", registry=r)
+        slots.set_function(lambda: load().slots)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
