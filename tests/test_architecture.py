@@ -38,6 +38,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("conversation", ("npcchat.conversation",)),
     ("eval and bench", ("npcchat.eval", "npcchat.bench")),
     ("api", ("npcchat.api",)),
+    ("serve", ("npcchat.serve",)),
     ("heads", ("npcchat_heads",)),
     ("convert", ("npcchat_convert",)),
     ("cli", ("npcchat.cli", "npcchat.__main__", "npcchat_heads.cli", "npcchat_convert.cli")),

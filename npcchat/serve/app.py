@@ -237,7 +237,7 @@ def create_app(runtime: Runtime, store: SessionStore, settings: Settings) -> Fas
         },
         summary="A player's line to an NPC: its reply and the state change",
     )
-    async def turn(body: S.TurnIn) -> Any:
+    async def turn(body: S.TurnIn, request: Request) -> Any:
         """The original AI server's contract. With ``"stream": true`` the answer is
         Server-Sent Events: ``text`` events with reply pieces, then one ``turn`` event with
         this same JSON (or an ``error`` event). A client that disconnects cancels its turn."""
@@ -247,7 +247,7 @@ def create_app(runtime: Runtime, store: SessionStore, settings: Settings) -> Fas
             if load.running >= load.slots and load.waiting >= load.max_waiting:
                 failed("turn", BusyError(""))
                 raise _api_error(BusyError("all slots are busy and the waiting line is full"))
-            return StreamingResponse(stream_turn(body), media_type="text/event-stream")
+            return StreamingResponse(stream_turn(body, request), media_type="text/event-stream")
         started, first = time.perf_counter(), list[float]()
 
         def on_text(piece: str) -> None:
@@ -262,7 +262,7 @@ def create_app(runtime: Runtime, store: SessionStore, settings: Settings) -> Fas
         record("turn", result, started, first)
         return _turn_out(result, body, count)
 
-    async def stream_turn(body: S.TurnIn) -> AsyncIterator[str]:
+    async def stream_turn(body: S.TurnIn, request: Request) -> AsyncIterator[str]:
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[str | None] = asyncio.Queue()
         cancel = threading.Event()
@@ -276,8 +276,18 @@ def create_app(runtime: Runtime, store: SessionStore, settings: Settings) -> Fas
         job = asyncio.ensure_future(run_in_threadpool(turn_job, body, on_text, cancel))
         job.add_done_callback(lambda _: pieces.put_nowait(None))
         try:
-            while (piece := await pieces.get()) is not None:
-                yield _sse("text", {"text": piece})
+            while True:
+                try:
+                    piece = await asyncio.wait_for(pieces.get(), timeout=0.25)
+                except TimeoutError:
+                    piece = ""  # nothing new: look at the connection all the same
+                if piece is None:
+                    break
+                # uvicorn drops what is sent to a gone client without an error: ask
+                if await request.is_disconnected():
+                    return
+                if piece:
+                    yield _sse("text", {"text": piece})
             try:
                 result, count = job.result()
             except NpcchatError as e:
@@ -290,7 +300,17 @@ def create_app(runtime: Runtime, store: SessionStore, settings: Settings) -> Fas
         finally:
             if not job.done():  # the client went away: the turn is cancelled, not committed
                 cancel.set()
-                job.add_done_callback(_consume)
+                job.add_done_callback(lambda task: abandoned(task))
+
+    def abandoned(task: asyncio.Future[Any]) -> None:
+        """The outcome of a turn whose client left: cancelled (or finished just before)."""
+        if task.cancelled():
+            return
+        error = task.exception()
+        if isinstance(error, NpcchatError):
+            failed("turn", error)
+        elif error is None:
+            metrics.turns.labels("turn", "ok").inc()
 
     # -- the original model server --------------------------------------------------------
     @app.post(
@@ -469,9 +489,3 @@ def _turn_out(turn: Turn, body: S.TurnIn, count: int) -> S.TurnOut:
 
 def _sse(event: str, data: dict[str, Any]) -> str:
     return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
-
-
-def _consume(task: asyncio.Future[Any]) -> None:
-    """Retrieve a finished background turn's outcome (a cancelled turn raises)."""
-    if not task.cancelled():
-        task.exception()
