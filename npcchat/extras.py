@@ -15,7 +15,7 @@ from npcchat.errors import ConfigError
 EXTRAS = {
     "convert": ("gguf", "onnx"),
     "embed": ("sentence_transformers",),
-    "serve": ("fastapi", "uvicorn", "prometheus_client"),
+    "serve": ("fastapi", "uvicorn", "prometheus_client", "httpx"),
 }
 
 

@@ -289,3 +289,11 @@ def test_a_missing_extra_names_the_pip_install_line(
     )
     assert_user_error(proc, f"{what} needs the 'convert' extra (npcchat_no_such_module")
     assert "hint: pip install 'npcchat[convert]'" in proc.stderr
+
+
+def test_serve_refuses_to_bind_beyond_loopback_without_a_key() -> None:
+    proc = run("serve", "--host", "0.0.0.0", env={"NPCCHAT_API_KEY": ""})
+    assert_user_error(proc, "--host 0.0.0.0: refusing to serve beyond this machine")
+    assert "--api-key" in proc.stderr
+    bad = run("serve", "--slots", "0")
+    assert_user_error(bad, "--slots 0: expected 1..64")

@@ -146,3 +146,28 @@ def test_batched_steps_go_in_sequence_order_and_keep_each_turn_its_own(bundle_q4
             engine.advance(going)
         assert seen and all(s == sorted(s) for s in seen)
         assert {i: engine.finish(p).reply for i, p in ps.items()} == alone
+
+
+def test_prefix_reuse_may_start_from_another_sequences_cache() -> None:
+    book = KvBook()
+    book.record(0, [1, 2, 3, 4, 5, 6])
+    book.record(1, [1, 2, 9])
+    assert book.shared_start(1, [1, 2, 3, 4, 7], limit=10) == Start(0, 4)
+    assert book.shared_start(1, [1, 2, 3, 4, 7], limit=3) == Start(0, 3)  # never past <STATE>
+    assert book.shared_start(1, [1, 2, 9, 9], limit=10) == Start(1, 3)  # its own cache first
+    book.record(1, [1, 2, 3, 4])
+    assert book.shared_start(1, [1, 2, 3, 4, 7], limit=10) == Start(1, 4)  # a tie: no copy
+
+
+@pytest.mark.model
+def test_prefix_shared_from_another_slot_gives_the_cold_turn(bundle_reuse: Path) -> None:
+    """A new conversation in slot 1 starts from slot 0's copy of the common head: same reply,
+    same state change (within rounding), far fewer tokens decoded."""
+    with load_engine(bundle_reuse, Config(), n_seq=2) as engine:
+        cold = _turns(engine, [0, 1], "off")
+        engine.forget()
+        shared = _turns(engine, [0, 1], "prefix")
+    for i in (0, 1):
+        assert cold[i][1] == shared[i][1]
+        assert np.allclose(cold[i][0], shared[i][0], atol=1e-3)
+    assert shared[1][2] < cold[1][2]  # slot 1 decoded only what differs from slot 0

@@ -48,7 +48,7 @@ def _root(
 
 app.command("talk")(talk.talk)
 app.command("eval")(eval.eval_cmd)
-app.command("bench")(bench.bench)
+app.add_typer(bench.app, name="bench")
 app.command("serve")(serve.serve)
 app.command("info")(info.info)
 

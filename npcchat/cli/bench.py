@@ -8,8 +8,15 @@ from typing import Annotated
 
 import typer
 
+app = typer.Typer(
+    help="Measure npcchat against plain llama.cpp in one run, or a server under load.",
+    add_completion=False,
+)
 
+
+@app.callback(invoke_without_command=True)
 def bench(
+    context: typer.Context,
     bundle: Annotated[Path | None, typer.Option(help="Model bundle directory.")] = None,
     prompt_tokens: Annotated[int, typer.Option(help="Prompt length to measure with.")] = 400,
     tokens: Annotated[int, typer.Option(help="Reply tokens per turn.")] = 64,
@@ -34,7 +41,10 @@ def bench(
     json_out: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
     config: Annotated[Path | None, typer.Option(help="Config TOML.")] = None,
 ) -> None:
-    """Measure prefill/decode speed, heads time, turn overhead and memory against llama.cpp."""
+    """Measure prefill/decode speed, heads time, turn overhead and memory against llama.cpp
+    (``npcchat bench serve``: simulated players against a real server)."""
+    if context.invoked_subcommand is not None:
+        return
     from npcchat import demo
     from npcchat.bench import measure as bench_mod
     from npcchat.cli import common, ui
@@ -49,3 +59,38 @@ def bench(
         print(json.dumps(report))
     else:
         ui.kv_table(f"npcchat bench · {report['bundle']} ({report['quant']})", report)
+
+
+@app.command("serve")
+def serve(
+    bundle: Annotated[Path | None, typer.Option(help="Model bundle directory.")] = None,
+    players: Annotated[str, typer.Option(help="Player counts to run, comma-separated.")] = (
+        "1,4,8,16"
+    ),
+    turns: Annotated[int, typer.Option(help="Turns per player at each count.")] = 3,
+    tokens: Annotated[int, typer.Option(help="Reply tokens per turn.")] = 64,
+    slots: Annotated[int, typer.Option(help="The server's --slots.")] = 8,
+    queue: Annotated[
+        int | None, typer.Option(help="The server's --queue (default: the most players).")
+    ] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+) -> None:
+    """N players in closed loop against a real `npcchat serve` on loopback: turns/s,
+    p50/p95 time to first token and latency, HTTP overhead, the server's peak RSS."""
+    from npcchat import demo, extras
+    from npcchat.bench import serve_load
+    from npcchat.cli import ui
+    from npcchat.errors import ConfigError
+
+    extras.require("serve", "npcchat bench serve")
+    try:
+        counts = [int(p) for p in players.split(",") if p.strip()]
+    except ValueError:
+        raise ConfigError(f"--players {players}: expected numbers like 1,4,8,16") from None
+    if not counts or min(counts) < 1:
+        raise ConfigError(f"--players {players}: expected numbers like 1,4,8,16")
+    report = serve_load.run(bundle or demo.default_bundle(), counts, turns, tokens, slots, queue)
+    if json_out:
+        print(json.dumps(report))
+    else:
+        ui.serve_bench(report)

@@ -176,6 +176,30 @@ def info_table(data: Mapping[str, Any]) -> None:
     out.print(table)
 
 
+def serve_bench(report: Mapping[str, Any]) -> None:
+    """``npcchat bench serve``: one row per player count, then the ratios."""
+    table = Table(
+        title=f"npcchat bench serve · {report['slots']} slots · {report['reply_tokens']} tokens",
+        title_justify="left",
+    )
+    for col in ("players", "turns/s", "TTFT p50", "TTFT p95", "latency p50", "latency p95"):
+        table.add_column(col, justify="right")
+    table.add_column("errors", justify="right")
+    for r in report["loads"]:
+        table.add_row(
+            str(r["players"]),
+            f"{r['turns_per_s']:.3f}",
+            f"{r['ttft_p50_ms']:.0f} ms",
+            f"{r['ttft_p95_ms']:.0f} ms",
+            f"{r['latency_p50_ms']:.0f} ms",
+            f"{r['latency_p95_ms']:.0f} ms",
+            str(r["errors"]),
+        )
+    out.print(table)
+    extra = {k: v for k, v in report.items() if k.startswith(("turns_per_s_", "http_", "server_"))}
+    kv_table("ratios", extra)
+
+
 class StageProgress:
     """Progress bars for named stages, fed by ``(stage, done, total)`` callbacks."""
 

@@ -154,7 +154,10 @@ class Engine:
         grid = self.grid if mode == "aligned" else 0
         start = 0
         if mode == "prefix":
-            start = self.kv.prefix_start(seq, tokens, outputs[0])
+            shared = self.kv.shared_start(seq, tokens, outputs[0])
+            if shared.source != seq:
+                self.model.share(shared.source, seq, shared.position)
+            start = shared.position
         elif mode == "aligned":
             where = self.kv.aligned_start(seq, tokens, outputs[0], grid)
             self.model.share(where.source, seq, where.position)

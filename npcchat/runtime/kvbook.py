@@ -2,9 +2,10 @@
 
 Two ways to reuse a cache (pure bookkeeping; the engine does the decoding):
 
-* ``"prefix"`` (talk): decode from the first token this sequence's cache does not hold. The
-  most reuse between turns; the prompt is then decoded in other chunks than a cold prefill
-  would use, which may move hidden states by rounding (measured cos >= 0.9999).
+* ``"prefix"`` (talk, serve): decode from the first token the cache does not hold. The most
+  reuse between turns; the prompt is then decoded in other chunks than a cold prefill would
+  use, which may move hidden states by rounding (measured cos >= 0.9999). With several
+  sequences (a server's slots) the prefix may come from another sequence's cache, copied.
 * ``"aligned"`` (eval): start at a multiple of ``grid``, from whichever sequence holds the
   longest such prefix, and only from a prefix that was itself decoded in whole grid chunks.
   The remaining decode calls are then exactly those of a cold grid prefill, so a result
@@ -55,6 +56,18 @@ class KvBook:
     def prefix_start(self, seq: int, tokens: Sequence[int], limit: int) -> int:
         """``"prefix"`` reuse: the longest cached prefix of ``tokens``, at most ``limit``."""
         return min(common_prefix(self._tokens.get(seq, ()), tokens), limit)
+
+    def shared_start(self, seq: int, tokens: Sequence[int], limit: int) -> Start:
+        """``"prefix"`` reuse across sequences: the longest cached prefix any sequence holds
+        (a server's new player starts from another slot's copy of the NPC's static head),
+        at most ``limit``. Ties go to ``seq`` itself (no copy)."""
+        best = Start(seq, self.prefix_start(seq, tokens, limit))
+        for src, held in self._tokens.items():
+            if src != seq:
+                n = min(common_prefix(held, tokens), limit)
+                if n > best.position:
+                    best = Start(src, n)
+        return best
 
     def aligned_start(self, seq: int, tokens: Sequence[int], limit: int, grid: int) -> Start:
         """``"aligned"`` reuse: the longest grid-aligned exact prefix any sequence holds,

@@ -190,7 +190,7 @@ def create_app(runtime: Runtime, store: SessionStore, settings: Settings) -> Fas
 
     # -- the game's turn ------------------------------------------------------------------
     def turn_job(
-        body: S.TurnIn, on_text: Callable[[str], None], cancel: threading.Event | None
+        body: S.TurnIn, on_text: Callable[[str], None] | None, cancel: threading.Event | None
     ) -> tuple[Turn, int]:
         with store.lease(body.player_id, body.npc_id) as conv:
             sampling = conv.sampling
@@ -207,12 +207,13 @@ def create_app(runtime: Runtime, store: SessionStore, settings: Settings) -> Fas
             )
         store.npc(body.npc_id)  # 404 before any work
 
-    def record(endpoint: str, turn: Turn, started: float, first: list[float]) -> None:
+    def record(endpoint: str, turn: Turn, started: float) -> None:
         outcome = "trigger" if turn.stop_reason == "trigger" else "ok"
         metrics.turns.labels(endpoint, outcome).inc()
-        metrics.turn_seconds.labels(endpoint).observe(time.perf_counter() - started)
-        if first:
-            metrics.ttft_seconds.labels(endpoint).observe(first[0] - started)
+        took = time.perf_counter() - started
+        metrics.turn_seconds.labels(endpoint).observe(took)
+        # to the first token: waiting, prefill and heads (a first token may hold no text)
+        metrics.ttft_seconds.labels(endpoint).observe(took - turn.timings.generate_ms / 1e3)
         metrics.generated.inc(turn.generated_tokens)
         metrics.prefill.inc(turn.prefill_tokens)
         if turn.timings.generate_ms > 0 and turn.generated_tokens:
@@ -248,29 +249,22 @@ def create_app(runtime: Runtime, store: SessionStore, settings: Settings) -> Fas
                 failed("turn", BusyError(""))
                 raise _api_error(BusyError("all slots are busy and the waiting line is full"))
             return StreamingResponse(stream_turn(body, request), media_type="text/event-stream")
-        started, first = time.perf_counter(), list[float]()
-
-        def on_text(piece: str) -> None:
-            if not first:
-                first.append(time.perf_counter())
-
+        started = time.perf_counter()
         try:
-            result, count = await run_in_threadpool(turn_job, body, on_text, None)
+            result, count = await run_in_threadpool(turn_job, body, None, None)
         except NpcchatError as e:
             failed("turn", e)
             raise
-        record("turn", result, started, first)
+        record("turn", result, started)
         return _turn_out(result, body, count)
 
     async def stream_turn(body: S.TurnIn, request: Request) -> AsyncIterator[str]:
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[str | None] = asyncio.Queue()
         cancel = threading.Event()
-        started, first = time.perf_counter(), list[float]()
+        started = time.perf_counter()
 
         def on_text(piece: str) -> None:
-            if not first:
-                first.append(time.perf_counter())
             loop.call_soon_threadsafe(pieces.put_nowait, piece)
 
         job = asyncio.ensure_future(run_in_threadpool(turn_job, body, on_text, cancel))
@@ -295,7 +289,7 @@ def create_app(runtime: Runtime, store: SessionStore, settings: Settings) -> Fas
                 err = _api_error(e)
                 yield _sse("error", {"error": {"code": err.code, "message": err.message}})
                 return
-            record("turn", result, started, first)
+            record("turn", result, started)
             yield _sse("turn", _turn_out(result, body, count).model_dump())
         finally:
             if not job.done():  # the client went away: the turn is cancelled, not committed
@@ -348,7 +342,7 @@ def create_app(runtime: Runtime, store: SessionStore, settings: Settings) -> Fas
         except NpcchatError as e:
             failed("predict_main", e)
             raise
-        record("predict_main", result, started, [])
+        record("predict_main", result, started)
         flags = result.heads.flags
         return S.PredictOut(
             session_id=body.session_id,

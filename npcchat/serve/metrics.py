@@ -30,7 +30,7 @@ class Metrics:
         )
         self.ttft_seconds = Histogram(
             "npcchat_time_to_first_token_seconds",
-            "Time from a turn's request to the first piece of its reply.",
+            "Time from a turn's request to its first reply token (waiting, prefill, heads).",
             ["endpoint"],
             buckets=_SECONDS,
             registry=r,

@@ -1,0 +1,268 @@
+"""``npcchat bench serve``: simulated players against a real ``npcchat serve`` on loopback.
+
+Each player is a closed loop: it sends its next line when the answer to its last one has
+arrived (over SSE, as a game would). Time to first token is the client's latency minus the
+generation time the final event reports: waiting, prefill and heads (a random model's first
+tokens often hold no text, so the first text piece would measure the wrong thing). For
+each player count: aggregate turns per second, p50/p95 time to first token and turn
+latency. Then the same turns of one player through the Python API in-process (same
+bundle, settings and slots) give the cost of HTTP and the server, and the server's peak
+RSS is read at the end (after the largest player count). Ratios, not timed assertions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+LINES = (
+    "Hello there. Have you seen anything strange around the harbour lately?",
+    "I found a broken compass on the beach. Does it mean something to you?",
+    "The fishermen talk about lights on the reef at night. What do you know?",
+    "Could you tell me more about the ship that sank last winter?",
+    "I need a way into the old lighthouse. Can you help me?",
+    "Thank you. I will come back when I know more.",
+)
+LORE = (
+    "The port of Saltmere trades salt, tar and stories. Its lighthouse went dark three "
+    "winters ago when the keeper vanished; since then ships steer by the chapel bell. The "
+    "harbour master keeps a ledger of every wreck on the northern reef and will not show it "
+    "to strangers. Smugglers use the sea caves below the cliffs at low tide. "
+)
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    players: int
+    turns: int
+    errors: int
+    wall_s: float
+    turns_per_s: float
+    ttft_p50_ms: float
+    ttft_p95_ms: float
+    latency_p50_ms: float
+    latency_p95_ms: float
+
+
+def _pct(values: Sequence[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))] * 1e3
+
+
+def write_npc(directory: Path) -> Path:
+    """The benchmark NPC: a few hundred tokens of lore, like a real one."""
+    path = directory / "bench_captain.toml"
+    path.write_text(
+        'id = "bench_captain"\nname = "Captain Sela"\nlocation = "saltmere_port"\n'
+        f'lore = "{LORE * 2}"\n'
+        'description = "Gulls circle over the quay; the captain checks her charts."\n'
+        '[tags]\nquest_stage = "in_progress"\nrelationship = 0.5\ntrust = 0.5\n'
+        'npc_mood = "wary"\nplayer_reputation = "unknown"\nstyle = "curt"\n',
+        "utf-8",
+    )
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _config_file(directory: Path) -> Path:
+    """Sampling as in play (temperature 0.7) with a fixed seed: every session draws the
+    same tokens in the server and in-process, and a random model's replies hold text (greedy
+    decoding on random weights settles on a token with none)."""
+    path = directory / "bench-config.toml"
+    path.write_text("[sampling]\ntemperature = 0.7\nseed = 0\n", "utf-8")
+    return path
+
+
+class ServerProcess:
+    """``npcchat serve`` as a child process on a free loopback port."""
+
+    def __init__(self, bundle: Path, work: Path, slots: int, queue: int) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "npcchat", "serve", "--bundle", str(bundle)]
+        cmd += ["--npcs", str(work / "npcs"), "--sessions", str(work / "sessions")]
+        cmd += ["--port", str(self.port), "--slots", str(slots), "--queue", str(queue)]
+        cmd += ["--config", str(_config_file(work)), "--log-level", "warning"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self._wait()
+
+    def _wait(self) -> None:
+        import httpx
+
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                raise RuntimeError(f"npcchat serve exited: {err.strip()[-500:]}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.2)
+        raise RuntimeError("npcchat serve did not start within 300 s")
+
+    def peak_rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def _player(url: str, player: str, turns: int, tokens: int, out: list[Any]) -> None:
+    import httpx
+
+    with httpx.Client(base_url=url, timeout=600) as client:
+        for i in range(turns):
+            body = {
+                "player_id": player,
+                "npc_id": "bench_captain",
+                "text": LINES[i % len(LINES)],
+                "max_tokens": tokens,
+                "stream": True,
+            }
+            t0 = time.perf_counter()
+            final = None
+            with client.stream("POST", "/v1/turn", json=body) as r:
+                event = ""
+                for line in r.iter_lines():
+                    if line.startswith("event: "):
+                        event = line[7:]
+                    elif line.startswith("data: ") and event in ("turn", "error"):
+                        final = (event, json.loads(line[6:]))
+            done = time.perf_counter()
+            ok = r.status_code == 200 and final is not None and final[0] == "turn"
+            if not ok or final is None:
+                out.append((False, 0.0, done - t0))
+                continue
+            # to the first token: what is left of the latency before generation started
+            generate = final[1]["meta"]["timings_ms"]["generate"] / 1e3
+            out.append((True, done - t0 - generate, done - t0))
+
+
+def closed_loop(url: str, players: int, turns: int, tokens: int, tag: str) -> LoadResult:
+    """``players`` closed-loop players, ``turns`` turns each, all at once."""
+    records: list[Any] = []
+    threads = [
+        threading.Thread(target=_player, args=(url, f"{tag}-{i}", turns, tokens, records))
+        for i in range(players)
+    ]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    good = [r for r in records if r[0]]
+    return LoadResult(
+        players=players,
+        turns=len(good),
+        errors=len(records) - len(good),
+        wall_s=wall,
+        turns_per_s=len(good) / wall,
+        ttft_p50_ms=_pct([r[1] for r in good], 50),
+        ttft_p95_ms=_pct([r[1] for r in good], 95),
+        latency_p50_ms=_pct([r[2] for r in good], 50),
+        latency_p95_ms=_pct([r[2] for r in good], 95),
+    )
+
+
+class InProcess:
+    """The same turns through the Python API, with the server's bundle and settings."""
+
+    def __init__(self, bundle: Path, work: Path, slots: int) -> None:
+        import npcchat
+        from npcchat.mind import npc as npc_mod
+
+        self.work = work
+        self.npc = npc_mod.load(work / "npcs" / "bench_captain.toml")
+        self.runtime = npcchat.load(
+            bundle, config=npcchat.load_config(_config_file(work)), slots=slots
+        )
+        self.runtime.start_batching()
+
+    def player(self, name: str, turns: int, tokens: int) -> float:
+        """One player's ``turns`` turns in a new session; the total time."""
+        chat = self.runtime.open(self.npc, session=self.work / "inproc" / f"{name}.json")
+        t0 = time.perf_counter()
+        for i in range(turns):
+            chat.say(LINES[i % len(LINES)], sampling=replace(chat.sampling, max_tokens=tokens))
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        """Free the in-process model (again: harmless)."""
+        self.runtime.close()
+
+
+def run(
+    bundle: Path,
+    players: Sequence[int] = (1, 4, 8, 16),
+    turns: int = 3,
+    tokens: int = 64,
+    slots: int = 8,
+    queue: int | None = None,
+    rounds: int = 3,
+) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="npcchat-bench-serve-") as tmp:
+        work = Path(tmp)
+        (work / "npcs").mkdir()
+        (work / "inproc").mkdir()
+        write_npc(work / "npcs")
+        server = ServerProcess(bundle, work, slots, queue if queue is not None else max(players))
+        local = InProcess(bundle, work, slots)
+        try:
+            closed_loop(server.url, 1, 1, tokens, "warm")  # page the weights in, both sides
+            local.player("warm", 1, tokens)
+            # one player's turns, HTTP and in-process in alternation (the other side idles)
+            http_s, local_s = [], []
+            for i in range(rounds):
+                local_s.append(local.player(f"round{i}", turns, tokens))
+                http_s.append(closed_loop(server.url, 1, turns, tokens, f"round{i}").wall_s)
+            local.close()
+            results = [closed_loop(server.url, n, turns, tokens, f"p{n}") for n in players]
+            rss = server.peak_rss_mb()
+        finally:
+            local.close()
+            server.stop()
+    by_n = {r.players: r for r in results}
+    report: dict[str, Any] = {
+        "bundle": str(bundle),
+        "slots": slots,
+        "turns_per_player": turns,
+        "reply_tokens": tokens,
+        "cpus": os.cpu_count(),
+        "loads": [asdict(r) for r in results],
+        "server_peak_rss_mb": rss,
+        "one_player_http_s": http_s,
+        "one_player_in_process_s": local_s,
+        "http_over_in_process": statistics.median(http_s) / statistics.median(local_s),
+    }
+    one = by_n.get(1)
+    if one is not None:
+        for n, r in by_n.items():
+            report[f"turns_per_s_{n}_over_1"] = r.turns_per_s / one.turns_per_s
+    return report
