@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -261,18 +262,23 @@ def test_auth_limits_and_error_bodies(serve: Any) -> None:
         assert "Traceback" not in broken.text
 
 
-def test_a_full_waiting_line_answers_503_with_retry_after(serve: Any) -> None:
-    server = serve(slots=1, waiting=0)
+def _occupy(server: Server) -> tuple[threading.Event, Future[Any]]:
+    """Hold the server's first slot with a turn that lasts until the event is set."""
     release = threading.Event()
 
-    def occupy() -> Any:  # a turn that holds the only slot until released
+    def occupy() -> Any:
         release.wait(30)
         return None
         yield
 
     scheduler = server.runtime._access.scheduler
     assert scheduler is not None
-    held = scheduler.submit(occupy())
+    return release, scheduler.submit(occupy())
+
+
+def test_a_full_waiting_line_answers_503_with_retry_after(serve: Any) -> None:
+    server = serve(slots=1, waiting=0)
+    release, held = _occupy(server)
     try:
         with server.client() as c:
             busy = _turn(c, "p5", "Hello.")
@@ -319,16 +325,7 @@ def test_a_client_that_leaves_cancels_its_turn(serve: Any) -> None:
     """The client goes away while its streamed turn waits for the only slot: the turn is
     cancelled and nothing of it reaches the session."""
     server = serve(slots=1, waiting=1)
-    release = threading.Event()
-
-    def occupy() -> Any:
-        release.wait(30)
-        return None
-        yield
-
-    scheduler = server.runtime._access.scheduler
-    assert scheduler is not None
-    held = scheduler.submit(occupy())
+    release, held = _occupy(server)
     with server.client() as c:
         with c.stream("POST", "/v1/turn", json={**_body("p6"), "stream": True}) as r:
             assert r.status_code == 200  # the stream has begun; its turn waits in line
@@ -412,3 +409,35 @@ def test_sigkill_under_load_loses_no_acknowledged_turn(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(20)
+
+
+def test_the_openapi_schema_is_the_contract(serve: Any) -> None:
+    server = serve()
+    with server.client() as c:
+        spec = c.get("/openapi.json").json()
+        assert c.get("/docs").status_code == 200
+    schemas = spec["components"]["schemas"]
+    assert set(schemas["TurnIn"]["properties"]) == {
+        "player_id",
+        "npc_id",
+        "text",
+        "tags",
+        "player_state",
+        "max_tokens",
+        "seed",
+        "stream",
+    }
+    assert set(schemas["TurnOut"]["properties"]) == {"text", "delta", "flags", "meta"}
+    assert set(schemas["PredictOut"]["properties"]) == {
+        "session_id",
+        "npc_id",
+        "npc_response",
+        "deltas",
+        "flags",
+        "thresholds",
+    }
+    paths = spec["paths"]
+    for path in ("/v1/turn", "/api/predict_main", "/v1/npcs", "/healthz", "/metrics"):
+        assert path in paths
+    session = paths["/v1/sessions/{player_id}/{npc_id}"]["get"]["responses"]["200"]
+    assert session["content"]["application/json"]["schema"]["$ref"].endswith("/SessionOut")

@@ -289,6 +289,12 @@ def create_app(runtime: Runtime, store: SessionStore, settings: Settings) -> Fas
                 err = _api_error(e)
                 yield _sse("error", {"error": {"code": err.code, "message": err.message}})
                 return
+            except Exception:
+                log.exception("npcchat serve: a streamed turn failed")
+                metrics.turns.labels("turn", "error").inc()
+                message = "internal error (see the server log)"
+                yield _sse("error", {"error": {"code": "server_error", "message": message}})
+                return
             record("turn", result, started)
             yield _sse("turn", _turn_out(result, body, count).model_dump())
         finally:
@@ -354,7 +360,12 @@ def create_app(runtime: Runtime, store: SessionStore, settings: Settings) -> Fas
         )
 
     # -- sessions, NPCs, health, metrics --------------------------------------------------
-    @app.get("/v1/sessions/{player_id}/{npc_id}", dependencies=guarded)
+    @app.get(
+        "/v1/sessions/{player_id}/{npc_id}",
+        response_model=S.SessionOut,
+        dependencies=guarded,
+        responses={404: {"model": S.ErrorOut}},
+    )
     async def get_session(player_id: str, npc_id: str) -> dict[str, Any]:
         """The session file's content: state, player state, memories, every turn."""
         _ids(player_id, npc_id)
@@ -365,7 +376,12 @@ def create_app(runtime: Runtime, store: SessionStore, settings: Settings) -> Fas
 
         return await run_in_threadpool(read)
 
-    @app.post("/v1/sessions/{player_id}/{npc_id}/reset", dependencies=guarded)
+    @app.post(
+        "/v1/sessions/{player_id}/{npc_id}/reset",
+        response_model=S.SessionOut,
+        dependencies=guarded,
+        responses={404: {"model": S.ErrorOut}},
+    )
     async def reset_session(player_id: str, npc_id: str) -> dict[str, Any]:
         """Back to the NPC's initial state: no history, no memories (saved)."""
         _ids(player_id, npc_id)
@@ -377,7 +393,12 @@ def create_app(runtime: Runtime, store: SessionStore, settings: Settings) -> Fas
 
         return await run_in_threadpool(reset)
 
-    @app.delete("/v1/sessions/{player_id}/{npc_id}", status_code=204, dependencies=guarded)
+    @app.delete(
+        "/v1/sessions/{player_id}/{npc_id}",
+        status_code=204,
+        dependencies=guarded,
+        responses={404: {"model": S.ErrorOut}},
+    )
     async def delete_session(player_id: str, npc_id: str) -> Response:
         _ids(player_id, npc_id)
         await run_in_threadpool(store.delete, player_id, npc_id)

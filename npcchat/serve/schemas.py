@@ -103,6 +103,42 @@ class PredictOut(BaseModel):
     thresholds: dict[str, float]
 
 
+class SessionBundle(BaseModel):
+    name: str
+    id: str
+
+
+class SessionPlayerState(BaseModel):
+    items: list[str]
+    actions: list[str]
+    position: str
+
+
+class SessionMemory(BaseModel):
+    turn: int
+    text: str
+
+
+class SessionOut(BaseModel):
+    """A session as its file holds it (the file ``npcchat talk --session`` opens)."""
+
+    schema_version: int
+    npc_id: str
+    created: str
+    seed: int
+    bundle: SessionBundle
+    lore: str
+    description: str
+    tags: dict[str, Any]
+    initial_tags: dict[str, Any]
+    player_state: SessionPlayerState
+    fired_flags: list[str]
+    npc_file: str
+    memorized: int
+    memories: list[SessionMemory]
+    history: list[dict[str, Any]]  # every turn: player, reply, deltas, flags, tokens, timings
+
+
 class NpcOut(BaseModel):
     id: str
     name: str
