@@ -441,3 +441,38 @@ def test_the_openapi_schema_is_the_contract(serve: Any) -> None:
         assert path in paths
     session = paths["/v1/sessions/{player_id}/{npc_id}"]["get"]["responses"]["200"]
     assert session["content"]["application/json"]["schema"]["$ref"].endswith("/SessionOut")
+
+
+def test_served_sessions_are_talks_sessions_and_npc_files_apply(serve: Any) -> None:
+    """The NPC file's forbidden trigger answers without the model, as in talk; the session
+    file the server wrote opens in `npcchat talk --session`; two turns sent at once to one
+    session both land, one after the other."""
+    from typer.testing import CliRunner
+
+    from npcchat.cli import app
+
+    server = serve(npcs=FIXTURES)
+    body = {"player_id": "p7", "npc_id": "lighthouse_keeper"}
+    with server.client() as c:
+        rude = c.post("/v1/turn", json={**body, "text": "You old idiot."})
+        assert rude.status_code == 200, rude.text
+        assert rude.json()["meta"]["stop_reason"] == "trigger"
+        assert rude.json()["text"] == "Mind your manners in my lighthouse."
+        results: list[int] = []
+
+        def send(text: str) -> None:
+            with server.client() as own:
+                results.append(own.post("/v1/turn", json={**body, "text": text}).status_code)
+
+        pair = [threading.Thread(target=send, args=(f"line {i}",)) for i in range(2)]
+        for t in pair:
+            t.start()
+        for t in pair:
+            t.join(60)
+    assert results == [200, 200]
+    path = server.sessions / "lighthouse_keeper" / "p7.json"
+    said = [t.player for t in _history(path)]
+    assert said[0] == "You old idiot." and sorted(said[1:]) == ["line 0", "line 1"]
+    talk = CliRunner().invoke(app, ["talk", "--session", str(path), "--say", "Hello.", "--json"])
+    assert talk.exit_code == 0, talk.output
+    assert len(_history(path)) == 4
