@@ -1,0 +1,164 @@
+"""Hostile and broken input, one suite that grows with the project.
+
+Each case feeds one crafted or damaged input and asserts the clean outcome: a one-line
+error naming the file (or key), no traceback, nothing of the process's memory in any
+output, and bounded time and memory. Grouped by the classes of issue 14.
+"""
+
+from __future__ import annotations
+
+import pickle
+import resource
+import struct
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from npcchat_heads import pt_reader
+
+
+# -- .pt files: crafted pickles and views (classes 1 and 2) -----------------------------------
+def _pt(path: Path, pkl: bytes, storages: dict[str, bytes]) -> Path:
+    """A zip-format .pt with a hand-made pickle and raw storages."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("archive/data.pkl", pkl)
+        z.writestr("archive/version", "3\n")
+        for key, data in storages.items():
+            z.writestr(f"archive/data/{key}", data)
+    return path
+
+
+def _int(value: int) -> bytes:
+    return b"J" + struct.pack("<i", value)  # BININT: any signed 32-bit value
+
+
+def _ints(values: tuple[int, ...]) -> bytes:
+    return b"(" + b"".join(_int(v) for v in values) + b"t"  # MARK ... TUPLE
+
+
+def _view_pickle(
+    offset: int, size: tuple[int, ...], stride: tuple[int, ...], numel: int, key: bytes = b"w"
+) -> bytes:
+    """``{key: _rebuild_tensor_v2(storage '0' of numel floats, offset, size, stride, ...)}``,
+    opcode by opcode, as torch.save writes it."""
+    pid = b"(" + b"X\x07\x00\x00\x00storage" + b"ctorch\nFloatStorage\n"
+    pid += b"X\x01\x00\x00\x000" + b"X\x03\x00\x00\x00cpu" + _int(numel) + b"tQ"
+    call = b"ctorch._utils\n_rebuild_tensor_v2\n(" + pid + _int(offset) + _ints(size)
+    call += _ints(stride) + b"\x89" + b"ccollections\nOrderedDict\n)R" + b"tR"
+    return b"\x80\x02}" + b"X" + struct.pack("<I", len(key)) + key + call + b"s."
+
+
+FLOATS = np.arange(16, dtype=np.float32).tobytes()
+
+
+@pytest.mark.parametrize(
+    ("offset", "size", "stride", "message"),
+    [
+        (15, (16,), (-1,), "negative"),  # walked memory before the storage (process memory)
+        (0, (2,), (1_000_000,), "outside its storage"),  # SIGSEGV before
+        (4, (4, 4), (4, 1), "outside its storage"),
+        (0, (4, 4), (1, 1), "overlaps itself"),
+        (0, (100_000_000,), (0,), "exceeds the bound"),  # 838 MB before refusal
+        (0, (4, 4, 4, 4, 4, 4, 4, 4, 4), (1,) * 9, "at most 8 integers"),
+    ],
+)
+def test_pt_tensor_views_are_checked_whole_before_any_read(
+    tmp_path: Path, offset: int, size: tuple[int, ...], stride: tuple[int, ...], message: str
+) -> None:
+    path = _pt(tmp_path / "h.pt", _view_pickle(offset, size, stride, 16), {"0": FLOATS})
+    with pytest.raises(pt_reader.PtError, match=message) as info:
+        pt_reader.load(path)
+    assert str(info.value).startswith(f"{path}: ")
+
+
+def test_pt_plain_and_transposed_views_still_load(tmp_path: Path) -> None:
+    path = _pt(tmp_path / "ok.pt", _view_pickle(0, (4, 4), (1, 4), 16), {"0": FLOATS})
+    got = pt_reader.load(path)["w"]
+    assert np.array_equal(got, np.arange(16, dtype=np.float32).reshape(4, 4).T)
+
+
+def test_pt_a_key_nested_200000_deep_is_refused_before_unpickling(tmp_path: Path) -> None:
+    pkl = b"\x80\x02}" + b")" + b"\x85" * 200_000 + b"Ns."  # {((((...)))): None}
+    path = _pt(tmp_path / "deep.pt", pkl, {})
+    with pytest.raises(pt_reader.PtError, match="larger or deeper"):  # crashed the unpickler
+        pt_reader.load(path)
+    flat = b"\x80\x02}" + b"N0" * 200_000 + b"."  # 400,000 harmless operations
+    with pytest.raises(pt_reader.PtError, match="over 100000 operations"):
+        pt_reader.load(_pt(tmp_path / "long.pt", flat, {}))
+
+
+@pytest.mark.parametrize("levels", [100, 40])
+def test_pt_a_fanned_out_tuple_is_refused_not_hashed_for_ever(tmp_path: Path, levels: int) -> None:
+    """t(i+1) = (t(i), t(i)) through the memo: 1 KB of pickle, 2**levels leaves; as a dict
+    key its hash never ends."""
+    body = b")q\x000"  # t0 = (), memo 0, off the stack
+    for i in range(levels):
+        body += b"h" + bytes([i]) + b"h" + bytes([i]) + b"\x86q" + bytes([i + 1]) + b"0"
+    pkl = b"\x80\x02}" + body + b"h" + bytes([levels]) + b"Ns."  # {t(levels): None}
+    assert len(pkl) < 1300
+    with pytest.raises(pt_reader.PtError, match="larger or deeper"):
+        pt_reader.load(_pt(tmp_path / "fan.pt", pkl, {}))
+
+
+def test_pt_a_deep_key_under_the_opcode_count_is_refused_by_depth(tmp_path: Path) -> None:
+    pkl = b"\x80\x02}" + b")" + b"\x85" * 5_000 + b"Ns."
+    with pytest.raises(pt_reader.PtError, match="larger or deeper"):
+        pt_reader.load(_pt(tmp_path / "deep5k.pt", pkl, {}))
+
+
+def test_pt_a_zip_bomb_stops_at_the_declared_size(tmp_path: Path) -> None:
+    """A storage that declares 16 floats but inflates to 256 MB (a 250 KB file): refused
+    after reading 65 bytes, whatever the zip header says."""
+    bomb = bytes(256 * 1024 * 1024)
+    path = _pt(tmp_path / "bomb.pt", _view_pickle(0, (16,), (1,), 16), {"0": bomb})
+    assert path.stat().st_size < 1_000_000
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(pt_reader.PtError, match="larger than 64 bytes"):
+        pt_reader.load(path)
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mb < 64
+
+
+def test_pt_a_huge_declared_storage_is_refused_before_reading(tmp_path: Path) -> None:
+    path = _pt(tmp_path / "big.pt", _view_pickle(0, (16,), (1,), 2_000_000_000), {"0": FLOATS})
+    with pytest.raises(pt_reader.PtError, match="exceeds the bound"):
+        pt_reader.load(path)
+
+
+def test_pt_short_storage_and_non_string_keys(tmp_path: Path) -> None:
+    short = _pt(tmp_path / "short.pt", _view_pickle(0, (16,), (1,), 16), {"0": FLOATS[:32]})
+    with pytest.raises(pt_reader.PtError, match="holds 32 bytes"):
+        pt_reader.load(short)
+    tuple_key = b"\x80\x02}" + b"(J\x01\x00\x00\x00t" + b"Ns."  # {(1,): None}
+    with pytest.raises(pt_reader.PtError, match="not a short string"):
+        pt_reader.load(_pt(tmp_path / "key.pt", tuple_key, {}))
+    garbage = _pt(tmp_path / "garbage.pt", b"\x80\x02\xff\xfe", {})
+    with pytest.raises(pt_reader.PtError, match="not a readable pickle"):
+        pt_reader.load(garbage)
+
+
+def test_pt_refusals_reach_convert_as_one_line_errors(tmp_path: Path) -> None:
+    """Through the head loader: a ConvertError naming the file, nothing else."""
+    from npcchat.errors import ConvertError
+    from npcchat_heads import loader
+
+    heads = tmp_path / "heads"
+    heads.mkdir()
+    for stem in ("delta_head", "flag_head", "threshold_head"):
+        _pt(heads / f"{stem}.pt", _view_pickle(15, (16,), (-1,), 16, b"weight"), {"0": FLOATS})
+    (heads / "flags.json").write_text('{"ALL_FLAGS": ["give_item"]}')
+    with pytest.raises(ConvertError) as info:
+        loader.load(heads, hidden=16)
+    message = str(info.value)
+    assert "\n" not in message and "delta_head.pt" in message and "negative" in message
+
+
+def test_pickle_helpers_agree_with_the_pickle_module() -> None:
+    """The hand-written opcodes mean what the tests say (checked with pickle itself)."""
+    data = pickle.loads(b"\x80\x02}" + b"X\x01\x00\x00\x00a" + _ints((1, -2, 3)) + b"s.")
+    assert data == {"a": (1, -2, 3)}
+    body = b")q\x000" + b"h\x00h\x00\x86q\x010" + b"h\x01h\x01\x86q\x020"
+    fan = pickle.loads(b"\x80\x02}" + body + b"h\x02Ns.")
+    assert fan == {(((), ()), ((), ())): None}
