@@ -162,3 +162,66 @@ def test_pickle_helpers_agree_with_the_pickle_module() -> None:
     body = b")q\x000" + b"h\x00h\x00\x86q\x010" + b"h\x01h\x01\x86q\x020"
     fan = pickle.loads(b"\x80\x02}" + body + b"h\x02Ns.")
     assert fan == {(((), ()), ((), ())): None}
+
+
+# -- user text in the terminal (classes 3 and 4) ----------------------------------------------
+def _npcchat(args: list[bytes], stdin: bytes = b"", home: Path | None = None) -> tuple[int, str]:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, **({"NPCCHAT_HOME": str(home)} if home else {})}
+    proc = subprocess.run(
+        [sys.executable.encode(), b"-m", b"npcchat", *args],
+        input=stdin,
+        capture_output=True,
+        env=env,
+        timeout=120,
+    )
+    out = (proc.stdout + proc.stderr).decode("utf-8", "replace")
+    assert "Traceback" not in out, out
+    return proc.returncode, out
+
+
+@pytest.mark.model
+def test_markup_in_player_text_and_state_is_printed_as_is(tmp_path: Path) -> None:
+    code, out = _npcchat([b"talk", b"--say", b"[/bold] hello [red]x", b"--max-tokens", b"4"])
+    assert code == 0 and "[/bold] hello [red]x" in out
+    repl = b"/set position [/bold]\n/set npc_mood [bold red]grim\n/state\n/quit\n"
+    code, out = _npcchat([b"talk", b"--session", str(tmp_path / "s.toml").encode()], repl)
+    assert code == 0 and "position='[/bold]'" in out and "[bold red]grim" in out
+    # and again from the saved session: every /state of it works
+    code, out = _npcchat([b"talk", b"--session", str(tmp_path / "s.toml").encode()], b"/state\n")
+    assert code == 0 and "[bold red]grim" in out
+
+
+@pytest.mark.model
+def test_invalid_utf8_in_arguments_and_on_stdin_is_read_as_replacement(tmp_path: Path) -> None:
+    bad = b"caf\xe9 \xff\xfe hello"
+    code, out = _npcchat([b"talk", b"--say", bad, b"--json", b"--max-tokens", b"4"])
+    assert code == 0 and '"reply"' in out
+    code, out = _npcchat([b"talk", b"--max-tokens", b"4"], bad + b"\n/state\n")
+    assert code == 0
+
+
+def test_eval_compare_prints_scenario_ids_as_is(tmp_path: Path) -> None:
+    import json
+
+    def report(flag: bool) -> dict[str, object]:
+        turn = {
+            "player": "[/bold]",
+            "flags": {"give_item": {"fired": flag}},
+            "deltas": {"trust": 0.0},
+        }
+        return {
+            "format": "npcchat-eval-report",
+            "version": 1,
+            "gates": {"flag_f1_macro": 0.5},
+            "scenarios": [{"id": "[/bold] [red]id", "turns": [turn]}],
+        }
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(report(False)))
+    b.write_text(json.dumps(report(True)))
+    code, out = _npcchat([b"eval", b"compare", str(a).encode(), str(b).encode()])
+    assert code == 0 and "[/bold] [red]id" in out

@@ -71,6 +71,9 @@ def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 1."""
     from npcchat.errors import NpcchatError
 
+    # a player's line that is not valid UTF-8 reads as U+FFFD, never as an encoding crash
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="replace")
     try:
         app()
     except NpcchatError as e:

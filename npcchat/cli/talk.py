@@ -116,16 +116,22 @@ def _ignore(message: str) -> None:
 def _scripted(conv: Conversation, lines: list[str], json_out: bool) -> None:
     from npcchat.cli import ui
 
-    for line in lines:
+    for line in (readable(text) for text in lines):
         if json_out:
             r = conv.say(line)
             print(json.dumps(r.to_json(), ensure_ascii=False), flush=True)
         else:
-            ui.out.print(f"[bold]you>[/bold] {line}")
+            ui.you(line)
             ui.reply_start(conv.session.npc_id)
             r = conv.say(line, ui.reply_text)
             ui.reply_end()
             ui.turn_summary(r, _display(conv))
+
+
+def readable(text: str) -> str:
+    """Command-line text as valid Unicode: bytes that were not UTF-8 (Python keeps them as
+    lone surrogates in argv) become U+FFFD instead of failing deep in the tokenizer."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _read_line() -> str | None:

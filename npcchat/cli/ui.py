@@ -14,8 +14,10 @@ from npcchat.errors import NpcchatError
 from npcchat.sessions.session import Session
 from npcchat.types import Tags, Turn
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+# markup=False: text from users and files (player lines, tags, scenario ids) is printed as
+# it is, never read as rich markup; our own styles are Text styles.
+out = Console(highlight=False, markup=False)
+err = Console(stderr=True, highlight=False, markup=False)
 
 
 def error(e: NpcchatError) -> None:
@@ -44,6 +46,11 @@ def banner(npc_name: str, npc_id: str, bundle: str, session_path: str | None, re
         Text.assemble(("npcchat", "bold"), f" · talking to {npc_name} ({npc_id}) · bundle {bundle}")
     )
     out.print(Text(f"{where}{extra} · /help for commands, Ctrl-D to quit", style="dim"))
+
+
+def you(line: str) -> None:
+    """A scripted player line, echoed as the REPL shows it."""
+    out.print(Text.assemble(("you>", "bold"), f" {line}"))
 
 
 def prompt_text() -> str:
@@ -392,7 +399,7 @@ def compare_summary(result: Mapping[str, Any]) -> None:
         table.add_row(name, _f(m["a"]), _f(m["b"]), "–" if diff is None else f"{diff:+.4g}")
     out.print(table)
     changed = result["changed"]
-    out.print(f"[bold]{len(changed)} turns changed flags or deltas[/bold]")
+    out.print(Text(f"{len(changed)} turns changed flags or deltas", style="bold"))
     for c in changed[:30]:
         dd = ", ".join(f"{k} {v:+.2f}" for k, v in c["delta_diff"].items())
         out.print(
@@ -403,8 +410,11 @@ def compare_summary(result: Mapping[str, Any]) -> None:
 def fit_summary(result: Mapping[str, Any]) -> None:
     h = result["held_out"]
     out.print(
-        f"[bold]heads written to {result['bundle']}[/bold] · {result['records']} records "
-        f"({result['train']} train / {result['validation']} validation / {result['test']} held out)"
+        Text.assemble(
+            (f"heads written to {result['bundle']}", "bold"),
+            f" · {result['records']} records ({result['train']} train / "
+            f"{result['validation']} validation / {result['test']} held out)",
+        )
     )
     table = Table(title="held-out metrics", title_justify="left")
     for col in ("flag", "n", "pos", "P", "R", "F1", "Brier", "threshold"):

@@ -225,8 +225,9 @@ class Model:
 
     # -- vocabulary -----------------------------------------------------------------------
     def tokenize(self, text: str, special: bool = False) -> list[int]:
-        """Tokens of ``text``; ``special`` lets control-token text become control tokens."""
-        data = text.encode("utf-8")
+        """Tokens of ``text``; ``special`` lets control-token text become control tokens.
+        A lone surrogate (undecodable input kept by Python) becomes '?', never an error."""
+        data = text.encode("utf-8", "replace")
         cap = len(data) + 8
         buf = (ll.llama_token * cap)()
         n = ll.llama_tokenize(self._vocab, data, len(data), buf, cap, False, special)
