@@ -6,6 +6,7 @@ name the file and the key, because a silently ignored typo is a designer's lost 
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -126,20 +127,51 @@ def _apply(cfg: Config, data: dict[str, Any], path: Path) -> Config:
     return cfg
 
 
+# The range of every number, inclusive: what llama.cpp and the state rule can honour. A value
+# outside (NaN and infinities included) is an error naming the key, never a silent clamp or
+# an abort inside llama.cpp (n_ctx = 4294967360 used to end the process with SIGABRT).
+RANGES: dict[str, tuple[float, float]] = {
+    "runtime.n_ctx": (64, 1 << 20),
+    "runtime.n_batch": (1, 1 << 16),
+    "runtime.n_threads": (0, 1024),
+    "runtime.n_gpu_layers": (-1, 100_000),
+    "runtime.snapshot_max_mb": (0, 1 << 20),
+    "runtime.lora_scale": (-100.0, 100.0),
+    "state.delta_scale": (0.0, 100.0),
+    "state.clamp_min": (0.0, 1.0),
+    "state.clamp_max": (0.0, 1.0),
+    "state.decimals": (0, 12),
+    "sampling.temperature": (0.0, 100.0),
+    "sampling.top_p": (0.0, 1.0),
+    "sampling.repeat_penalty": (0.01, 100.0),
+    "sampling.max_tokens": (1, 1 << 20),
+    "sampling.seed": (-1, 2**31 - 1),
+    "knowledge.lore_tokens": (0, 1 << 20),
+    "knowledge.description_tokens": (0, 1 << 20),
+    "knowledge.memory_tokens": (0, 1 << 20),
+    "knowledge.memories": (0, 10_000),
+}
+
+
 def validate(cfg: Config, path: object = "config") -> None:
+    """Every number finite and in its range, and the rules between keys."""
+    lo_clamp, hi_clamp = cfg.state.clamp_min, cfg.state.clamp_max
+    if math.isfinite(lo_clamp) and math.isfinite(hi_clamp) and not lo_clamp < hi_clamp:
+        raise ConfigError(f"{where(path, 'state.clamp_min')}: must be below state.clamp_max")
+    for key, (lo, hi) in RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if not (math.isfinite(value) and lo <= value <= hi):
+            raise ConfigError(f"{where(path, key)}: expected {lo:g}..{hi:g}, got {value}")
     s, r, p = cfg.state, cfg.runtime, cfg.sampling
     if not s.clamp_min < s.clamp_max:
         raise ConfigError(f"{where(path, 'state.clamp_min')}: must be below state.clamp_max")
-    if r.n_ctx < 64:
-        raise ConfigError(f"{where(path, 'runtime.n_ctx')}: expected at least 64, got {r.n_ctx}")
-    if p.max_tokens < 1 or p.max_tokens >= r.n_ctx:
+    if p.max_tokens >= r.n_ctx:
         raise ConfigError(
             f"{where(path, 'sampling.max_tokens')}: expected 1..{r.n_ctx - 1}, got {p.max_tokens}"
         )
-    if not 0.0 < p.top_p <= 1.0:
+    if p.top_p <= 0.0:
         raise ConfigError(f"{where(path, 'sampling.top_p')}: expected (0, 1], got {p.top_p}")
-    if p.temperature < 0:
-        raise ConfigError(f"{where(path, 'sampling.temperature')}: expected >= 0")
 
 
 def load(path: Path | None = None) -> Config:

@@ -225,3 +225,87 @@ def test_eval_compare_prints_scenario_ids_as_is(tmp_path: Path) -> None:
     b.write_text(json.dumps(report(True)))
     code, out = _npcchat([b"eval", b"compare", str(a).encode(), str(b).encode()])
     assert code == 0 and "[/bold] [red]id" in out
+
+
+# -- numbers without bounds (class 9) ---------------------------------------------------------
+@pytest.mark.parametrize(
+    ("toml", "key"),
+    [
+        ("[sampling]\ntemperature = nan\n", "sampling.temperature"),
+        ("[sampling]\ntop_p = inf\n", "sampling.top_p"),
+        ("[sampling]\nrepeat_penalty = -3.0\n", "sampling.repeat_penalty"),
+        ("[state]\ndecimals = -1\n", "state.decimals"),
+        ("[state]\ndelta_scale = nan\n", "state.delta_scale"),
+        ("[runtime]\nn_ctx = 4294967360\n", "runtime.n_ctx"),  # aborted inside llama.cpp
+        ("[knowledge]\nmemories = -5\n", "knowledge.memories"),
+    ],
+)
+def test_config_numbers_must_be_finite_and_in_range(tmp_path: Path, toml: str, key: str) -> None:
+    from npcchat import config
+    from npcchat.errors import ConfigError
+
+    path = tmp_path / "c.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError, match=rf"c\.toml: key '{key}': expected"):
+        config.load(path)
+
+
+def test_nan_on_the_command_line_is_a_one_line_error() -> None:
+    code, out = _npcchat([b"talk", b"--temperature", b"nan", b"--say", b"hi"])
+    assert code == 1 and "key 'sampling.temperature': expected 0..100, got nan" in out
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "key"),
+    [
+        ("trust", 5.0, "tags.trust"),
+        ("trust", -3.0, "tags.trust"),
+        ("trust", float("nan"), "tags.trust"),
+        ("relationship", float("inf"), "tags.relationship"),
+        ("memorized", -1, "memorized"),
+    ],
+)
+def test_session_numbers_out_of_range_are_refused_and_kept(
+    tmp_path: Path, field: str, value: float, key: str
+) -> None:
+    import json
+
+    from npcchat.errors import SessionError
+    from npcchat.sessions import session as session_mod
+    from npcchat.types import Tags
+
+    path = tmp_path / "s.json"
+    session_mod.save(session_mod.Session(npc_id="x", tags=Tags()), path)
+    data = json.loads(path.read_text())
+    if field == "memorized":
+        data["memorized"] = value
+    else:
+        data["tags"][field] = value
+    text = json.dumps(data)  # NaN and Infinity as Python writes them
+    path.write_text(text)
+    with pytest.raises(SessionError, match=rf"key '{key}': expected"):
+        session_mod.load(path)
+    assert path.read_text() == text  # nothing lost
+
+
+def test_nan_from_the_heads_refuses_the_turn(tmp_path: Path) -> None:
+    import onnx
+    from onnx import numpy_helper
+
+    from npcchat.errors import BundleError
+    from npcchat.runtime.heads import Heads
+    from npcchat_heads import onnx_builder
+
+    model = onnx.load_from_string(
+        onnx_builder.build(onnx_builder.random_weights(16, 2), ["a", "b"])
+    )
+    for init in model.graph.initializer:  # a heads file damaged after it was built
+        if init.name == "delta_b":
+            init.CopyFrom(numpy_helper.from_array(np.array([np.nan, 0.0], np.float32), "delta_b"))
+    path = tmp_path / "heads.onnx"
+    path.write_bytes(model.SerializeToString())
+    heads = Heads(path, ("a", "b"), 16)
+    with pytest.raises(BundleError, match=r"NaN or infinity for this turn \(the heads"):
+        heads.run(np.ones(16, dtype=np.float32))
+    with pytest.raises(BundleError, match="<STATE> vector"):
+        Heads(tmp_path / "heads.onnx", ("a", "b"), 16).run(np.full(16, np.inf, np.float32))

@@ -119,7 +119,7 @@ def _scripted(conv: Conversation, lines: list[str], json_out: bool) -> None:
     for line in (readable(text) for text in lines):
         if json_out:
             r = conv.say(line)
-            print(json.dumps(r.to_json(), ensure_ascii=False), flush=True)
+            print(json.dumps(r.to_json(), ensure_ascii=False, allow_nan=False), flush=True)
         else:
             ui.you(line)
             ui.reply_start(conv.session.npc_id)

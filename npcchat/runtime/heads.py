@@ -35,6 +35,7 @@ class Heads:
             )
         except Exception as e:
             raise BundleError(f"{path}: onnxruntime cannot load the heads ({e})") from None
+        self.path = path
         self.flags = flags
         self.hidden = hidden
         self._check(path)
@@ -69,7 +70,16 @@ class Heads:
         return delta, prob, thr
 
     def run(self, state: np.ndarray) -> HeadsOutput:
+        """Named outputs for one `<STATE>` vector. A NaN or infinity anywhere (broken heads,
+        or a model whose hidden state overflowed) refuses the turn: it must never become a
+        silent 0.0 in the game's state, nor bare NaN in JSON."""
         delta, prob, thr = self.run_batch(state.reshape(1, -1))
+        if not (np.isfinite(delta).all() and np.isfinite(prob).all() and np.isfinite(thr).all()):
+            what = "the <STATE> vector" if not np.isfinite(state).all() else "the heads"
+            raise BundleError(
+                f"{self.path}: the heads gave NaN or infinity for this turn ({what} is not finite)",
+                hint="refit the heads (npcchat heads fit) or check the model with npcchat convert",
+            )
         return decide(self.flags, delta[0], prob[0], thr[0])
 
 

@@ -9,6 +9,7 @@ directory, is fsynced, then renamed over the target, so a crash mid-save leaves 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -190,7 +191,16 @@ class _Reader:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def get(self, d: Any, key: str, kind: type | tuple[type, ...], label: str) -> Any:
+    def get(
+        self,
+        d: Any,
+        key: str,
+        kind: type | tuple[type, ...],
+        label: str,
+        lo: float = -math.inf,
+        hi: float = math.inf,
+    ) -> Any:
+        """``d[key]`` of type ``kind``; numbers must be finite and within [lo, hi]."""
         if not isinstance(d, dict) or key not in d:
             raise SessionError(f"{where(self.path, label)}: missing")
         v = d[key]
@@ -199,6 +209,8 @@ class _Reader:
         if not isinstance(v, kind) or (isinstance(v, bool) and kind in (int, float)):
             name = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
             raise SessionError(f"{where(self.path, label)}: expected {name}, got {v!r}")
+        if isinstance(v, int | float) and not (math.isfinite(v) and lo <= v <= hi):
+            raise SessionError(f"{where(self.path, label)}: expected {lo:g}..{hi:g}, got {v!r}")
         return v
 
     def strs(self, d: Any, key: str, label: str) -> tuple[str, ...]:
@@ -210,27 +222,31 @@ class _Reader:
     def tags(self, d: Any, label: str) -> Tags:
         values = {}
         for f in fields(Tags):
-            kind = float if f.name in ("trust", "relationship") else str
-            values[f.name] = self.get(d, f.name, kind, f"{label}.{f.name}")
+            if f.name in ("trust", "relationship"):
+                values[f.name] = self.get(d, f.name, float, f"{label}.{f.name}", 0.0, 1.0)
+            else:
+                values[f.name] = self.get(d, f.name, str, f"{label}.{f.name}")
         return Tags(**values)
 
-    def floats(self, d: Any, label: str) -> dict[str, float]:
+    def floats(
+        self, d: Any, label: str, lo: float = -math.inf, hi: float = math.inf
+    ) -> dict[str, float]:
         if not isinstance(d, dict):
             raise SessionError(f"{where(self.path, label)}: expected a table")
-        return {k: self.get(d, k, float, f"{label}.{k}") for k in d}
+        return {k: self.get(d, k, float, f"{label}.{k}", lo, hi) for k in d}
 
     def turn(self, d: Any, label: str) -> TurnRecord:
         g = self.get
         flags_raw = g(d, "flags", dict, f"{label}.flags")
         flags = {
             n: FlagResult(
-                g(v, "prob", float, f"{label}.flags.{n}.prob"),
-                g(v, "threshold", float, f"{label}.flags.{n}.threshold"),
+                g(v, "prob", float, f"{label}.flags.{n}.prob", 0.0, 1.0),
+                g(v, "threshold", float, f"{label}.flags.{n}.threshold", 0.0, 1.0),
                 g(v, "fired", bool, f"{label}.flags.{n}.fired"),
             )
             for n, v in flags_raw.items()
         }
-        deltas = self.floats(g(d, "deltas", dict, f"{label}.deltas"), f"{label}.deltas")
+        deltas = self.floats(g(d, "deltas", dict, f"{label}.deltas"), f"{label}.deltas", -1.0, 1.0)
         for name in DELTA_NAMES:
             if name not in deltas:
                 raise SessionError(f"{where(self.path, f'{label}.deltas.{name}')}: missing")
@@ -243,16 +259,16 @@ class _Reader:
             tags_before=self.tags(
                 g(d, "tags_before", dict, f"{label}.tags_before"), f"{label}.tags_before"
             ),
-            prompt_tokens=g(tokens, "prompt", int, f"{label}.tokens.prompt"),
-            prefill_tokens=g(tokens, "prefill", int, f"{label}.tokens.prefill")
+            prompt_tokens=g(tokens, "prompt", int, f"{label}.tokens.prompt", 0),
+            prefill_tokens=g(tokens, "prefill", int, f"{label}.tokens.prefill", 0)
             if "prefill" in tokens
-            else g(tokens, "prompt", int, f"{label}.tokens.prompt"),
-            generated_tokens=g(tokens, "generated", int, f"{label}.tokens.generated"),
-            dropped_turns=g(d, "dropped_turns", int, f"{label}.dropped_turns"),
+            else g(tokens, "prompt", int, f"{label}.tokens.prompt", 0),
+            generated_tokens=g(tokens, "generated", int, f"{label}.tokens.generated", 0),
+            dropped_turns=g(d, "dropped_turns", int, f"{label}.dropped_turns", 0),
             stop_reason=g(d, "stop_reason", str, f"{label}.stop_reason"),
             seed=g(d, "seed", int, f"{label}.seed"),
             timings_ms=self.floats(
-                g(d, "timings_ms", dict, f"{label}.timings_ms"), f"{label}.timings_ms"
+                g(d, "timings_ms", dict, f"{label}.timings_ms"), f"{label}.timings_ms", 0.0
             ),
             time=g(d, "time", str, f"{label}.time"),
         )
@@ -292,10 +308,10 @@ def from_dict(data: Any, path: Path) -> Session:
         seed=r.get(data, "seed", int, "seed"),
         created=r.get(data, "created", str, "created"),
         npc_file=r.get(data, "npc_file", str, "npc_file") if "npc_file" in data else "",
-        memorized=r.get(data, "memorized", int, "memorized") if "memorized" in data else 0,
+        memorized=r.get(data, "memorized", int, "memorized", 0) if "memorized" in data else 0,
         memories=tuple(
             Memory(
-                r.get(m, "turn", int, f"memories[{i}].turn"),
+                r.get(m, "turn", int, f"memories[{i}].turn", 0),
                 r.get(m, "text", str, f"memories[{i}].text"),
             )
             for i, m in enumerate(
