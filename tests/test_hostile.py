@@ -309,3 +309,48 @@ def test_nan_from_the_heads_refuses_the_turn(tmp_path: Path) -> None:
         heads.run(np.ones(16, dtype=np.float32))
     with pytest.raises(BundleError, match="<STATE> vector"):
         Heads(tmp_path / "heads.onnx", ("a", "b"), 16).run(np.full(16, np.inf, np.float32))
+
+
+# -- paths and integrity (class 8) ------------------------------------------------------------
+def _copy_bundle(tmp_path: Path) -> Path:
+    import shutil
+
+    from npcchat import demo
+
+    src = demo.bundle_dir()
+    assert src is not None
+    dst = tmp_path / "bundle"
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("target", ["../../../../etc/passwd", "/etc/passwd", "../outside.gguf"])
+def test_manifest_paths_stay_inside_the_bundle(tmp_path: Path, target: str) -> None:
+    from npcchat.errors import BundleError
+    from npcchat.runtime import bundle
+
+    root = _copy_bundle(tmp_path)
+    (tmp_path / "outside.gguf").write_bytes(b"x")
+    manifest = root / "bundle.toml"
+    manifest.write_text(manifest.read_text().replace('file = "model.gguf"', f'file = "{target}"'))
+    with pytest.raises(BundleError, match=r"key 'model.file': .* is outside the bundle") as info:
+        bundle.load(root)
+    assert "sha256" not in str(info.value)  # no digest of a file outside the bundle
+
+
+def test_a_tampered_gguf_with_its_mtime_restored_is_caught(tmp_path: Path) -> None:
+    import os
+
+    from npcchat.errors import BundleError
+    from npcchat.runtime import bundle
+
+    root = _copy_bundle(tmp_path)
+    bundle.load(root)  # caches the verified checksum
+    gguf = root / "model.gguf"
+    st = gguf.stat()
+    data = bytearray(gguf.read_bytes())
+    data[-1] ^= 0xFF
+    gguf.write_bytes(bytes(data))
+    os.utime(gguf, ns=(st.st_atime_ns, st.st_mtime_ns))  # touch -r: size and mtime as before
+    with pytest.raises(BundleError, match="sha256 is"):
+        bundle.load(root)

@@ -58,7 +58,8 @@ def _cache_path() -> Path:
 
 def _cached_sha256(path: Path) -> str:
     st = path.stat()
-    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    # ctime and inode too: `touch -r` can restore a tampered file's mtime, never its ctime
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
     cache_file = _cache_path()
     try:
         cache: dict[str, str] = json.loads(cache_file.read_text("utf-8"))
@@ -93,6 +94,12 @@ def _checked_file(root: Path, manifest: Path, data: dict[str, Any], section: str
     rel = _get(data, f"{section}.file", str, manifest)
     want = _get(data, f"{section}.sha256", str, manifest)
     path = root / str(rel)
+    inside = root.resolve()
+    if Path(rel).is_absolute() or not path.resolve().is_relative_to(inside):
+        raise BundleError(
+            f"{where(manifest, f'{section}.file')}: {rel!r} is outside the bundle directory",
+            hint="a bundle names its files relative to its own directory",
+        )
     if not path.is_file():
         raise BundleError(f"{where(manifest, f'{section}.file')}: {path} does not exist")
     got = _cached_sha256(path)
