@@ -354,3 +354,70 @@ def test_a_tampered_gguf_with_its_mtime_restored_is_caught(tmp_path: Path) -> No
     os.utime(gguf, ns=(st.st_atime_ns, st.st_mtime_ns))  # touch -r: size and mtime as before
     with pytest.raises(BundleError, match="sha256 is"):
         bundle.load(root)
+
+
+# -- resource limits in templates (class 10) --------------------------------------------------
+@pytest.mark.parametrize(
+    ("source", "words"),
+    [
+        ("{{ 'a' * 200000000 }}", "repetition"),  # folded at compile time before
+        ("{{ ('a' * 1000) * 1000000 }}", "repetition"),
+        ("{{ 'a'.center(1000000000) }}", "center"),
+        ("{{ 'a'.ljust(1000000000) }}", "ljust"),
+        ("{% set s = 'ab' * 400000 %}{{ s.replace('a', 'aaaa') }}", "replace"),
+        ("{{ ('ab' * 400000) | replace('a', 'aaaa') }}", "replace"),
+        ("{{ 10 ** 100000000 }}", "power"),
+        ("{{ ('a' * 600000) + ('b' * 600000) }}", "concatenation"),
+        (
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+            "loops",
+        ),
+        ("{{ range(10**9) | list }}", "exceeds"),
+        ("{{ 'a' | center(1000000000) }}", "(?i)no filter named 'center'"),
+    ],
+)
+def test_bundle_templates_are_bounded(source: str, words: str) -> None:
+    from npcchat.errors import ConfigError, PromptError
+    from npcchat.runtime.prompt import PromptTemplate, render
+    from npcchat.types import PromptInput, Tags
+
+    template = PromptTemplate("hostile", source + "<STATE>\n<NPC>")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises((PromptError, ConfigError), match=words) as info:
+        render(template, PromptInput(npc_id="x", tags=Tags(), player_utterance="hi"))
+    assert "\n" not in str(info.value) and "hostile" in str(info.value)
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024 < 200
+
+
+def test_a_dead_branch_is_not_computed_while_compiling() -> None:
+    """Jinja folded `'a' * 200000000` at compile time even inside `{% if false %}`."""
+    from npcchat.runtime.prompt import PromptTemplate, render
+    from npcchat.types import PromptInput, Tags
+
+    source = "{% if false %}{{ 'a' * 200000000 }}{% endif %}ok<STATE>\n<NPC>"
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    text = render(PromptTemplate("dead", source), PromptInput("x", Tags(), "hi")).text
+    assert text.startswith("ok")
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024 < 100
+
+
+def test_a_huge_template_source_is_refused_unread() -> None:
+    from npcchat.errors import ConfigError
+    from npcchat.runtime.prompt import PromptTemplate, render
+    from npcchat.types import PromptInput, Tags
+
+    template = PromptTemplate("big", "x" * 100_000 + "<STATE><NPC>")
+    with pytest.raises(ConfigError, match="more than the 65536"):
+        render(template, PromptInput(npc_id="x", tags=Tags(), player_utterance="hi"))
+
+
+def test_the_shipped_templates_still_render_within_the_bounds() -> None:
+    from npcchat.runtime.prompt import builtin_template, render
+    from npcchat.types import ContextTurn, PlayerState, PromptInput, Tags
+
+    turns = tuple(ContextTurn("player" if i % 2 else "npc", f"line {i}") for i in range(200))
+    inp = PromptInput(
+        "x", Tags(), "hi", "lore", "desc", PlayerState(("a", "b"), ("c",), "gate"), turns
+    )
+    for name in ("served-v1", "reuse-v1"):
+        assert render(builtin_template(name), inp).text.endswith("<NPC>")

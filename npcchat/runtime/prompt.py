@@ -20,7 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from npcchat.errors import ConfigError, PromptError
+from npcchat.errors import ConfigError, NpcchatError, PromptError
 from npcchat.types import PromptInput
 
 SCAFFOLD_TAGS = ("<SYS>", "<CTX>", "<PLAYER>", "<NPC>", "<STATE>", "<RAG>", "<PLAYER_STATE>")
@@ -108,12 +108,16 @@ def _compile(template: PromptTemplate) -> Any:
     cached = _compiled.get(template.sha256)
     if cached is not None:
         return cached
-    from jinja2 import StrictUndefined, TemplateSyntaxError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from jinja2 import TemplateSyntaxError
 
-    env = ImmutableSandboxedEnvironment(
-        finalize=_finalize, undefined=StrictUndefined, keep_trailing_newline=True, autoescape=False
-    )
+    from npcchat.runtime.template_sandbox import MAX_SOURCE, BoundedSandbox
+
+    if len(template.source) > MAX_SOURCE:
+        raise ConfigError(
+            f"prompt template '{template.name}': {len(template.source)} characters, "
+            f"more than the {MAX_SOURCE} a prompt template may have"
+        )
+    env = BoundedSandbox(finalize=_finalize, keep_trailing_newline=True)
     src = template.source
     for tag, sentinel in _SENTINEL_OF_TAG.items():
         src = src.replace(tag, sentinel)
@@ -124,6 +128,9 @@ def _compile(template: PromptTemplate) -> Any:
             f"prompt template '{template.name}':{e.lineno}: {e.message}",
             hint="templates use Jinja syntax",
         ) from None
+    except Exception as e:  # a bound hit while Jinja folds constants at compile time
+        msg = " ".join(str(e).split())
+        raise ConfigError(f"prompt template '{template.name}' cannot compile: {msg}") from None
     _compiled[template.sha256] = compiled
     return compiled
 
@@ -145,13 +152,21 @@ def _split(rendered: str) -> tuple[Part, ...]:
     return tuple(parts)
 
 
+def render_bounded(compiled: Any, variables: dict[str, Any]) -> str:
+    from npcchat.runtime.template_sandbox import render_bounded as bounded
+
+    return bounded(compiled, variables)
+
+
 def render(template: PromptTemplate, inp: PromptInput) -> RenderedPrompt:
     """Render one prompt; raises PromptError when the template lacks `<STATE>` or `<NPC>`."""
     # Objects, not dicts: `player_state.items` must be the field, not dict.items.
     variables = {f.name: getattr(inp, f.name) for f in fields(inp)}
     variables["npc_location"] = inp.tags.location
     try:
-        text = _compile(template).render(**variables)
+        text = render_bounded(_compile(template), variables)
+    except NpcchatError:
+        raise  # already one line naming the template
     except Exception as e:  # jinja raises many types; all mean "the template is wrong"
         msg = " ".join(str(e).split())
         raise PromptError(f"prompt template '{template.name}' failed to render: {msg}") from None
