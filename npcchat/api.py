@@ -146,8 +146,9 @@ class Runtime:
         cfg, engine = self.config, self._engine
         if seed is None and cfg.sampling.seed >= 0:
             seed = cfg.sampling.seed
+        version: session_mod.Stamp | None = None
         if path is not None and path.exists():
-            sess = session_mod.load(path)
+            sess, version = session_mod.load_stamped(path)
             if npc is not None:
                 warn(f"resuming {path}; the NPC given ({npc}) is ignored")
             if sess.bundle_id and sess.bundle_id != engine.bundle.identity:
@@ -163,10 +164,17 @@ class Runtime:
             sess = new_session(npc_def, engine, seed if seed is not None else _fresh_seed())
             know = npc_def.knowledge
             if path is not None:
-                session_mod.save(sess, path)
+                version = session_mod.save(sess, path)
         mind = NpcMind(engine, know, cfg.knowledge)
         conv = Conversation(
-            engine, sess, sampling_of(cfg), path, on_warning=warn, mind=mind, access=self._access
+            engine,
+            sess,
+            sampling_of(cfg),
+            path,
+            on_warning=warn,
+            mind=mind,
+            access=self._access,
+            stamp=version,
         )
         if path is not None and sess.history:
             conv.restored_snapshot = conv.resume_snapshot()

@@ -114,6 +114,7 @@ class Conversation:
         mind: NpcMind | None = None,
         access: EngineAccess | None = None,
         affinity: str = "",
+        stamp: session_mod.Stamp | None = None,
     ) -> None:
         self.engine = engine
         self.access = access or EngineAccess(engine, threading.Lock())
@@ -125,7 +126,9 @@ class Conversation:
         self.mind = mind  # knowledge and long-term memory; None: the session's lore as is
         self.affinity = affinity or (str(path) if path else f"conversation-{id(self)}")
         self._turns = len(session.history)
-        self._ours: set[Path] = set()  # session files this conversation has written
+        # the version of each session file this conversation last read or wrote: a save
+        # refuses to overwrite a version someone else wrote meanwhile
+        self._stamps: dict[Path, session_mod.Stamp] = {path: stamp} if path and stamp else {}
         # talk's REPL predecodes after every turn: its KV snapshot is written then, once,
         # instead of once after the turn and again after the predecode
         self.idle_snapshots = False
@@ -359,8 +362,9 @@ class Conversation:
             self._write(self.path)
 
     def _write(self, target: Path) -> None:
-        session_mod.save(self.session, target, known=target in self._ours)
-        self._ours.add(target)
+        self._stamps[target] = session_mod.save(
+            self.session, target, known=self._stamps.get(target)
+        )
         if self.idle_snapshots and target == self.path:
             self._snapshot_due = True
         else:

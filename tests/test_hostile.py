@@ -421,3 +421,61 @@ def test_the_shipped_templates_still_render_within_the_bounds() -> None:
     )
     for name in ("served-v1", "reuse-v1"):
         assert render(builtin_template(name), inp).text.endswith("<NPC>")
+
+
+# -- concurrent writers (class 7) -------------------------------------------------------------
+@pytest.mark.model
+def test_a_second_writer_is_refused_not_silently_overwritten(tmp_path: Path) -> None:
+    import npcchat
+    from npcchat.errors import SessionError
+    from npcchat.sessions import session as session_mod
+
+    path = tmp_path / "s.json"
+    with npcchat.load() as rt:
+        a = rt.open("village_blacksmith", session=path)
+        b = rt.open(session=path)  # the same file, opened a second time
+        a.say("Hello from A.")
+        before = b.session
+        with pytest.raises(SessionError, match="changed by another program"):
+            b.say("Hello from B.")
+        assert b.session == before  # the refused turn is not half-applied
+        assert [t.player for t in session_mod.load(path).history] == ["Hello from A."]
+        c = rt.open(session=path)  # reopened: continues from what is on disk
+        c.say("Hello again.")
+    assert len(session_mod.load(path).history) == 2
+
+
+@pytest.mark.model
+def test_two_processes_on_one_session_lose_no_printed_turn(tmp_path: Path) -> None:
+    """Two `talk` processes append to one session at once. Before: 26 of 61 turns of one
+    writer vanished. Now each turn a process printed is on disk, exactly; a process whose
+    save met the other's version stops with a one-line error instead."""
+    import json
+    import subprocess
+    import sys
+
+    import npcchat
+    from npcchat.sessions import session as session_mod
+
+    path = tmp_path / "shared.json"
+    session_mod.save(npcchat.Session(npc_id="x", tags=npcchat.Tags()), path)
+
+    def talk(name: str) -> subprocess.Popen[str]:
+        args = [sys.executable, "-m", "npcchat", "talk", "--session", str(path), "--json"]
+        for i in range(8):
+            args += ["--say", f"{name} {i}"]
+        return subprocess.Popen(
+            [*args, "--max-tokens", "4"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+
+    procs = {name: talk(name) for name in ("A", "B")}
+    printed: dict[str, int] = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=120)
+        assert "Traceback" not in err
+        assert proc.returncode == 0 or "changed by another program" in err, err
+        printed[name] = sum(1 for line in out.splitlines() if json.loads(line)["reply"] is not None)
+    saved = [t.player for t in session_mod.load(path).history]
+    for name, count in printed.items():
+        assert sum(1 for p in saved if p.startswith(f"{name} ")) == count
+    assert sum(printed.values()) > 0

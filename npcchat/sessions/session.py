@@ -8,8 +8,11 @@ directory, is fsynced, then renamed over the target, so a crash mid-save leaves 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -337,14 +340,35 @@ def dumps(s: Session, suffix: str) -> str:
     return tomli_w.dumps(data)
 
 
+Stamp = tuple[int, int, int, int]  # inode, size, mtime, ctime of one version of a file
+
+
+def stamp(path: Path) -> Stamp | None:
+    """Which version of the file is on disk (None: none). Every save makes a new one: an
+    atomic write replaces the inode, and ctime cannot be set back."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 def load(path: Path) -> Session:
+    return load_stamped(path)[0]
+
+
+def load_stamped(path: Path) -> tuple[Session, Stamp]:
+    """The session and the stamp of the very version read (one open file, fstat)."""
     suffix = _suffix(path)
     try:
-        raw = path.read_bytes()
+        with path.open("rb") as fh:
+            st = os.fstat(fh.fileno())
+            raw = fh.read()
     except FileNotFoundError:
         raise SessionError(f"{path}: no such session file") from None
     except OSError as e:
         raise SessionError(f"{path}: cannot read ({e.strerror})") from None
+    version = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     try:
         text = raw.decode("utf-8")
         if suffix == ".json":
@@ -357,21 +381,54 @@ def load(path: Path) -> Session:
         raise SessionError(
             f"{path}: corrupt session file ({e})", hint="the file was left untouched"
         ) from None
-    return from_dict(data, path)
+    return from_dict(data, path), version
 
 
-def save(s: Session, path: Path, known: bool = False) -> None:
-    """Write atomically; refuses to replace a file that is not an npcchat session.
+def save(s: Session, path: Path, known: Stamp | bool | None = None) -> Stamp:
+    """Write atomically; returns the stamp of the version written.
 
-    ``known``: the caller wrote or read this file itself, so it need not be read back and
-    parsed again (autosave after every turn would otherwise re-read the whole history)."""
+    ``known``: the stamp of the version this writer last read or wrote. If the file on disk
+    is another version now (another process or conversation saved it meanwhile), nothing is
+    overwritten: SessionError, so two writers never lose each other's turns silently. The
+    comparison and the write happen under a lock on the directory. Without a stamp, an
+    existing file is read first and replaced only if it is a session."""
     text = dumps(s, _suffix(path))
-    if path.exists() and not known:
-        try:
-            load(path)
-        except SessionError as e:
-            raise SessionError(
-                f"{path}: refusing to overwrite a file npcchat cannot read as a session ({e})",
-                hint="save to another file name",
-            ) from None
-    atomic_write(path, text.encode("utf-8"))
+    with _directory_lock(path):
+        current = stamp(path)
+        if isinstance(known, tuple):
+            if current is not None and current != known:
+                raise SessionError(
+                    f"{path}: changed by another program since this session read it; "
+                    "not overwritten",
+                    hint="reopen the session to continue from what is on disk",
+                )
+        elif current is not None and not known:
+            try:
+                load(path)
+            except SessionError as e:
+                raise SessionError(
+                    f"{path}: refusing to overwrite a file npcchat cannot read as a session ({e})",
+                    hint="save to another file name",
+                ) from None
+        atomic_write(path, text.encode("utf-8"))
+        written = stamp(path)
+    assert written is not None
+    return written
+
+
+@contextlib.contextmanager
+def _directory_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on the session's directory for one compare-and-write (POSIX)."""
+    directory = path.parent if str(path.parent) else Path(".")
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no cross-process check
+        yield
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
