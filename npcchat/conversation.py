@@ -389,7 +389,7 @@ class Conversation:
         with self._engine_context():
             state = self.engine.kv_state()
         if state is not None:
-            self._warn(snapshot.save(target, state, runtime.snapshot_max_mb))
+            self._warn(snapshot.save(target, state, runtime.snapshot_max_mb, self._owner()))
 
     @contextmanager
     def _hold_engine(self) -> Iterator[None]:
@@ -410,8 +410,8 @@ class Conversation:
             return False
         if self.access.scheduler is not None:
             return False  # the scheduler's slots are not this session's cache
-        bundle_id, n_ctx = self.engine.bundle.identity, self.engine.model.n_ctx
-        state, warning = snapshot.load(self.path, bundle_id, n_ctx)
+        engine_id, n_ctx = self.engine.identity, self.engine.model.n_ctx
+        state, warning = snapshot.load(self.path, engine_id, n_ctx, self._owner())
         self._warn(warning)
         if state is None:
             return False
@@ -423,6 +423,10 @@ class Conversation:
                 "the next turn reads the prompt in full"
             )
         return restored
+
+    def _owner(self) -> str:
+        """Which session a KV snapshot belongs to (another session's is never adopted)."""
+        return f"{self.session.npc_id}|{self.session.created}"
 
     def _warn(self, message: str | None) -> None:
         if message and self.on_warning:

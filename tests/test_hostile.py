@@ -479,3 +479,126 @@ def test_two_processes_on_one_session_lose_no_printed_turn(tmp_path: Path) -> No
     for name, count in printed.items():
         assert sum(1 for p in saved if p.startswith(f"{name} ")) == count
     assert sum(printed.values()) > 0
+
+
+# -- silent mix-ups (class 6) -----------------------------------------------------------------
+SCENARIOS = Path(__file__).resolve().parents[1] / "configs" / "scenarios" / "multi_turn.jsonl"
+
+
+@pytest.mark.model
+def test_resume_refuses_another_bundle_other_settings_and_damaged_reports(tmp_path: Path) -> None:
+    import json
+
+    report = tmp_path / "r.json"
+    code, out = _npcchat(
+        [b"eval", str(SCENARIOS).encode(), b"--report", str(report).encode(), b"--max-tokens", b"8"]
+    )
+    assert code == 0, out
+    good = json.loads(report.read_text())
+
+    def resume(data: dict[str, object], *extra: bytes) -> str:
+        damaged = tmp_path / "damaged.json"
+        damaged.write_text(json.dumps(data))
+        before = damaged.read_text()
+        code, out = _npcchat(
+            [b"eval", str(SCENARIOS).encode(), b"--resume", str(damaged).encode(), *extra]
+        )
+        assert code == 1 and damaged.read_text() == before  # refused before the run, kept
+        return out
+
+    assert "key 'bundle.id': the report was made with bundle 'other'" in resume(
+        {**good, "bundle": {**good["bundle"], "id": "other"}}, b"--max-tokens", b"8"
+    )
+    assert "key 'settings.max_tokens': the report used 8, this run 16" in resume(
+        good, b"--max-tokens", b"16"
+    )
+    assert "key 'version': expected an integer" in resume({**good, "version": "1"})
+    assert "key 'scenarios': expected a list" in resume(
+        {k: v for k, v in good.items() if k != "scenarios"}, b"--max-tokens", b"8"
+    )
+    broken = [{k: v for k, v in good["scenarios"][0].items() if k != "turns"}]
+    assert "key 'scenarios[0]': expected an id and turns" in resume(
+        {**good, "scenarios": broken}, b"--max-tokens", b"8"
+    )
+
+
+def test_fail_under_nan_is_refused() -> None:
+    from npcchat.errors import ConfigError
+    from npcchat.eval import report
+
+    with pytest.raises(ConfigError, match="expected a finite number"):
+        report.validate_gates(["flag_f1_macro=nan"], ("give_item",))
+
+
+def test_the_kv_identity_covers_the_runtime_lora(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from npcchat import demo
+    from npcchat.config import Config, RuntimeConfig
+    from npcchat.runtime import bundle as bundle_mod
+    from npcchat.runtime.engine import _identity
+
+    b = bundle_mod.load(demo.default_bundle())
+    lora = tmp_path / "a.gguf"
+    lora.write_bytes(b"adapter one")
+    plain = _identity(b, Config())
+    with_lora = _identity(b, Config(runtime=RuntimeConfig(lora_path=str(lora))))
+    scaled = _identity(b, Config(runtime=RuntimeConfig(lora_path=str(lora), lora_scale=0.5)))
+    lora.write_bytes(b"adapter two")
+    other = _identity(b, Config(runtime=replace(RuntimeConfig(), lora_path=str(lora))))
+    assert len({plain, with_lora, scaled, other}) == 4
+
+
+def test_a_spliced_or_foreign_kv_snapshot_is_never_adopted(tmp_path: Path) -> None:
+    import json
+
+    from npcchat.sessions import snapshot
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    snapshot.save(a, snapshot.KvState("id", 512, (1, 2, 3), b"A" * 64), 16, owner="npc|t1")
+    snapshot.save(b, snapshot.KvState("id", 512, (7, 8, 9, 10), b"B" * 64), 16, owner="npc|t2")
+    raw_a, raw_b = snapshot.path_for(a).read_bytes(), snapshot.path_for(b).read_bytes()
+    n = 6 + 4
+    head_a = raw_a[n : n + int.from_bytes(raw_a[6:10], "little")]
+    payload_b = raw_b[n + int.from_bytes(raw_b[6:10], "little") :]
+    spliced = tmp_path / "s.json"
+    snapshot.path_for(spliced).write_bytes(raw_a[:n] + head_a + payload_b)  # A's tokens, B's cache
+    state, warning = snapshot.load(spliced, "id", 512, owner="npc|t1")
+    assert state is None and warning is not None and "spliced" in warning
+    state, warning = snapshot.load(b, "id", 512, owner="npc|t1")  # B's file under A's session
+    assert state is None and warning is not None and "another session" in warning
+    state, warning = snapshot.load(a, "id", 512, owner="npc|t1")
+    assert state is not None and state.tokens == (1, 2, 3) and warning is None
+    header = json.loads(head_a)
+    assert header["owner"] == "npc|t1"
+
+
+def test_heads_fit_never_writes_into_the_installed_demo(tmp_path: Path) -> None:
+    data = tmp_path / "d.jsonl"
+    data.write_text("{}\n")
+    code, out = _npcchat([b"heads", b"fit", str(data).encode()], home=tmp_path / "home")
+    assert code == 1 and "the demo bundle inside the installed package" in out
+
+
+def test_a_crash_between_the_heads_and_the_manifest_leaves_a_consistent_bundle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from npcchat.runtime import bundle as bundle_mod
+    from npcchat_heads import onnx_builder, refit
+
+    root = _copy_bundle(tmp_path)
+    b = bundle_mod.load(root)
+    weights = onnx_builder.random_weights(b.hidden_size, len(b.flags))
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise OSError("killed")
+
+    monkeypatch.setattr(refit, "write_manifest", crash)
+    with pytest.raises(OSError):
+        refit.write_heads(b, root, weights, b.flags, {})
+    assert bundle_mod.load(root).heads_sha256 == b.heads_sha256  # the old pair, intact
+    monkeypatch.undo()
+    refit.write_heads(b, root, weights, b.flags, {})
+    after = bundle_mod.load(root)
+    assert after.heads is not None and after.heads.name.startswith("heads-")
+    assert not (root / "heads.onnx").exists()  # the old file went once the manifest switched

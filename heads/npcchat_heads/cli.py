@@ -45,6 +45,14 @@ def fit(
     from npcchat.cli import common, ui
 
     extras.require("convert", "npcchat heads fit")
+    if bundle is None and out is None and demo.is_demo_bundle(demo.default_bundle()):
+        from npcchat.errors import ConfigError
+
+        raise ConfigError(
+            "npcchat heads fit: no --bundle given, and the default is the demo bundle inside "
+            "the installed package",
+            hint="pass --bundle DIR to refit a bundle of yours, or --out DIR for a new one",
+        )
     from npcchat_heads.refit import fit_bundle
 
     cfg = common.build_config(config, threads=threads)

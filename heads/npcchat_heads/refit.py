@@ -143,14 +143,22 @@ def held_out(weights: Any, x: np.ndarray, lab: Labels, flags: tuple[str, ...]) -
 def write_heads(
     bundle: Bundle, target: Path, weights: Any, flags: tuple[str, ...], info: dict[str, Any]
 ) -> None:
-    """New heads.onnx and manifest in ``target`` (a copy of the bundle when it differs)."""
+    """New heads and manifest in ``target`` (a copy of the bundle when it differs).
+
+    The heads go to a new file named by their content, and the manifest, written last and
+    atomically, switches to it: a crash at any point leaves a bundle whose manifest and
+    heads agree (the old pair, or the new one). The old heads file is removed after."""
     from npcchat_heads import onnx_builder
 
-    if target.resolve() != bundle.root.resolve():
+    in_place = target.resolve() == bundle.root.resolve()
+    if not in_place:
         if target.exists():
             raise ConfigError(f"--out {target}: already exists; npcchat never overwrites it")
         shutil.copytree(bundle.root, target)
-    atomic_write(target / "heads.onnx", onnx_builder.build(weights, list(flags)))
+    data = onnx_builder.build(weights, list(flags))
+    name = f"heads-{hashlib.sha256(data).hexdigest()[:12]}.onnx"
+    atomic_write(target / name, data)
+    old = bundle.heads.name if bundle.heads is not None else None
     keep = {
         k: v
         for k, v in bundle.manifest.items()
@@ -161,13 +169,15 @@ def write_heads(
         target,
         name=bundle.name,
         gguf=bundle.manifest["model"]["file"],
-        heads="heads.onnx",
+        heads=name,
         template=bundle.template,
         flags=list(flags),
         hidden_size=bundle.hidden_size,
         quant=bundle.quant,
         extra=keep,
     )
+    if old is not None and old != name:
+        (target / old).unlink(missing_ok=True)  # the manifest no longer names it
 
 
 def fit_bundle(

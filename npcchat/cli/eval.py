@@ -158,13 +158,7 @@ def _run(cfg: Config, run: Run) -> None:
     found, bad = _scenarios(run)
     prior: list[dict[str, Any]] = []
     report_path = run.report
-    if run.resume is not None:
-        prior = report_mod.load_report(run.resume)["scenarios"]
-        done = {s["id"] for s in prior}
-        found = [s for s in found if s.id not in done]
-        report_path = report_path or run.resume
-    if not found and not prior:
-        raise ConfigError("no scenarios to run" + (f" ({len(bad)} bad lines)" if bad else ""))
+    resumed = report_mod.load_report(run.resume) if run.resume is not None else None
     sim = similarity.choose_similarity(run.embed_model)
     s = cfg.sampling
     knowledge = cfg.knowledge.embed_model
@@ -181,12 +175,21 @@ def _run(cfg: Config, run: Run) -> None:
         else "lexical",
         "prefix_reuse": "aligned" if run.share_prefix else "off",
     }
-    results = list(prior)
+    results: list[dict[str, Any]] = []
     elapsed = runner.timer()
     complete = True
-    slots = max(1, min(run.parallel, len(found)))
+    slots = max(1, min(run.parallel, len(found) or 1))
     with npcchat.load(run.bundle, config=cfg, slots=slots) as rt:
         report_mod.validate_gates(run.fail_under, rt.flags)  # before the run, not after it
+        if resumed is not None and run.resume is not None:
+            identity = rt.bundle.identity
+            prior = report_mod.check_resumable(resumed, run.resume, identity, settings)
+            done = {s["id"] for s in prior}
+            found = [s for s in found if s.id not in done]
+            results = list(prior)
+            report_path = report_path or run.resume
+        if not found and not prior:
+            raise ConfigError("no scenarios to run" + (f" ({len(bad)} bad lines)" if bad else ""))
         with ui.EtaProgress(len(found), enabled=not run.json_out) as progress:
 
             def finished(result: dict[str, Any]) -> None:

@@ -6,11 +6,12 @@ comparison of two reports. Plain JSON; schema: ``npcchat/eval/schemas/eval-repor
 from __future__ import annotations
 
 import json
+import math
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from npcchat.errors import ConfigError
+from npcchat.errors import ConfigError, where
 from npcchat.eval import metrics as M
 from npcchat.eval.scenarios import BadLine
 from npcchat.runtime.bundle import Bundle
@@ -183,9 +184,11 @@ def validate_gates(specs: list[str], flags: tuple[str, ...]) -> None:
     for spec in specs:
         name, eq, raw = spec.partition("=")
         try:
-            float(raw)
+            limit = float(raw)
         except ValueError:
             raise ConfigError(f"--fail-under {spec}: expected METRIC=NUMBER") from None
+        if not math.isfinite(limit):  # nan compares false: the gate would always pass
+            raise ConfigError(f"--fail-under {spec}: expected a finite number")
         if not eq or name not in known:
             raise ConfigError(
                 f"--fail-under {spec}: unknown metric '{name}'",
@@ -245,6 +248,44 @@ def build(
     }
 
 
+# settings that change results: a report resumed with other ones would mix two runs
+RESULT_SETTINGS = ("temperature", "seed", "max_tokens", "n_ctx", "similarity", "knowledge_ranking")
+
+
+def check_resumable(
+    prior: dict[str, Any], path: Path, bundle_id: str, settings: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """The finished scenarios of a report this run may continue: same bundle, same
+    settings that change results, a well-formed scenario list. Checked before the run,
+    so a damaged report never costs the run's results."""
+    made = prior.get("bundle")
+    if not isinstance(made, dict) or made.get("id") != bundle_id:
+        other = made.get("id") if isinstance(made, dict) else None
+        raise ConfigError(
+            f"{where(path, 'bundle.id')}: the report was made with bundle {other!r}, "
+            f"this run uses {bundle_id!r}",
+            hint="resume with the same bundle, or start a new report",
+        )
+    old = prior.get("settings")
+    if not isinstance(old, dict):
+        raise ConfigError(f"{where(path, 'settings')}: expected a table")
+    for key in RESULT_SETTINGS:
+        if key in old and old[key] != settings.get(key):
+            raise ConfigError(
+                f"{where(path, f'settings.{key}')}: the report used {old[key]!r}, "
+                f"this run {settings.get(key)!r}",
+                hint="resume with the same settings, or start a new report",
+            )
+    scenarios = prior.get("scenarios")
+    if not isinstance(scenarios, list):
+        raise ConfigError(f"{where(path, 'scenarios')}: expected a list")
+    for i, sc in enumerate(scenarios):
+        ok = isinstance(sc, dict) and isinstance(sc.get("id"), str)
+        if not ok or not isinstance(sc.get("turns"), list):
+            raise ConfigError(f"{where(path, f'scenarios[{i}]')}: expected an id and turns")
+    return scenarios
+
+
 def load_report(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text("utf-8"))
@@ -254,7 +295,10 @@ def load_report(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not a readable JSON report ({e})") from None
     if not isinstance(data, dict) or data.get("format") != REPORT_FORMAT:
         raise ConfigError(f"{path}: not an npcchat eval report (key 'format')")
-    if data.get("version", 0) > REPORT_VERSION:
+    version = data.get("version", 0)
+    if type(version) is not int:
+        raise ConfigError(f"{where(path, 'version')}: expected an integer, got {version!r}")
+    if version > REPORT_VERSION:
         raise ConfigError(
             f"{path}: report version {data['version']} is newer than this npcchat reads"
         )

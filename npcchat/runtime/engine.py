@@ -9,6 +9,7 @@ head outputs: no randomness, so the same prompt always moves the state the same 
 from __future__ import annotations
 
 import codecs
+import hashlib
 import random
 import time
 from collections.abc import Callable, Generator
@@ -76,6 +77,7 @@ class Engine:
         # eval's aligned reuse cuts prefills at multiples of this (at most a batch)
         self.grid = min(GRID, model.n_batch)
         self.last_prefill = 0
+        self.identity = _identity(bundle, cfg)
         if model.n_embd != bundle.hidden_size:
             raise BundleError(
                 f"{bundle.root}: manifest hidden_size is {bundle.hidden_size}, "
@@ -212,11 +214,11 @@ class Engine:
         if not tokens:
             return None
         payload = self.model.state_get(seq)
-        return KvState(self.bundle.identity, self.model.n_ctx, tuple(tokens), payload)
+        return KvState(self.identity, self.model.n_ctx, tuple(tokens), payload)
 
     def restore_kv(self, state: KvState, seq: int = 0) -> bool:
         """Load a snapshot into ``seq``; False (and an empty cache) when llama.cpp refuses."""
-        if state.bundle_id != self.bundle.identity or state.n_ctx != self.model.n_ctx:
+        if state.bundle_id != self.identity or state.n_ctx != self.model.n_ctx:
             return False
         if not self.model.state_set(seq, state.payload):
             self.forget(seq)
@@ -421,6 +423,18 @@ class Pending:
             self.pieces.append(text)
             if self.on_text:
                 self.on_text(text)
+
+
+def _identity(bundle: Bundle, cfg: Config) -> str:
+    """What decides a KV cache's content: the bundle and the runtime LoRA with its scale."""
+    lora = cfg.runtime.lora_path
+    if not lora:
+        return bundle.identity
+    from npcchat.files.atomic import sha256_file
+
+    h = hashlib.sha256(bundle.identity.encode())
+    h.update(f"|{sha256_file(Path(lora))}|{cfg.runtime.lora_scale!r}".encode())
+    return h.hexdigest()[:16]
 
 
 def drive(steps: Generator[str, None, Turn], on_text: Callable[[str], None] | None) -> Turn:

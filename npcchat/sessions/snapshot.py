@@ -21,12 +21,13 @@ from typing import Any
 from npcchat.files.atomic import atomic_write
 
 MAGIC = b"NPCKV\x01"
-FORMAT = 1
+FORMAT = 2  # 2: one checksum over tokens and payload, the owning session, the engine identity
 
 
 @dataclass(frozen=True)
 class KvState:
-    """One sequence's KV cache: the tokens it holds and llama.cpp's bytes for them."""
+    """One sequence's KV cache: the tokens it holds and llama.cpp's bytes for them.
+    ``bundle_id`` is the engine's identity: the bundle and any runtime LoRA and scale."""
 
     bundle_id: str
     n_ctx: int
@@ -34,11 +35,19 @@ class KvState:
     payload: bytes
 
 
+def _digest(tokens: list[int] | tuple[int, ...], owner: str, payload: bytes) -> str:
+    """One checksum over what must belong together: a token list spliced onto another
+    session's cache, or another session's file under this name, fails it."""
+    h = hashlib.sha256(json.dumps([list(tokens), owner]).encode())
+    h.update(payload)
+    return h.hexdigest()
+
+
 def path_for(session_path: Path) -> Path:
     return session_path.with_name(session_path.name + ".kv")
 
 
-def save(session_path: Path, state: KvState, max_mb: int) -> str | None:
+def save(session_path: Path, state: KvState, max_mb: int, owner: str = "") -> str | None:
     """Write the snapshot; returns a warning instead of raising when it cannot."""
     target = path_for(session_path)
     payload = state.payload
@@ -51,7 +60,8 @@ def save(session_path: Path, state: KvState, max_mb: int) -> str | None:
         "bundle_id": state.bundle_id,
         "n_ctx": state.n_ctx,
         "tokens": list(state.tokens),
-        "sha256": hashlib.sha256(payload).hexdigest(),
+        "owner": owner,
+        "sha256": _digest(state.tokens, owner, payload),
         "size": len(payload),
     }
     blob = json.dumps(header).encode()
@@ -72,15 +82,22 @@ def _read(path: Path) -> tuple[dict[str, Any], bytes]:
     payload = raw[start + n :]
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise ValueError("unknown snapshot format")
-    digest = hashlib.sha256(payload).hexdigest()
+    tokens, owner = header.get("tokens"), header.get("owner")
+    if not isinstance(tokens, list) or not all(type(t) is int for t in tokens):
+        raise ValueError("bad token list")
+    if not isinstance(owner, str) or not isinstance(header.get("bundle_id"), str):
+        raise ValueError("header without its owner or bundle")
+    digest = _digest(tokens, owner, payload)
     if len(payload) != header.get("size") or digest != header.get("sha256"):
-        raise ValueError("checksum mismatch (truncated or damaged)")
+        raise ValueError("checksum mismatch (truncated, damaged or spliced)")
     return header, payload
 
 
-def load(session_path: Path, bundle_id: str, n_ctx: int) -> tuple[KvState | None, str | None]:
-    """(state, warning). Silently skips snapshots of another bundle or context size: a cold
-    prefill is the right answer there."""
+def load(
+    session_path: Path, bundle_id: str, n_ctx: int, owner: str = ""
+) -> tuple[KvState | None, str | None]:
+    """(state, warning). Silently skips snapshots of another bundle, LoRA or context size:
+    a cold prefill is the right answer there. One of another session is a warning."""
     target = path_for(session_path)
     if not target.is_file():
         return None, None
@@ -93,6 +110,8 @@ def load(session_path: Path, bundle_id: str, n_ctx: int) -> tuple[KvState | None
         )
     if header["bundle_id"] != bundle_id or header.get("n_ctx") != n_ctx:
         return None, None
+    if header["owner"] != owner:
+        return None, f"{target}: ignoring a KV snapshot of another session"
     tokens = header.get("tokens")
     if not isinstance(tokens, list) or not tokens or len(tokens) > n_ctx:
         return None, f"{target}: ignoring the KV snapshot (bad token list)"
