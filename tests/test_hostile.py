@@ -602,3 +602,73 @@ def test_a_crash_between_the_heads_and_the_manifest_leaves_a_consistent_bundle(
     after = bundle_mod.load(root)
     assert after.heads is not None and after.heads.name.startswith("heads-")
     assert not (root / "heads.onnx").exists()  # the old file went once the manifest switched
+
+
+# -- tracebacks for bad input (class 5) -------------------------------------------------------
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        ('{"input": {"player_utterance": "hi"}, "output": {"flag": ["give_item"]}}', "output.flag"),
+        ('{"input": {"player_utterance": "hi"}, "output": {"flag": "give_item"}}', "output.flag"),
+        ('{"player_utterance": "hi", "flag": "give_item"}', "key 'flag'"),
+        ('{"turns": [{"player": "hi", "expect": {"flags": [{"give_item": true}]}}]}', "flags"),
+        ('{"turns": [{"player": "hi", "expect": {"delta": "up"}}]}', "delta"),
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ],
+)
+def test_bad_scenario_lines_are_reported_not_raised(tmp_path: Path, line: str, reason: str) -> None:
+    from npcchat.eval import scenarios
+
+    path = tmp_path / "s.jsonl"
+    path.write_text(line + "\n")
+    good, bad = scenarios.read(path)
+    assert good == [] and len(bad) == 1
+    assert bad[0].source == f"{path}:1" and reason in bad[0].reason
+
+
+def test_deep_or_binary_toml_is_a_one_line_error(tmp_path: Path) -> None:
+    from npcchat import config
+    from npcchat.errors import ConfigError
+    from npcchat.mind import npc
+
+    deep = tmp_path / "deep.toml"
+    deep.write_text("a = " + "[" * 100_000 + "]" * 100_000 + "\n")
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(b'id = "x"\n\xff\xfe\x00\x01 garbage\n')
+    for path, message in ((deep, "nested too deeply"), (binary, "not UTF-8 text")):
+        with pytest.raises(ConfigError, match=message):
+            config.load(path)
+        with pytest.raises(ConfigError, match=message):
+            npc.load(path)
+
+
+def test_deep_session_and_reports_without_their_keys(tmp_path: Path) -> None:
+    import json
+
+    from npcchat.errors import ConfigError, SessionError
+    from npcchat.eval import report
+    from npcchat.sessions import session as session_mod
+
+    deep = tmp_path / "s.json"
+    deep.write_text('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(SessionError, match="nested too deeply"):
+        session_mod.load(deep)
+    no_gates = tmp_path / "r.json"
+    no_gates.write_text(json.dumps({"format": "npcchat-eval-report", "scenarios": []}))
+    with pytest.raises(ConfigError, match="key 'gates': expected a dict"):
+        report.compare(no_gates, no_gates)
+    code, out = _npcchat([b"eval", b"compare", str(no_gates).encode(), str(no_gates).encode()])
+    assert code == 1 and "key 'gates'" in out
+
+
+@pytest.mark.model
+def test_a_session_whose_npc_file_is_binary(tmp_path: Path) -> None:
+    import npcchat
+    from npcchat.sessions import session as session_mod
+
+    npc_file = tmp_path / "npc.toml"
+    npc_file.write_bytes(b"\x00\xff binary")
+    path = tmp_path / "s.json"
+    session_mod.save(npcchat.Session(npc_id="x", tags=npcchat.Tags(), npc_file=str(npc_file)), path)
+    code, out = _npcchat([b"talk", b"--session", str(path).encode(), b"--say", b"hi"])
+    assert code == 1 and "npc.toml: not UTF-8 text" in out

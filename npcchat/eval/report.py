@@ -291,10 +291,13 @@ def load_report(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such report") from None
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: not a readable JSON report ({e})") from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise ConfigError(f"{path}: not a readable JSON report ({type(e).__name__})") from None
     if not isinstance(data, dict) or data.get("format") != REPORT_FORMAT:
         raise ConfigError(f"{path}: not an npcchat eval report (key 'format')")
+    for key, kind in (("gates", dict), ("scenarios", list)):
+        if not isinstance(data.get(key), kind):
+            raise ConfigError(f"{where(path, key)}: expected a {kind.__name__}")
     version = data.get("version", 0)
     if type(version) is not int:
         raise ConfigError(f"{where(path, 'version')}: expected an integer, got {version!r}")

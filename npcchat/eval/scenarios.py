@@ -188,7 +188,13 @@ def _nested(rec: dict[str, Any], sid: str, source: str) -> Scenario:
             raise _Bad("key 'output': expected an object")
         flags: dict[str, bool] = {}
         thresholds: dict[str, float] = {}
-        for name, f in (out.get("flag") or {}).items():
+        raw_flags = out.get("flag") or {}
+        if not isinstance(raw_flags, dict):
+            raise _Bad(
+                'key \'output.flag\': expected {name: {"score", "threshold", "label"}} '
+                f"(the nested form), got {type(raw_flags).__name__}"
+            )
+        for name, f in raw_flags.items():
             if not isinstance(f, dict) or "label" not in f:
                 raise _Bad(
                     f'key \'output.flag.{name}\': expected {{"score", "threshold", "label"}}'
@@ -242,6 +248,8 @@ def _multi(rec: dict[str, Any], sid: str, source: str) -> Scenario:
                 raise _Bad(f"key '{key}.expect': expected an object")
             flags = e.get("flags")
             if isinstance(flags, list):
+                if not all(isinstance(n, str) for n in flags):
+                    raise _Bad(f"key '{key}.expect.flags': expected a list of flag names")
                 flags = dict.fromkeys(flags, True)
             if flags is not None and (
                 not isinstance(flags, dict) or not all(isinstance(v, bool) for v in flags.values())
@@ -270,6 +278,8 @@ def parse_line(text: str, source: str, default_id: str) -> Scenario:
         rec = json.loads(text)
     except ValueError as e:
         raise ValueError(f"not valid JSON ({e.args[0] if e.args else e})") from None
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
     if not isinstance(rec, dict):
         raise ValueError("expected a JSON object")
     try:
@@ -284,6 +294,9 @@ def parse_line(text: str, source: str, default_id: str) -> Scenario:
         raise _Bad("not a scenario: expected 'input', 'turns' or 'player_utterance'")
     except _Bad as e:
         raise ValueError(str(e)) from None
+    except (TypeError, KeyError, AttributeError, RecursionError) as e:
+        # a shape no check above foresaw: still a bad line, never a traceback
+        raise ValueError(f"malformed scenario ({type(e).__name__}: {e})") from None
 
 
 def read(path: Path) -> tuple[list[Scenario], list[BadLine]]:

@@ -377,9 +377,10 @@ def load_stamped(path: Path) -> tuple[Session, Stamp]:
             import tomllib
 
             data = tomllib.loads(text)
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)
         raise SessionError(
-            f"{path}: corrupt session file ({e})", hint="the file was left untouched"
+            f"{path}: corrupt session file ({reason})", hint="the file was left untouched"
         ) from None
     return from_dict(data, path), version
 
