@@ -672,3 +672,78 @@ def test_a_session_whose_npc_file_is_binary(tmp_path: Path) -> None:
     session_mod.save(npcchat.Session(npc_id="x", tags=npcchat.Tags(), npc_file=str(npc_file)), path)
     code, out = _npcchat([b"talk", b"--session", str(path).encode(), b"--say", b"hi"])
     assert code == 1 and "npc.toml: not UTF-8 text" in out
+
+
+# -- leftovers and odd files (class 11) -------------------------------------------------------
+def test_temp_files_of_dead_writers_are_swept(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from npcchat.files.atomic import atomic_write
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True
+    )
+    dead_pid = int(dead.stdout)
+    target = tmp_path / "s.json"
+    stale = tmp_path / f".s.json.{dead_pid}.abc123.tmp"  # a writer killed mid-save
+    live = tmp_path / f".s.json.{os.getpid()}.def456.tmp"  # a writer still at work
+    other = tmp_path / f".t.json.{dead_pid}.x.tmp"  # another file's
+    for f in (stale, live, other):
+        f.write_bytes(b"partial")
+    atomic_write(target, b"{}")
+    assert not stale.exists() and live.exists() and other.exists()
+    assert target.read_bytes() == b"{}"
+
+
+def test_a_symlinked_session_stays_a_symlink(tmp_path: Path) -> None:
+    import npcchat
+    from npcchat.sessions import session as session_mod
+
+    real = tmp_path / "real"
+    real.mkdir()
+    target = real / "borin.json"
+    session_mod.save(npcchat.Session(npc_id="x", tags=npcchat.Tags()), target)
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    session_mod.save(npcchat.Session(npc_id="y", tags=npcchat.Tags()), link, known=True)
+    assert link.is_symlink() and session_mod.load(target).npc_id == "y"
+
+
+def test_a_fifo_is_refused_before_it_is_opened(tmp_path: Path) -> None:
+    import os
+
+    from npcchat import config
+    from npcchat.errors import ConfigError, SessionError
+    from npcchat.eval import scenarios
+    from npcchat.sessions import session as session_mod
+
+    fifo = tmp_path / "s.json"
+    os.mkfifo(fifo)
+    with pytest.raises(SessionError, match="not a regular file"):
+        session_mod.load(fifo)
+    toml = tmp_path / "c.toml"
+    os.mkfifo(toml)
+    with pytest.raises(ConfigError, match="not a regular file"):
+        config.load(toml)
+    jsonl = tmp_path / "x.jsonl"
+    os.mkfifo(jsonl)
+    assert scenarios.read(jsonl)[1][0].reason == "not a regular file"
+    code, out = _npcchat([b"talk", b"--session", str(fifo).encode(), b"--say", b"hi"])
+    assert code == 1 and "not a regular file" in out
+
+
+def test_ctrl_c_while_a_report_is_written_keeps_the_report(tmp_path: Path) -> None:
+    import os
+    import signal
+    import time
+
+    from npcchat.files.atomic import atomic_write, uninterrupted
+
+    path = tmp_path / "partial.json"
+    with pytest.raises(KeyboardInterrupt), uninterrupted():
+        os.kill(os.getpid(), signal.SIGINT)  # the second Ctrl-C, mid-write
+        time.sleep(0.05)
+        atomic_write(path, b'{"scenarios": ["kept"]}')
+    assert path.read_bytes() == b'{"scenarios": ["kept"]}'

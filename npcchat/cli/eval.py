@@ -236,9 +236,11 @@ def _run(cfg: Config, run: Run) -> None:
 
 
 def _write(path: Path, text: str) -> None:
-    from npcchat.files.atomic import atomic_write
+    """Atomically, with Ctrl-C held back: the report keeps this run's results."""
+    from npcchat.files.atomic import atomic_write, uninterrupted
 
-    atomic_write(path, text.encode("utf-8"))
+    with uninterrupted():
+        atomic_write(path, text.encode("utf-8"))
 
 
 def _compare(a_path: Path, b_path: Path, json_out: bool) -> None:

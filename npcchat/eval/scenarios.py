@@ -303,6 +303,8 @@ def read(path: Path) -> tuple[list[Scenario], list[BadLine]]:
     """All scenarios of a JSONL file and every bad line, each named file:line."""
     good: list[Scenario] = []
     bad: list[BadLine] = []
+    if path.exists() and not path.is_file():  # a FIFO would block the read for ever
+        return [], [BadLine(str(path), "not a regular file")]
     try:
         lines = path.read_text("utf-8").splitlines()
     except OSError as e:

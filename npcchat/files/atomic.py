@@ -10,8 +10,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import signal
 import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from npcchat.errors import WriteError
 
@@ -25,6 +29,46 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def _sweep(directory: Path, name: str) -> None:
+    """Remove ``.NAME.PID.*.tmp`` files whose writing process is gone."""
+    for tmp in directory.glob(f".{glob_escape(name)}.*.tmp"):
+        pid = tmp.name[len(name) + 2 :].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[]" else c for c in name)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: leave its file alone
+    return True
+
+
+@contextlib.contextmanager
+def uninterrupted() -> Iterator[None]:
+    """Hold Ctrl-C back while a file that keeps the user's work is written (a second
+    Ctrl-C during eval's partial report used to lose the run); it lands right after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[Any] = []
+    previous = signal.signal(signal.SIGINT, lambda *a: pending.append(a))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pending:
+        raise KeyboardInterrupt
+
+
 def _umask() -> int:
     current = os.umask(0)
     os.umask(current)
@@ -32,11 +76,22 @@ def _umask() -> int:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` all at once; keeps the old file's mode."""
+    """Replace ``path`` with ``data`` all at once; keeps the old file's mode.
+
+    A symlink stays a symlink: its target is replaced. Anything but a regular file (a FIFO,
+    a device, a directory) is refused. Temp files of writers that died (killed mid-write)
+    are removed: each carries its writer's pid."""
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
+    if path.exists() and not path.is_file():
+        raise WriteError(f"{path}: not a regular file; refusing to replace it")
     directory = path.parent if str(path.parent) else Path(".")
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+        _sweep(directory, path.name)
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=directory
+        )
     except OSError as e:
         raise WriteError(f"{path}: cannot write ({e.strerror})") from None
     try:

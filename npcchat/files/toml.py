@@ -11,6 +11,8 @@ from npcchat.errors import ConfigError
 
 def read_toml(path: Path) -> dict[str, Any]:
     """Read a TOML file, turning every failure into a one-line ConfigError."""
+    if path.exists() and not path.is_file():  # a FIFO would block the open for ever
+        raise ConfigError(f"{path}: not a regular file")
     try:
         with path.open("rb") as fh:
             return tomllib.load(fh)

@@ -360,6 +360,8 @@ def load(path: Path) -> Session:
 def load_stamped(path: Path) -> tuple[Session, Stamp]:
     """The session and the stamp of the very version read (one open file, fstat)."""
     suffix = _suffix(path)
+    if path.exists() and not path.is_file():  # a FIFO would block the open for ever
+        raise SessionError(f"{path}: not a regular file", hint="sessions are .toml/.json files")
     try:
         with path.open("rb") as fh:
             st = os.fstat(fh.fileno())
