@@ -747,3 +747,93 @@ def test_ctrl_c_while_a_report_is_written_keeps_the_report(tmp_path: Path) -> No
         time.sleep(0.05)
         atomic_write(path, b'{"scenarios": ["kept"]}')
     assert path.read_bytes() == b'{"scenarios": ["kept"]}'
+
+
+# -- converter gaps (class 12) ----------------------------------------------------------------
+def test_alpha_pattern_takes_the_first_match_as_peft_does(tmp_path: Path) -> None:
+    from npcchat_convert.lora import Adapter
+
+    adapter = Adapter(
+        root=tmp_path,
+        alpha=16.0,
+        r=8,
+        rslora=False,
+        fan_in_fan_out=False,
+        target_modules=["q_proj"],
+        alpha_pattern={"q_proj": 8.0, r"layers\.0\.self_attn\.q_proj": 64.0},
+        pairs={},
+        full={},
+        file=None,  # type: ignore[arg-type]
+    )
+    assert adapter.scale("model.layers.0.self_attn.q_proj", 8) == 1.0  # 8 / 8, not 64 / 8
+    assert adapter.scale("model.layers.0.self_attn.k_proj", 8) == 2.0  # the default alpha
+
+
+def _checkpoint(tmp_path: Path) -> Path:
+    from npcchat_convert import tiny
+
+    root = tmp_path / "hf"
+    tiny.make_checkpoint(root, "tiny", seed=1)
+    return root
+
+
+def test_rope_parameters_are_read_and_rope_scaling_refused(tmp_path: Path) -> None:
+    import json
+
+    from npcchat.errors import ConvertError
+    from npcchat_convert.hf import read_config
+
+    root = _checkpoint(tmp_path)
+    path = root / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg.pop("rope_theta", None)
+    path.write_text(
+        json.dumps({**cfg, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}})
+    )
+    assert read_config(root).rope_theta == 5e5  # transformers 5 writes it here
+    for scaling in (
+        {"rope_scaling": {"type": "yarn", "factor": 4.0}},
+        {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}},
+    ):
+        path.write_text(json.dumps({**cfg, **scaling}))
+        with pytest.raises(ConvertError, match=r"rope scaling '(yarn|linear)' is not supported"):
+            read_config(root)
+
+
+def test_a_tokenizer_that_is_not_qwen2s_is_refused(tmp_path: Path) -> None:
+    import json
+
+    from npcchat.errors import ConvertError
+    from npcchat_convert.hf import read_tokenizer
+
+    root = _checkpoint(tmp_path)
+    path = root / "tokenizer.json"
+    good = json.loads(path.read_text())
+    read_tokenizer(root)
+    bad_split = json.loads(json.dumps(good))
+    bad_split["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"\s+"
+    for tj, key in (
+        (bad_split, "pre_tokenizer"),
+        ({**good, "pre_tokenizer": {"type": "Whitespace"}}, "pre_tokenizer"),
+        ({**good, "normalizer": {"type": "Lowercase"}}, "normalizer"),
+    ):
+        path.write_text(json.dumps(tj))
+        with pytest.raises(ConvertError, match=f"key '{key}'"):
+            read_tokenizer(root)
+
+
+def test_scaffold_tags_must_be_special_tokens_at_convert_time(tmp_path: Path) -> None:
+    from npcchat.errors import ConvertError
+    from npcchat.runtime.prompt import builtin_template
+    from npcchat_convert.hf import read_tokenizer
+    from npcchat_convert.pipeline import check_scaffold
+
+    tok = read_tokenizer(_checkpoint(tmp_path))
+    check_scaffold(tok, builtin_template("served-v1"))  # the factory's tokenizer has them all
+    state_id = next(i for i, (text, _) in tok.added.items() if text == "<STATE>")
+    tok.added[state_id] = ("<STATE>", False)  # an added token, but not special
+    with pytest.raises(ConvertError, match="<STATE> is a non-special added token"):
+        check_scaffold(tok, builtin_template("served-v1"))
+    del tok.added[state_id]
+    with pytest.raises(ConvertError, match="<STATE> is not an added token"):
+        check_scaffold(tok, builtin_template("served-v1"))

@@ -62,6 +62,32 @@ def _read_json(path: Path) -> Any:
         raise ConvertError(f"{path}: not valid JSON ({e})") from None
 
 
+def _rope(cfg: dict[str, Any], path: Path) -> float:
+    """Rope theta from ``rope_theta`` (transformers 4) or ``rope_parameters`` (5); scaling
+    (YaRN, linear, dynamic...) is refused: the GGUF writer does not carry it, and a model
+    that needs it would run with the wrong positions."""
+    params = cfg.get("rope_parameters")
+    scaling = cfg.get("rope_scaling")
+    if isinstance(params, dict):
+        kind = params.get("rope_type", params.get("type", "default"))
+        if kind not in (None, "default"):
+            scaling = params
+    if isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type")) not in (
+        None,
+        "default",
+    ):
+        kind = scaling.get("rope_type", scaling.get("type"))
+        raise ConvertError(
+            f"{path}: key 'rope_scaling': rope scaling {kind!r} is not supported",
+            hint="npcchat converts Qwen2 models with plain rotary embeddings",
+        )
+    theta = params.get("rope_theta") if isinstance(params, dict) else None
+    value = cfg.get("rope_theta", 1e6) if theta is None else theta
+    if not isinstance(value, int | float) or not value > 0:
+        raise ConvertError(f"{path}: key 'rope_theta': expected a positive number, got {value!r}")
+    return float(value)
+
+
 def read_config(root: Path) -> Qwen2Config:
     path = root / "config.json"
     cfg = _read_json(path)
@@ -70,6 +96,7 @@ def read_config(root: Path) -> Qwen2Config:
         raise ConvertError(
             f"{path}: architecture {arch} is not supported", hint="npcchat converts Qwen2 models"
         )
+    rope = _rope(cfg, path)
     try:
         return Qwen2Config(
             hidden_size=int(cfg["hidden_size"]),
@@ -79,7 +106,7 @@ def read_config(root: Path) -> Qwen2Config:
             intermediate_size=int(cfg["intermediate_size"]),
             vocab_size=int(cfg["vocab_size"]),
             rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(cfg.get("rope_theta", 1e6)),
+            rope_theta=rope,
             max_positions=int(cfg.get("max_position_embeddings", 32768)),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         )
@@ -133,12 +160,46 @@ class Tokenizer:
     pad: str | None
 
 
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def check_pre_tokenizer(tj: dict[str, Any], path: Path) -> None:
+    """The GGUF declares pre-tokenizer ``qwen2``: llama.cpp then splits text with Qwen2's
+    regex and bytes. A tokenizer that splits or normalizes otherwise would tokenize
+    differently from training, silently, so it is refused here."""
+    normalizer = tj.get("normalizer")
+    if normalizer is not None and normalizer.get("type") != "NFC":
+        raise ConvertError(
+            f"{path}: key 'normalizer': {normalizer.get('type')!r} is not Qwen2's (NFC or none)"
+        )
+    pre = tj.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else [pre]
+    ok = (
+        isinstance(steps, list)
+        and len(steps) == 2
+        and steps[0].get("type") == "Split"
+        and (steps[0].get("pattern") or {}).get("Regex") == QWEN2_SPLIT
+        and steps[1].get("type") == "ByteLevel"
+        and not steps[1].get("use_regex", True)
+    )
+    if not ok:
+        raise ConvertError(
+            f"{path}: key 'pre_tokenizer': not Qwen2's (the Qwen2 split regex, then ByteLevel); "
+            "llama.cpp would tokenize differently from training",
+            hint="npcchat converts Qwen2 models and their own tokenizer",
+        )
+
+
 def read_tokenizer(root: Path) -> Tokenizer:
     tj_path = root / "tokenizer.json"
     tj = _read_json(tj_path)
     model = tj.get("model", {})
     if model.get("type") != "BPE":
         raise ConvertError(f"{tj_path}: model.type {model.get('type')!r} is not BPE")
+    check_pre_tokenizer(tj, tj_path)
     # tokenizers >= 0.20 writes merges as pairs, older versions as "a b" strings.
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     added = {

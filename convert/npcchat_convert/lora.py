@@ -53,6 +53,7 @@ class Adapter:
         for pattern, value in self.alpha_pattern.items():
             if re.match(rf"(.*\.)?{pattern}$", module):
                 alpha = float(value)
+                break  # PEFT (get_pattern_key) takes the first pattern that matches
         return alpha / math.sqrt(rank) if self.rslora else alpha / rank
 
     def delta(self, weight_name: str, shape: tuple[int, ...]) -> np.ndarray | None:

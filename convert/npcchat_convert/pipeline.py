@@ -20,9 +20,17 @@ from typing import Any
 from npcchat.errors import ConvertError, NpcchatError
 from npcchat.runtime.bundle import Bundle, write_manifest
 from npcchat.runtime.bundle import load as load_bundle
-from npcchat.runtime.prompt import PromptTemplate, builtin_template, load_template
+from npcchat.runtime.prompt import (
+    NPC_TAG,
+    SCAFFOLD_TAGS,
+    STATE_TAG,
+    PromptTemplate,
+    builtin_template,
+    load_template,
+)
 
 from . import lora_gguf
+from .hf import Tokenizer
 from .lora import read_adapter
 from .model import QUANTS, fallbacks, open_source, write_gguf
 from .verify import Drift, drift
@@ -64,6 +72,21 @@ def _sha256(path: Path) -> str:
         while block := fh.read(1 << 20):
             h.update(block)
     return h.hexdigest()
+
+
+def check_scaffold(tokenizer: Tokenizer, template: PromptTemplate) -> None:
+    """Every scaffold tag the template uses (and `<STATE>`, `<NPC>` always) must be a special
+    added token: found now, with the fix named, not when the bundle is first loaded."""
+    special = {content for content, is_special in tokenizer.added.values() if is_special}
+    plain = {content for content, is_special in tokenizer.added.values() if not is_special}
+    used = {tag for tag in SCAFFOLD_TAGS if tag in template.source} | {STATE_TAG, NPC_TAG}
+    for tag in sorted(used - special):
+        what = "a non-special added token" if tag in plain else "not an added token"
+        raise ConvertError(
+            f"tokenizer.json: scaffold tag {tag} is {what}; template '{template.name}' needs "
+            "it as one special token",
+            hint='add it to the tokenizer with "special": true and train with it',
+        )
 
 
 def _template(spec: str) -> PromptTemplate:
@@ -111,6 +134,7 @@ def convert(opts: Options, progress: Progress | None = None) -> Report:
 
         heads = loader.load(opts.heads, hidden)
     template = _template(opts.template)
+    check_scaffold(src.tokenizer, template)
     stage = opts.out.parent / f".{opts.out.name}.partial-{os.getpid()}"
     shutil.rmtree(stage, ignore_errors=True)
     try:
