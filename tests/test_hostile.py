@@ -837,3 +837,23 @@ def test_scaffold_tags_must_be_special_tokens_at_convert_time(tmp_path: Path) ->
     del tok.added[state_id]
     with pytest.raises(ConvertError, match="<STATE> is not an added token"):
         check_scaffold(tok, builtin_template("served-v1"))
+
+
+def test_a_kv_header_without_its_bundle_and_a_binary_manifest(tmp_path: Path) -> None:
+    import json
+    import struct
+
+    from npcchat.errors import BundleError, ConfigError
+    from npcchat.runtime import bundle as bundle_mod
+    from npcchat.sessions import snapshot
+
+    session = tmp_path / "s.json"
+    header = json.dumps({"format": 2, "n_ctx": 512, "tokens": [1], "owner": "", "size": 0})
+    blob = header.encode()
+    snapshot.path_for(session).write_bytes(snapshot.MAGIC + struct.pack("<I", len(blob)) + blob)
+    state, warning = snapshot.load(session, "id", 512)
+    assert state is None and warning is not None and "without its owner or bundle" in warning
+    root = _copy_bundle(tmp_path)
+    (root / "bundle.toml").write_bytes(b'format = "npcchat-bundle"\n\xff\xfe\x00')
+    with pytest.raises((ConfigError, BundleError), match=r"bundle\.toml: not UTF-8 text"):
+        bundle_mod.load(root)
