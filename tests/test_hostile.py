@@ -680,7 +680,8 @@ def test_temp_files_of_dead_writers_are_swept(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from npcchat.files.atomic import atomic_write
+    import npcchat
+    from npcchat.sessions import session as session_mod
 
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True
@@ -690,11 +691,11 @@ def test_temp_files_of_dead_writers_are_swept(tmp_path: Path) -> None:
     stale = tmp_path / f".s.json.{dead_pid}.abc123.tmp"  # a writer killed mid-save
     live = tmp_path / f".s.json.{os.getpid()}.def456.tmp"  # a writer still at work
     other = tmp_path / f".t.json.{dead_pid}.x.tmp"  # another file's
+    session_mod.save(npcchat.Session(npc_id="x", tags=npcchat.Tags()), target)
     for f in (stale, live, other):
         f.write_bytes(b"partial")
-    atomic_write(target, b"{}")
+    assert session_mod.load(target).npc_id == "x"  # opening the session sweeps
     assert not stale.exists() and live.exists() and other.exists()
-    assert target.read_bytes() == b"{}"
 
 
 def test_a_symlinked_session_stays_a_symlink(tmp_path: Path) -> None:

@@ -29,8 +29,12 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _sweep(directory: Path, name: str) -> None:
-    """Remove ``.NAME.PID.*.tmp`` files whose writing process is gone."""
+def sweep(path: Path) -> None:
+    """Remove the temp files of ``path`` (``.NAME.PID.*.tmp``) whose writer is gone, killed
+    mid-write. Called when a file is opened, not on every write: a directory of thousands
+    of sessions is listed once per session, not once per turn."""
+    name = path.name
+    directory = path.parent if str(path.parent) else Path(".")
     for tmp in directory.glob(f".{glob_escape(name)}.*.tmp"):
         pid = tmp.name[len(name) + 2 :].split(".", 1)[0]
         if pid.isdigit() and not _alive(int(pid)):
@@ -79,8 +83,8 @@ def atomic_write(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` all at once; keeps the old file's mode.
 
     A symlink stays a symlink: its target is replaced. Anything but a regular file (a FIFO,
-    a device, a directory) is refused. Temp files of writers that died (killed mid-write)
-    are removed: each carries its writer's pid."""
+    a device, a directory) is refused. The temp file's name carries the writer's pid, so
+    :func:`sweep` can tell a dead writer's leftover from a live one's."""
     if path.is_symlink():
         path = Path(os.path.realpath(path))
     if path.exists() and not path.is_file():
@@ -88,7 +92,6 @@ def atomic_write(path: Path, data: bytes) -> None:
     directory = path.parent if str(path.parent) else Path(".")
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        _sweep(directory, path.name)
         fd, tmp = tempfile.mkstemp(
             prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=directory
         )

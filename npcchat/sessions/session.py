@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from npcchat.errors import SessionError, where
-from npcchat.files.atomic import atomic_write
+from npcchat.files.atomic import atomic_write, sweep
 from npcchat.types import (
     DELTA_NAMES,
     FlagResult,
@@ -362,6 +362,7 @@ def load_stamped(path: Path) -> tuple[Session, Stamp]:
     suffix = _suffix(path)
     if path.exists() and not path.is_file():  # a FIFO would block the open for ever
         raise SessionError(f"{path}: not a regular file", hint="sessions are .toml/.json files")
+    sweep(path)  # leftovers of a writer killed mid-save
     try:
         with path.open("rb") as fh:
             st = os.fstat(fh.fileno())
