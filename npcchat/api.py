@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import as_completed
 from dataclasses import replace
 from pathlib import Path
@@ -202,11 +202,13 @@ class Runtime:
         similarity: Similarity | None = None,
         on_result: Callable[[dict[str, Any]], None] | None = None,
         share_prefix: bool = True,
+        npcs: Mapping[str, npc_mod.NpcDef] | None = None,
     ) -> list[dict[str, Any]]:
         """Run scenarios (from :func:`npcchat.read_scenarios`) up to :attr:`slots` at a
         time; returns one result per scenario in completion order (``on_result`` gets each
         as it finishes). Default sampling: the config's, greedy, seed 0. Results equal a
-        one-slot run bit for bit (see npcchat.eval.runner)."""
+        one-slot run bit for bit (see npcchat.eval.runner). A scenario's NPC file (its
+        ``npc_file``, else ``npcs[npc_id]``) applies exactly as in a conversation."""
         from npcchat.eval import runner
 
         params = sampling or replace(sampling_of(self.config, 0), temperature=0.0)
@@ -221,11 +223,13 @@ class Runtime:
         scheduler = self._access.scheduler
         if scheduler is None:
             with self._access.lock:
-                runner.run(self._engine, list(scenarios), params, sim, done, share_prefix)
+                runner.run(self._engine, list(scenarios), params, sim, done, share_prefix, npcs)
             return results
         futures = [
             scheduler.submit(driver, queue=False)
-            for driver in runner.drivers(self._engine, list(scenarios), params, sim, share_prefix)
+            for driver in runner.drivers(
+                self._engine, list(scenarios), params, sim, share_prefix, npcs
+            )
         ]
         for future in as_completed(futures):
             done(future.result())

@@ -29,6 +29,7 @@ from npcchat.mind.mind import NpcMind
 from npcchat.mind.npc import NpcDef
 from npcchat.runtime.batch import Driver, TurnCancelled, TurnRequest
 from npcchat.runtime.engine import Engine, drive
+from npcchat.runtime.kvbook import Reuse
 from npcchat.runtime.scheduler import Scheduler
 from npcchat.sessions import session as session_mod
 from npcchat.sessions import snapshot
@@ -125,6 +126,8 @@ class Conversation:
         self.on_warning = on_warning
         self.mind = mind  # knowledge and long-term memory; None: the session's lore as is
         self.affinity = affinity or (str(path) if path else f"conversation-{id(self)}")
+        self.reuse: Reuse | None = None  # KV reuse of its turns (eval: "aligned")
+        self.context: tuple[ContextTurn, ...] = ()  # history from outside the session
         self._turns = len(session.history)
         # the version of each session file this conversation last read or wrote: a save
         # refuses to overwrite a version someone else wrote meanwhile
@@ -212,10 +215,19 @@ class Conversation:
         params = sampling or self.sampling
         if params.seed is None:
             params = replace(params, seed=self._turn_sampling().seed)
-        if self.mind is None:
-            return TurnRequest(self.session, text, params, affinity=self.affinity)
-        prep = self.mind.prepare(self.session, text)
-        return TurnRequest(prep.session, text, params, pinned=prep.pinned, affinity=self.affinity)
+        session, pinned = self.session, tuple[ContextTurn, ...]()
+        if self.mind is not None:
+            prep = self.mind.prepare(self.session, text)
+            session, pinned = prep.session, prep.pinned
+        return TurnRequest(
+            session,
+            text,
+            params,
+            context=self.context,
+            pinned=pinned,
+            reuse=self.reuse,
+            affinity=self.affinity,
+        )
 
     def _commit(self, result: Turn) -> Turn:
         """The finished turn lands in the session, which is saved."""
@@ -234,7 +246,9 @@ class Conversation:
         if isinstance(first, Turn):  # a forbidden trigger: fixed reaction, no model call
             yield first.reply
             return self._commit(first)
-        steps = self.engine.stream(first.session, first.player, first.sampling, pinned=first.pinned)
+        steps = self.engine.stream(
+            first.session, first.player, first.sampling, first.context, first.pinned
+        )
         while True:
             if cancel is not None and cancel.is_set():
                 steps.close()

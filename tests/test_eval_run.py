@@ -189,7 +189,7 @@ def test_interrupt_keeps_partial_report_and_resume_finishes(
     out = tmp_path / "partial.json"
     real_run = evaluate.run
 
-    def interrupted(engine, found, sampling, sim, on_result, share=True):  # type: ignore[no-untyped-def]
+    def interrupted(engine, found, sampling, sim, on_result, share=True, npcs=None):  # type: ignore[no-untyped-def]
         count = [0]
 
         def once(r: dict[str, Any]) -> None:
@@ -198,7 +198,7 @@ def test_interrupt_keeps_partial_report_and_resume_finishes(
             if count[0] == 3:
                 raise KeyboardInterrupt
 
-        real_run(engine, found, sampling, sim, once, share)
+        real_run(engine, found, sampling, sim, once, share, npcs)
 
     monkeypatch.setattr(evaluate, "run", interrupted)
     import typer
@@ -274,3 +274,74 @@ def test_compare_reports(bundle_q4: Path, tmp_path: Path) -> None:
     assert result["metrics"]["flag_f1_macro"]["diff"] == 0.0
     assert [c["id"] for c in result["changed"]] == [data["scenarios"][0]["id"]]
     assert run("compare", str(a)).returncode == 1
+
+
+WARDEN = """
+id = "warden"
+name = "Warden Ila"
+location = "gate"
+lore = "The gate is old."
+
+[tags]
+quest_stage = "start"
+trust = 0.45
+relationship = 0.5
+
+[player_state]
+items = ["lamp"]
+
+[[lore_entries]]
+text = "The north tower hides a stair behind the tapestry."
+stages = ["start"]
+
+[[descriptions]]
+text = "Ila stands before the closed inner gate."
+[[descriptions]]
+text = "Ila unlocks the inner gate and waves the player through."
+min_trust = 0.5
+
+[flags.give_item]
+threshold = 0.99
+
+[[triggers]]
+match = ["idiot"]
+reaction = "Watch your tongue at my gate."
+trust = -0.2
+relationship = -0.2
+flags = ["npc_action"]
+"""
+
+
+def test_eval_runs_npc_files_exactly_as_talk(tmp_path: Path) -> None:
+    """The same NPC file and lines: talk --json and the eval report give identical replies,
+    deltas and flags, a forbidden trigger and a description that unlocks included."""
+    import sys
+
+    (tmp_path / "warden.toml").write_text(WARDEN)
+    lines = ["Hello there, warden.", "Can you open the gate for me?", "You idiot.", "Sorry."]
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text("[runtime]\nprefix_reuse = false\n[sampling]\nmax_tokens = 24\n")
+    talk = [sys.executable, "-m", "npcchat", "talk", "--npc", str(tmp_path / "warden.toml")]
+    talk += ["--json", "--temperature", "0", "--config", str(cfg)]
+    for line in lines:
+        talk += ["--say", line]
+    out = subprocess.run(talk, capture_output=True, text=True, timeout=120, check=True).stdout
+    talked = [json.loads(line) for line in out.splitlines()]
+
+    scenario = {"id": "w", "npc_file": "warden.toml", "npc_id": "warden"}
+    scenario["turns"] = [{"player": line} for line in lines]
+    (tmp_path / "s.jsonl").write_text(json.dumps(scenario) + "\n")
+    report = tmp_path / "r.json"
+    evaluate = [sys.executable, "-m", "npcchat", "eval", str(tmp_path / "s.jsonl"), "--report"]
+    evaluate += [str(report), "--no-share-prefix", "--config", str(cfg)]
+    subprocess.run(evaluate, capture_output=True, text=True, timeout=120, check=True)
+    turns = json.loads(report.read_text())["scenarios"][0]["turns"]
+
+    assert [t["reply"] for t in turns] == [t["reply"] for t in talked]
+    assert [t["deltas"] for t in turns] == [t["deltas"] for t in talked]
+    assert [t["flags"] for t in turns] == [t["flags"] for t in talked]
+    assert [t["state"] for t in turns] == [t["state"] for t in talked]
+    assert turns[2]["stop_reason"] == "trigger"
+    assert turns[2]["reply"] == "Watch your tongue at my gate."
+    assert all(t["flags"]["give_item"]["threshold"] == 0.99 for t in turns[:2])  # the override
+    assert talked[0]["state"]["trust"] >= 0.5  # the second description unlocked for turn 2

@@ -65,6 +65,12 @@ def eval_cmd(
     embed_model: Annotated[
         Path | None, typer.Option(help="Local sentence-transformers model for reply similarity.")
     ] = None,
+    npcs: Annotated[
+        Path | None,
+        typer.Option(
+            help="NPC files by id: their knowledge, memory and triggers apply, as in talk."
+        ),
+    ] = None,
     json_out: Annotated[
         bool, typer.Option("--json", help="Print the aggregates (or the comparison) as JSON.")
     ] = False,
@@ -103,6 +109,7 @@ def eval_cmd(
         strict=strict,
         resume=resume,
         embed_model=embed_model,
+        npcs=npcs,
         json_out=json_out,
         share_prefix=share_prefix,
     )
@@ -122,6 +129,7 @@ class Run:
     strict: bool
     resume: Path | None
     embed_model: Path | None
+    npcs: Path | None
     json_out: bool
     share_prefix: bool
 
@@ -154,6 +162,7 @@ def _run(cfg: Config, run: Run) -> None:
     from npcchat.errors import ConfigError
     from npcchat.eval import report as report_mod
     from npcchat.eval import runner, similarity
+    from npcchat.mind import npc as npc_mod
 
     found, bad = _scenarios(run)
     prior: list[dict[str, Any]] = []
@@ -174,7 +183,9 @@ def _run(cfg: Config, run: Run) -> None:
         if knowledge
         else "lexical",
         "prefix_reuse": "aligned" if run.share_prefix else "off",
+        "npcs": str(run.npcs) if run.npcs else None,
     }
+    npc_files = npc_mod.load_dir(run.npcs) if run.npcs else None
     results: list[dict[str, Any]] = []
     elapsed = runner.timer()
     complete = True
@@ -203,6 +214,7 @@ def _run(cfg: Config, run: Run) -> None:
                     similarity=sim,
                     on_result=finished,
                     share_prefix=run.share_prefix,
+                    npcs=npc_files,
                 )
             except KeyboardInterrupt:
                 complete = False

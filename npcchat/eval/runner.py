@@ -8,13 +8,19 @@ run bit for bit. What is measured from the results is :mod:`npcchat.eval.report`
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
+from npcchat.conversation import Conversation, new_session
 from npcchat.errors import NpcchatError
 from npcchat.eval import metrics as M
 from npcchat.eval.scenarios import Expected, Scenario
 from npcchat.eval.similarity import Similarity
+from npcchat.mind import npc as npc_mod
+from npcchat.mind.mind import NpcMind
+from npcchat.mind.npc import NpcDef
 from npcchat.runtime import batch
 from npcchat.runtime.engine import Engine
 from npcchat.runtime.kvbook import Reuse
@@ -56,30 +62,67 @@ def _turn_dict(
 
 
 def _driver(
-    sc: Scenario, engine: Engine, sampling: SamplingParams, sim: Similarity, reuse: Reuse
+    sc: Scenario,
+    engine: Engine,
+    sampling: SamplingParams,
+    sim: Similarity,
+    reuse: Reuse,
+    npc: NpcDef | None,
 ) -> batch.Driver[dict[str, Any]]:
-    """One scenario as a conversation; the NPC state carries from turn to turn."""
-    session = sc.new_session(seed=sampling.seed or 0)
+    """One scenario as a conversation; the NPC state carries from turn to turn. With an NPC
+    file, the turns run through the very conversation `talk` runs: triggers, retrieval,
+    memory and threshold overrides apply the same way."""
     out: dict[str, Any] = {
         "id": sc.id,
         "source": sc.source,
         "kind": sc.kind,
         "npc_id": sc.npc_id,
+        "npc_file": npc.source if npc else None,
         "turns": [],
         "error": None,
     }
     flags = engine.bundle.flags
+    conv = _conversation(sc, engine, sampling, npc)
+    # "aligned" (or "off"), never "prefix": results must not depend on which scenario ran
+    # before in which slot, so --parallel never changes them (npcchat.runtime.kvbook)
+    conv.reuse = reuse
+    conv.context = sc.context
     for player, expected in sc.turns:
         try:
-            # "aligned" (or "off"), never "prefix": results must not depend on which scenario
-            # ran before in which slot, so --parallel never changes them (npcchat.runtime.kvbook)
-            r = yield batch.TurnRequest(session, player, sampling, sc.context, reuse=reuse)
+            r = yield from conv.driver(player, sampling=sampling)
         except NpcchatError as e:
             out["error"] = e.message
             return out
         out["turns"].append(_turn_dict(r, expected, flags, sim))
-        session = session.with_turn(r)
     return out
+
+
+def _conversation(
+    sc: Scenario, engine: Engine, sampling: SamplingParams, npc: NpcDef | None
+) -> Conversation:
+    """The scenario's starting session: the NPC's initial state (as talk starts it) with
+    whatever the scenario sets itself on top, or the scenario's own state alone."""
+    seed = sampling.seed or 0
+    if npc is None:
+        return Conversation(engine, sc.new_session(seed=seed), sampling)
+    session = new_session(npc, engine, seed)
+    given = sc.given
+    session = replace(
+        session,
+        tags=sc.tags if "tags" in given or "npc_location" in given else session.tags,
+        lore=sc.lore if "lore" in given else session.lore,
+        description=sc.description if "description" in given else session.description,
+        player_state=sc.player_state if "player_state" in given else session.player_state,
+    )
+    mind = NpcMind(engine, npc.knowledge, engine.cfg.knowledge)
+    return Conversation(engine, session, sampling, mind=mind)
+
+
+def npc_of(sc: Scenario, npcs: Mapping[str, NpcDef]) -> NpcDef | None:
+    """The scenario's NPC file (``npc_file``), else the one ``--npcs`` maps its id to."""
+    if sc.npc_file:
+        return npc_mod.load(Path(sc.npc_file))
+    return npcs.get(sc.npc_id)
 
 
 def run(
@@ -89,6 +132,7 @@ def run(
     sim: Similarity,
     on_result: Callable[[dict[str, Any]], None],
     share_prefix: bool = True,
+    npcs: Mapping[str, NpcDef] | None = None,
 ) -> None:
     """Run every scenario; ``on_result`` gets each finished scenario (completion order).
 
@@ -96,7 +140,7 @@ def run(
     KV reuse: identical results, fewer prefill tokens)."""
     keyed = zip(
         (sc.id for sc in scenarios),
-        drivers(engine, scenarios, sampling, sim, share_prefix),
+        drivers(engine, scenarios, sampling, sim, share_prefix, npcs),
         strict=True,
     )
     for _, result in batch.run(engine, keyed):
@@ -111,10 +155,12 @@ def drivers(
     sampling: SamplingParams,
     sim: Similarity,
     share_prefix: bool = True,
+    npcs: Mapping[str, NpcDef] | None = None,
 ) -> Iterator[batch.Driver[dict[str, Any]]]:
     """Each scenario as a driver (for :mod:`npcchat.runtime.batch` or a scheduler)."""
     reuse: Reuse = "aligned" if share_prefix else "off"
-    return (_driver(sc, engine, sampling, sim, reuse) for sc in scenarios)
+    known = npcs or {}
+    return (_driver(sc, engine, sampling, sim, reuse, npc_of(sc, known)) for sc in scenarios)
 
 
 def timer() -> Callable[[], float]:

@@ -20,7 +20,7 @@ Every line is validated; a bad one becomes a :class:`BadLine` naming file:line a
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,8 @@ class Scenario:
     player_state: PlayerState = field(default_factory=PlayerState)
     context: tuple[ContextTurn, ...] = ()
     turns: tuple[tuple[str, Expected | None], ...] = ()
+    npc_file: str = ""  # an NPC file whose knowledge, memory and triggers apply, as in talk
+    given: frozenset[str] = frozenset()  # the state keys the scenario set itself
 
     @property
     def labelled(self) -> bool:
@@ -164,6 +166,7 @@ def _base(
     turns: tuple[tuple[str, Expected | None], ...],
 ) -> Scenario:
     location = _str(d, "npc_location") if "npc_location" in d else ""
+    keys = ("tags", "lore", "description", "player_state", "npc_location")
     return Scenario(
         id=sid,
         source=source,
@@ -175,6 +178,7 @@ def _base(
         player_state=_player_state(d.get("player_state")),
         context=_context(d.get("context")),
         turns=turns,
+        given=frozenset(k for k in keys if d.get(k) is not None),
     )
 
 
@@ -285,13 +289,18 @@ def parse_line(text: str, source: str, default_id: str) -> Scenario:
     try:
         inner = rec["input"] if isinstance(rec.get("input"), dict) else {}
         sid = str(rec.get("id", inner.get("id", default_id)))
+        npc_file = rec.get("npc_file", "")
+        if not isinstance(npc_file, str):
+            raise _Bad("key 'npc_file': expected a path (relative to the scenario file)")
         if "input" in rec:
-            return _nested(rec, sid, source)
-        if "turns" in rec:
-            return _multi(rec, sid, source)
-        if "player_utterance" in rec:
-            return _flat(rec, sid, source)
-        raise _Bad("not a scenario: expected 'input', 'turns' or 'player_utterance'")
+            sc = _nested(rec, sid, source)
+        elif "turns" in rec:
+            sc = _multi(rec, sid, source)
+        elif "player_utterance" in rec:
+            sc = _flat(rec, sid, source)
+        else:
+            raise _Bad("not a scenario: expected 'input', 'turns' or 'player_utterance'")
+        return replace(sc, npc_file=npc_file)
     except _Bad as e:
         raise ValueError(str(e)) from None
     except (TypeError, KeyError, AttributeError, RecursionError) as e:
@@ -321,6 +330,8 @@ def read(path: Path) -> tuple[list[Scenario], list[BadLine]]:
         except ValueError as e:
             bad.append(BadLine(source, str(e)))
             continue
+        if sc.npc_file and not Path(sc.npc_file).is_absolute():
+            sc = replace(sc, npc_file=str(path.parent / sc.npc_file))
         if sc.id in seen:
             bad.append(BadLine(source, f"id '{sc.id}' already used at {seen[sc.id]}"))
             continue

@@ -248,3 +248,18 @@ def _knowledge(path: Path, data: dict[str, Any]) -> Knowledge:
         triggers=_triggers(path, data),
         flags=_flags(path, data),
     )
+
+
+def load_dir(directory: Path) -> dict[str, NpcDef]:
+    """Every ``*.toml`` NPC file of ``directory``, by its ``id`` (two files, one id: error)."""
+    if not directory.is_dir():
+        raise ConfigError(f"{directory}: not a directory of NPC files")
+    npcs: dict[str, NpcDef] = {}
+    for f in sorted(directory.glob("*.toml")):
+        npc = load(f)
+        if npc.id in npcs:
+            raise ConfigError(
+                f"{where(f, 'id')}: NPC {npc.id!r} is also defined in {npcs[npc.id].source}"
+            )
+        npcs[npc.id] = npc
+    return npcs

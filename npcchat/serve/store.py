@@ -41,22 +41,13 @@ class _Entry:
 def npc_registry(npcs_dir: Path | None, demo_bundle: bool) -> dict[str, npc_mod.NpcDef]:
     """The NPCs served: every ``*.toml`` of ``npcs_dir`` by its ``id`` (the demo NPCs when
     the demo bundle is served without a directory)."""
-    if npcs_dir is None:
-        files = demo.npc_files() if demo_bundle else []
+    if npcs_dir is not None:
+        npcs = npc_mod.load_dir(npcs_dir)
     else:
-        if not npcs_dir.is_dir():
-            raise ConfigError(f"--npcs {npcs_dir}: not a directory")
-        files = sorted(npcs_dir.glob("*.toml"))
-    npcs: dict[str, npc_mod.NpcDef] = {}
-    for f in files:
-        npc = npc_mod.load(f)
+        npcs = {n.id: n for n in map(npc_mod.load, demo.npc_files())} if demo_bundle else {}
+    for npc in npcs.values():
         if not _ID.match(npc.id):
-            raise ConfigError(f"{f}: key 'id': {npc.id!r} is not a valid NPC id for serving")
-        if npc.id in npcs:
-            raise ConfigError(
-                f"{f}: key 'id': NPC {npc.id!r} is also defined in {npcs[npc.id].source}"
-            )
-        npcs[npc.id] = npc
+            raise ConfigError(f"{npc.source}: key 'id': {npc.id!r} is not a valid NPC id to serve")
     return npcs
 
 
