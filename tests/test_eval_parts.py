@@ -273,13 +273,16 @@ def test_aggregate_and_gates_by_hand() -> None:
     assert gi["best_threshold"] == 0.6 and gi["best_f1"] == 1.0
     assert gi["threshold_mae"] == pytest.approx(0.1)
     assert agg["flags"]["npc_action"]["n"] == 1 and agg["flags"]["npc_action"]["f1"] == 1.0
-    assert agg["flag_f1_macro"] == pytest.approx((2 / 3 + 1.0) / 2)
+    # npc_action has no positive label: its F1 (1.0, never fired) stays out of the macro
+    assert agg["flag_f1_macro"] == pytest.approx(2 / 3)
+    assert agg["flags_without_positives"] == ["npc_action"]
+    assert agg["best_threshold_scope"] == "in-sample"
     assert agg["tokens_per_s"] == pytest.approx(12 / 2.0) and agg["scenarios_per_s"] == 1.0
     agg["bad_lines"] = 0
     g = evaluate.gates(agg)
-    assert evaluate.check_gates(g, ["flag_f1_macro=0.8"]) == []
+    assert evaluate.check_gates(g, ["flag_f1_macro=0.6"]) == []
     assert evaluate.check_gates(g, ["flag_f1_macro=0.9"])[0].startswith(
-        "flag_f1_macro = 0.8333, required at least 0.9"
+        "flag_f1_macro = 0.6667, required at least 0.9"
     )
     assert evaluate.check_gates(g, ["delta_mae_trust=0.1"])[0].endswith("required at most 0.1")
     assert evaluate.check_gates(g, ["errors=1", "flag_f1.give_item=0.6"]) == []

@@ -343,7 +343,7 @@ def eval_summary(rep: Mapping[str, Any]) -> None:
         ("scenarios / turns", f"{agg['scenarios']} / {agg['turns']}"),
         ("errors / bad lines", f"{agg['errors']} / {agg['bad_lines']}"),
         ("flag F1 macro (model thr.)", _f(agg["flag_f1_macro"])),
-        ("flag F1 macro (best thr.)", _f(agg["flag_best_f1_macro"])),
+        ("flag F1 macro (best thr., in-sample)", _f(agg["flag_best_f1_macro"])),
         ("Brier mean", _f(agg["brier_mean"])),
         ("threshold MAE", _f(agg["threshold_mae"])),
     ]

@@ -69,8 +69,16 @@ def aggregate(
     agg["flags"], unknown = _flag_metrics(turns, flags)
     agg["unknown_flags"] = sorted(unknown)
     per = [v for v in agg["flags"].values() if v["n"]]
-    agg["flag_f1_macro"] = _mean([v["f1"] for v in per])
-    agg["flag_best_f1_macro"] = _mean([v["best_f1"] for v in per])
+    # F1 of a flag with no positive label says nothing (1.0 when it never fires): the macro
+    # averages flags that have positives, and the others are listed apart
+    scored = [v for v in per if v["positives"]]
+    agg["flag_f1_macro"] = _mean([v["f1"] for v in scored])
+    agg["flag_best_f1_macro"] = _mean([v["best_f1"] for v in scored])
+    agg["flags_without_positives"] = sorted(
+        n for n, v in agg["flags"].items() if v["n"] and not v["positives"]
+    )
+    # best thresholds are tuned on the very labels they are scored on
+    agg["best_threshold_scope"] = "in-sample"
     agg["brier_mean"] = _mean([v["brier"] for v in per])
     agg["threshold_mae"] = _mean(
         [v["threshold_mae"] for v in per if v["threshold_mae"] is not None]
