@@ -29,6 +29,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "npcchat.files",
             "npcchat.config",
             "npcchat.extras",
+            "npcchat.text",
             "npcchat.demo",
         ),
     ),

@@ -8,12 +8,13 @@ neither predictions nor positives.
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from npcchat.text import terms
 
 SIGN_DEADBAND = 0.02
 CAL_BINS = 10
@@ -124,11 +125,9 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
 
-_WORD = re.compile(r"\w+", re.UNICODE)
-
-
 def words(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
+    """Lower-cased words, and the character bigrams of Hangul words (see npcchat.text)."""
+    return terms(text)
 
 
 def token_f1(pred: str, ref: str) -> float:

@@ -27,8 +27,8 @@ import numpy as np
 
 from npcchat.config import home
 from npcchat.errors import ConfigError
+from npcchat.text import terms
 
-_WORD = re.compile(r"\w+", re.UNICODE)
 _STOP = frozenset(
     """
     a an the and or of to in on at is are was were i you he she it we they me my your this
@@ -50,7 +50,7 @@ class LexicalEmbedder:
     dim = 4096
 
     def _vec(self, text: str) -> np.ndarray:
-        words = [w for w in _WORD.findall(text.lower()) if w not in _STOP]
+        words = [w for w in terms(text) if w not in _STOP]
         v = np.zeros(self.dim, dtype=np.float32)
         grams = words + [f"{a} {b}" for a, b in itertools.pairwise(words)]
         for g in grams:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from npcchat.mind.embed import Embedder, rank
+from npcchat.text import for_matching, phrase_pattern
 from npcchat.types import ContextTurn, Memory, PlayerState, Tags
 
 ANY = "any"
@@ -61,8 +62,10 @@ class Trigger:
     flags: tuple[str, ...] = ()
 
     def matches(self, text: str) -> bool:
-        low = " ".join(re.findall(r"\w+", text.lower()))
-        return any(re.search(rf"(?<!\w){re.escape(p)}(?!\w)", low) for p in self.phrases)
+        """On NFKC, case-folded text without zero-width characters: a Latin phrase as whole
+        words, a Hangul phrase from a word start with any particle or ending after it."""
+        said = for_matching(text)
+        return any(p is not None and p.search(said) for p in map(phrase_pattern, self.phrases))
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from typing import Any
 from npcchat.errors import ConfigError, where
 from npcchat.files.toml import read_toml
 from npcchat.mind.knowledge import Entry, FlagDef, Knowledge, Trigger
+from npcchat.text import for_matching, phrase_pattern
 from npcchat.types import NUMERIC_TAGS, PlayerState, Tags
 
 _TOP_KEYS = {
@@ -203,14 +204,22 @@ def _triggers(path: Path, data: dict[str, Any]) -> tuple[Trigger, ...]:
     for i, raw in enumerate(_array(path, data, "triggers")):
         label = f"triggers[{i}]"
         t = _table(path, label, raw, _TRIGGER_KEYS, ("match", "reaction"))
-        phrases = tuple(p.lower() for p in _strs(path, f"{label}.match", t["match"]) if p.strip())
+        phrases = tuple(p for p in _strs(path, f"{label}.match", t["match"]) if p.strip())
         if not phrases:
             raise ConfigError(
                 f"{where(path, f'{label}.match')}: expected at least one word or phrase"
             )
+        for (
+            p
+        ) in phrases:  # punctuation is ignored in matching: a phrase of nothing else never fires
+            if phrase_pattern(p) is None:
+                raise ConfigError(
+                    f"{where(path, f'{label}.match')}: {p!r} has no letters or digits, so it "
+                    "could never match (punctuation and case are ignored)"
+                )
         out.append(
             Trigger(
-                phrases=tuple(" ".join(p.split()) for p in phrases),
+                phrases=tuple(for_matching(p) for p in phrases),
                 reaction=_str(path, f"{label}.reaction", t["reaction"]),
                 trust=_number(path, f"{label}.trust", t.get("trust", 0.0), -1.0, 1.0),
                 relationship=_number(

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from npcchat.errors import ConfigError, NpcchatError, PromptError
+from npcchat.text import nfc
 from npcchat.types import PromptInput
 
 SCAFFOLD_TAGS = ("<SYS>", "<CTX>", "<PLAYER>", "<NPC>", "<STATE>", "<RAG>", "<PLAYER_STATE>")
@@ -98,7 +99,8 @@ def _finalize(value: Any) -> Any:
     # Python str() of every value (0.35 -> "0.35", 1.0 -> "1.0"); None renders empty.
     if value is None:
         return ""
-    return str(value).translate(_SANITIZE)
+    # NFC: llama.cpp does not normalize, and decomposed Hangul tokenizes apart from training
+    return nfc(str(value)).translate(_SANITIZE)
 
 
 _compiled: dict[str, Any] = {}
