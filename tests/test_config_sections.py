@@ -50,8 +50,17 @@ def _talk(tmp_path: Path, config: str) -> list[dict[str, Any]]:
     args += ["--temperature", "0", "--config", str(cfg)]
     for line in LINES:
         args += ["--say", line]
-    out = subprocess.run(args, capture_output=True, text=True, timeout=120, check=True).stdout
+    out = subprocess.run(
+        args, capture_output=True, text=True, timeout=120, check=True, env=_env(tmp_path)
+    ).stdout
     return [json.loads(line) for line in out.splitlines()]
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    """A home of its own: caches these runs write stay out of other tests' way."""
+    import os
+
+    return {**os.environ, "NPCCHAT_HOME": str(tmp_path / "home")}
 
 
 def _eval(tmp_path: Path, config: str) -> dict[str, Any]:
@@ -59,7 +68,9 @@ def _eval(tmp_path: Path, config: str) -> dict[str, Any]:
     report = tmp_path / "r.json"
     args = [sys.executable, "-m", "npcchat", "eval", str(tmp_path / "s.jsonl")]
     args += ["--report", str(report), "--config", str(cfg)]
-    subprocess.run(args, capture_output=True, text=True, timeout=120, check=True)
+    subprocess.run(
+        args, capture_output=True, text=True, timeout=120, check=True, env=_env(tmp_path)
+    )
     data: dict[str, Any] = json.loads(report.read_text())
     return data
 

@@ -325,7 +325,10 @@ def test_eval_runs_npc_files_exactly_as_talk(tmp_path: Path) -> None:
     talk += ["--json", "--temperature", "0", "--config", str(cfg)]
     for line in lines:
         talk += ["--say", line]
-    out = subprocess.run(talk, capture_output=True, text=True, timeout=120, check=True).stdout
+    env = {**os.environ, "NPCCHAT_HOME": str(tmp_path / "home")}  # its caches stay its own
+    out = subprocess.run(
+        talk, capture_output=True, text=True, timeout=120, check=True, env=env
+    ).stdout
     talked = [json.loads(line) for line in out.splitlines()]
 
     scenario = {"id": "w", "npc_file": "warden.toml", "npc_id": "warden"}
@@ -334,7 +337,7 @@ def test_eval_runs_npc_files_exactly_as_talk(tmp_path: Path) -> None:
     report = tmp_path / "r.json"
     evaluate = [sys.executable, "-m", "npcchat", "eval", str(tmp_path / "s.jsonl"), "--report"]
     evaluate += [str(report), "--no-share-prefix", "--config", str(cfg)]
-    subprocess.run(evaluate, capture_output=True, text=True, timeout=120, check=True)
+    subprocess.run(evaluate, capture_output=True, text=True, timeout=120, check=True, env=env)
     turns = json.loads(report.read_text())["scenarios"][0]["turns"]
 
     assert [t["reply"] for t in turns] == [t["reply"] for t in talked]
