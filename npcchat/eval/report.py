@@ -284,9 +284,7 @@ def check_resumable(
                 f"this run {settings.get(key)!r}",
                 hint="resume with the same settings, or start a new report",
             )
-    scenarios = prior.get("scenarios")
-    if not isinstance(scenarios, list):
-        raise ConfigError(f"{where(path, 'scenarios')}: expected a list")
+    scenarios: list[dict[str, Any]] = prior["scenarios"]  # a list: load_report checked it
     for i, sc in enumerate(scenarios):
         ok = isinstance(sc, dict) and isinstance(sc.get("id"), str)
         if not ok or not isinstance(sc.get("turns"), list):
