@@ -215,10 +215,7 @@ class Conversation:
         params = sampling or self.sampling
         if params.seed is None:
             params = replace(params, seed=self._turn_sampling().seed)
-        session, pinned = self.session, tuple[ContextTurn, ...]()
-        if self.mind is not None:
-            prep = self.mind.prepare(self.session, text)
-            session, pinned = prep.session, prep.pinned
+        session, pinned = self._prepared(text)
         return TurnRequest(
             session,
             text,
@@ -228,6 +225,14 @@ class Conversation:
             reuse=self.reuse,
             affinity=self.affinity,
         )
+
+    def _prepared(self, text: str) -> tuple[Session, tuple[ContextTurn, ...]]:
+        """The session with this turn's lore and description, and the recalled memories
+        pinned before its history (the session as it is without an NPC's mind)."""
+        if self.mind is None:
+            return self.session, ()
+        prep = self.mind.prepare(self.session, text)
+        return prep.session, prep.pinned
 
     def _commit(self, result: Turn) -> Turn:
         """The finished turn lands in the session, which is saved."""
@@ -307,11 +312,7 @@ class Conversation:
         if self.access.scheduler is not None:
             return 0
         with self.lock, self._hold_engine():
-            pinned: tuple[ContextTurn, ...] = ()
-            session = self.session
-            if self.mind is not None:
-                prep = self.mind.prepare(self.session, "")
-                session, pinned = prep.session, prep.pinned
+            session, pinned = self._prepared("")
             try:
                 n = self.engine.predecode(session, pinned, self.sampling.max_tokens)
             except BaseException:

@@ -214,7 +214,6 @@ class InProcess:
         return time.perf_counter() - t0
 
     def close(self) -> None:
-        """Free the in-process model (again: harmless)."""
         self.runtime.close()
 
 
@@ -233,20 +232,21 @@ def run(
         (work / "inproc").mkdir()
         write_npc(work / "npcs")
         server = ServerProcess(bundle, work, slots, queue if queue is not None else max(players))
-        local = InProcess(bundle, work, slots)
         try:
-            closed_loop(server.url, 1, 1, tokens, "warm")  # page the weights in, both sides
-            local.player("warm", 1, tokens)
-            # one player's turns, HTTP and in-process in alternation (the other side idles)
-            http_s, local_s = [], []
-            for i in range(rounds):
-                local_s.append(local.player(f"round{i}", turns, tokens))
-                http_s.append(closed_loop(server.url, 1, turns, tokens, f"round{i}").wall_s)
-            local.close()
+            local = InProcess(bundle, work, slots)
+            try:
+                closed_loop(server.url, 1, 1, tokens, "warm")  # page the weights in, both sides
+                local.player("warm", 1, tokens)
+                # one player's turns, HTTP and in-process in alternation (the other side idles)
+                http_s, local_s = [], []
+                for i in range(rounds):
+                    local_s.append(local.player(f"round{i}", turns, tokens))
+                    http_s.append(closed_loop(server.url, 1, turns, tokens, f"round{i}").wall_s)
+            finally:
+                local.close()  # its model is freed before the load runs
             results = [closed_loop(server.url, n, turns, tokens, f"p{n}") for n in players]
             rss = server.peak_rss_mb()
         finally:
-            local.close()
             server.stop()
     by_n = {r.players: r for r in results}
     report: dict[str, Any] = {

@@ -67,7 +67,7 @@ def _driver(
     sampling: SamplingParams,
     sim: Similarity,
     reuse: Reuse,
-    npc: NpcDef | None,
+    npc: tuple[NpcDef, NpcMind] | None,
 ) -> batch.Driver[dict[str, Any]]:
     """One scenario as a conversation; the NPC state carries from turn to turn. With an NPC
     file, the turns run through the very conversation `talk` runs: triggers, retrieval,
@@ -77,7 +77,7 @@ def _driver(
         "source": sc.source,
         "kind": sc.kind,
         "npc_id": sc.npc_id,
-        "npc_file": npc.source if npc else None,
+        "npc_file": npc[0].source if npc else None,
         "turns": [],
         "error": None,
     }
@@ -98,14 +98,15 @@ def _driver(
 
 
 def _conversation(
-    sc: Scenario, engine: Engine, sampling: SamplingParams, npc: NpcDef | None
+    sc: Scenario, engine: Engine, sampling: SamplingParams, npc: tuple[NpcDef, NpcMind] | None
 ) -> Conversation:
     """The scenario's starting session: the NPC's initial state (as talk starts it) with
     whatever the scenario sets itself on top, or the scenario's own state alone."""
     seed = sampling.seed or 0
     if npc is None:
         return Conversation(engine, sc.new_session(seed=seed), sampling)
-    session = new_session(npc, engine, seed)
+    definition, mind = npc
+    session = new_session(definition, engine, seed)
     given = sc.given
     session = replace(
         session,
@@ -114,15 +115,33 @@ def _conversation(
         description=sc.description if "description" in given else session.description,
         player_state=sc.player_state if "player_state" in given else session.player_state,
     )
-    mind = NpcMind(engine, npc.knowledge, engine.cfg.knowledge)
     return Conversation(engine, session, sampling, mind=mind)
 
 
-def npc_of(sc: Scenario, npcs: Mapping[str, NpcDef]) -> NpcDef | None:
-    """The scenario's NPC file (``npc_file``), else the one ``--npcs`` maps its id to."""
-    if sc.npc_file:
-        return npc_mod.load(Path(sc.npc_file))
-    return npcs.get(sc.npc_id)
+class _Npcs:
+    """The NPC of each scenario (its ``npc_file``, else the one ``--npcs`` maps its id to)
+    with its mind, each file read and each mind built once per run: a mind holds no
+    conversation's state, and with a sentence-embedding model it is costly to build."""
+
+    def __init__(self, engine: Engine, known: Mapping[str, NpcDef]) -> None:
+        self.engine = engine
+        self.known = known
+        self._loaded: dict[str, NpcDef] = {}
+        self._minds: dict[int, tuple[NpcDef, NpcMind]] = {}
+
+    def of(self, sc: Scenario) -> tuple[NpcDef, NpcMind] | None:
+        if sc.npc_file:
+            if sc.npc_file not in self._loaded:
+                self._loaded[sc.npc_file] = npc_mod.load(Path(sc.npc_file))
+            npc = self._loaded[sc.npc_file]
+        elif sc.npc_id in self.known:
+            npc = self.known[sc.npc_id]
+        else:
+            return None
+        if id(npc) not in self._minds:
+            mind = NpcMind(self.engine, npc.knowledge, self.engine.cfg.knowledge)
+            self._minds[id(npc)] = (npc, mind)
+        return self._minds[id(npc)]
 
 
 def run(
@@ -159,8 +178,8 @@ def drivers(
 ) -> Iterator[batch.Driver[dict[str, Any]]]:
     """Each scenario as a driver (for :mod:`npcchat.runtime.batch` or a scheduler)."""
     reuse: Reuse = "aligned" if share_prefix else "off"
-    known = npcs or {}
-    return (_driver(sc, engine, sampling, sim, reuse, npc_of(sc, known)) for sc in scenarios)
+    found = _Npcs(engine, npcs or {})
+    return (_driver(sc, engine, sampling, sim, reuse, found.of(sc)) for sc in scenarios)
 
 
 def timer() -> Callable[[], float]:

@@ -8,6 +8,7 @@ A write goes to a temp file in the same directory, is fsynced, then renamed over
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import os
 import signal
@@ -35,15 +36,11 @@ def sweep(path: Path) -> None:
     of sessions is listed once per session, not once per turn."""
     name = path.name
     directory = path.parent if str(path.parent) else Path(".")
-    for tmp in directory.glob(f".{glob_escape(name)}.*.tmp"):
+    for tmp in directory.glob(f".{glob.escape(name)}.*.tmp"):
         pid = tmp.name[len(name) + 2 :].split(".", 1)[0]
         if pid.isdigit() and not _alive(int(pid)):
             with contextlib.suppress(OSError):
                 tmp.unlink()
-
-
-def glob_escape(name: str) -> str:
-    return "".join(f"[{c}]" if c in "*?[]" else c for c in name)
 
 
 def _alive(pid: int) -> bool:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -61,11 +62,16 @@ class Trigger:
     relationship: float
     flags: tuple[str, ...] = ()
 
+    @cached_property
+    def patterns(self) -> tuple[re.Pattern[str], ...]:
+        """The phrases' regexes, built once (a trigger is checked on every turn)."""
+        return tuple(p for p in map(phrase_pattern, self.phrases) if p is not None)
+
     def matches(self, text: str) -> bool:
         """On NFKC, case-folded text without zero-width characters: a Latin phrase as whole
         words, a Hangul phrase from a word start with any particle or ending after it."""
         said = for_matching(text)
-        return any(p is not None and p.search(said) for p in map(phrase_pattern, self.phrases))
+        return any(p.search(said) for p in self.patterns)
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,11 @@ class Load:
     waiting: int  # turns queued for a slot
     max_waiting: int = 0  # more waiting turns are refused (BusyError)
 
+    @property
+    def full(self) -> bool:
+        """Every slot taken and the waiting line at its bound: the next turn is refused."""
+        return self.running >= self.slots and self.waiting >= self.max_waiting
+
 
 class Scheduler:
     """Runs submitted drivers on ``engine`` in a thread of its own until :meth:`close`.
@@ -60,7 +65,11 @@ class Scheduler:
     @property
     def load(self) -> Load:
         with self._guard:
-            inflight = len(self._futures)
+            return self._load()
+
+    def _load(self) -> Load:
+        """(The caller holds ``_guard``.)"""
+        inflight = len(self._futures)
         running = min(inflight, self.slots)
         return Load(self.slots, running, inflight - running, self.max_waiting)
 
@@ -71,21 +80,16 @@ class Scheduler:
         with self._guard:
             if self._closed:
                 raise RuntimeError("the scheduler is closed")
-            waiting = len(self._futures) - self.slots
-            if queue and waiting >= self.max_waiting:
+            load = self._load()
+            if queue and load.full:
                 driver.close()
                 raise BusyError(
-                    f"all {self.slots} slots are busy and {max(waiting, 0)} turns are waiting",
-                    retry_after=self._retry_after(),
+                    f"all {self.slots} slots are busy and {load.waiting} turns are waiting"
                 )
             key = next(self._ids)
             self._futures[key] = future
             self._feed.put(key, driver)
         return future
-
-    def _retry_after(self) -> float:
-        """A hint for clients: about one turn's time, at least a second."""
-        return 1.0
 
     def _run(self) -> None:
         with self._lock:

@@ -11,12 +11,12 @@ import asyncio
 import hmac
 import json
 import logging
-import re
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import anyio.to_thread
@@ -44,7 +44,7 @@ from npcchat.serve.metrics import CONTENT_TYPE, Metrics
 from npcchat.serve.store import NotFound, SessionStore
 from npcchat.sessions import session as session_mod
 from npcchat.sessions.session import Session
-from npcchat.types import PlayerState, SamplingParams, Turn
+from npcchat.types import PlayerState, Turn
 
 log = logging.getLogger("npcchat.serve")
 
@@ -69,6 +69,16 @@ class ApiError(Exception):
 def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Any:
     body = {"error": {"code": code, "message": message}}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+# the turns-by-outcome label of each error code (the rest count as "error")
+_OUTCOMES = {
+    "busy": "busy",
+    "cancelled": "cancelled",
+    "not_found": "bad_request",
+    "bad_prompt": "bad_request",
+    "bad_request": "bad_request",
+}
 
 
 def _api_error(e: NpcchatError) -> ApiError:
@@ -219,11 +229,10 @@ def create_app(runtime: Runtime, store: SessionStore, settings: Settings) -> Fas
         if turn.timings.generate_ms > 0 and turn.generated_tokens:
             metrics.decode_rate.set(turn.generated_tokens / (turn.timings.generate_ms / 1e3))
 
-    def failed(endpoint: str, e: BaseException) -> None:
-        outcome = {BusyError: "busy", TurnCancelled: "cancelled", NotFound: "bad_request"}
-        label = next((v for k, v in outcome.items() if isinstance(e, k)), "error")
-        if isinstance(e, ConfigError | PromptError):
-            label = "bad_request"
+    def failed(endpoint: str, e: NpcchatError) -> None:
+        """Count a failed turn by the class of its HTTP answer."""
+        code = _api_error(e).code
+        label = _OUTCOMES.get(code, "error")
         metrics.turns.labels(endpoint, label).inc()
 
     @app.post(
@@ -244,10 +253,10 @@ def create_app(runtime: Runtime, store: SessionStore, settings: Settings) -> Fas
         this same JSON (or an ``error`` event). A client that disconnects cancels its turn."""
         check(body)
         if body.stream:
-            load = runtime.occupancy
-            if load.running >= load.slots and load.waiting >= load.max_waiting:
-                failed("turn", BusyError(""))
-                raise _api_error(BusyError("all slots are busy and the waiting line is full"))
+            if runtime.occupancy.full:  # refused before the 200 of a stream is sent
+                busy = BusyError("all slots are busy and the waiting line is full")
+                failed("turn", busy)
+                raise busy
             return StreamingResponse(stream_turn(body, request), media_type="text/event-stream")
         started = time.perf_counter()
         try:
@@ -342,9 +351,8 @@ def create_app(runtime: Runtime, store: SessionStore, settings: Settings) -> Fas
         seed = cfg.sampling.seed if cfg.sampling.seed >= 0 else None
         sampling = replace(sampling_of(cfg, seed), max_tokens=body.max_tokens)
         try:
-            result = await run_in_threadpool(
-                _predict, runtime, session, inp.player_utterance, inp.context, sampling
-            )
+            turn = partial(runtime.turn, context=inp.context, sampling=sampling)
+            result = await run_in_threadpool(turn, session, inp.player_utterance)
         except NpcchatError as e:
             failed("predict_main", e)
             raise
@@ -366,9 +374,8 @@ def create_app(runtime: Runtime, store: SessionStore, settings: Settings) -> Fas
         dependencies=guarded,
         responses={404: {"model": S.ErrorOut}},
     )
-    async def get_session(player_id: str, npc_id: str) -> dict[str, Any]:
+    async def get_session(player_id: S.IdPath, npc_id: S.IdPath) -> dict[str, Any]:
         """The session file's content: state, player state, memories, every turn."""
-        _ids(player_id, npc_id)
 
         def read() -> dict[str, Any]:
             with store.lease(player_id, npc_id, create=False) as conv, conv.lock:
@@ -382,9 +389,8 @@ def create_app(runtime: Runtime, store: SessionStore, settings: Settings) -> Fas
         dependencies=guarded,
         responses={404: {"model": S.ErrorOut}},
     )
-    async def reset_session(player_id: str, npc_id: str) -> dict[str, Any]:
+    async def reset_session(player_id: S.IdPath, npc_id: S.IdPath) -> dict[str, Any]:
         """Back to the NPC's initial state: no history, no memories (saved)."""
-        _ids(player_id, npc_id)
 
         def reset() -> dict[str, Any]:
             with store.lease(player_id, npc_id, create=False) as conv:
@@ -399,8 +405,7 @@ def create_app(runtime: Runtime, store: SessionStore, settings: Settings) -> Fas
         dependencies=guarded,
         responses={404: {"model": S.ErrorOut}},
     )
-    async def delete_session(player_id: str, npc_id: str) -> Response:
-        _ids(player_id, npc_id)
+    async def delete_session(player_id: S.IdPath, npc_id: S.IdPath) -> Response:
         await run_in_threadpool(store.delete, player_id, npc_id)
         return Response(status_code=204)
 
@@ -435,22 +440,6 @@ def create_app(runtime: Runtime, store: SessionStore, settings: Settings) -> Fas
 
     app.state.metrics = metrics
     return app
-
-
-def _predict(
-    runtime: Runtime,
-    session: Session,
-    text: str,
-    context: Any,
-    sampling: SamplingParams,
-) -> Turn:
-    return runtime.turn(session, text, context=context, sampling=sampling)
-
-
-def _ids(player_id: str, npc_id: str) -> None:
-    for name, value in (("player_id", player_id), ("npc_id", npc_id)):
-        if not re.match(S.ID_PATTERN, value):
-            raise ApiError(422, "invalid_request", f"{name}: not a valid id")
 
 
 def _overrides(body: S.TurnIn) -> Callable[[Session], Session] | None:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
+from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 Id = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
+IdPath = Annotated[str, Path(pattern=ID_PATTERN)]  # the same, as a path parameter
 MAX_TEXT = 2000  # characters of one player line (the server's --max-text can lower it)
 
 

@@ -24,6 +24,7 @@ from npcchat.conversation import Conversation
 from npcchat.errors import ConfigError, NpcchatError
 from npcchat.mind import npc as npc_mod
 from npcchat.serve.schemas import ID_PATTERN
+from npcchat.sessions import snapshot
 
 _ID = re.compile(ID_PATTERN)
 
@@ -101,13 +102,14 @@ class SessionStore:
         path = self.path(player_id, npc_id)
         if not create and not path.is_file():
             raise NotFound(f"no session of player {player_id!r} with NPC {npc_id!r}")
-        path.parent.mkdir(parents=True, exist_ok=True)
         return self.runtime.open(npc, session=path, on_warning=_ignore)
 
     def _evict(self) -> None:
         """Close the least recently used conversations that no request holds."""
         excess = len(self._open) - self.max_open
-        for key in [k for k, e in self._open.items() if e.users == 0][: max(0, excess)]:
+        if excess <= 0:  # the usual case: no scan of the open conversations per request
+            return
+        for key in [k for k, e in self._open.items() if e.users == 0][:excess]:
             self._open.pop(key).conversation.close()
 
     def delete(self, player_id: str, npc_id: str) -> None:
@@ -116,7 +118,7 @@ class SessionStore:
             conv.session = conv.session.reset()  # a turn waiting for it starts afresh
             path = self.path(player_id, npc_id)
             path.unlink(missing_ok=True)
-            path.with_name(path.name + ".kv").unlink(missing_ok=True)
+            snapshot.path_for(path).unlink(missing_ok=True)
             with self._guard:
                 entry = self._open.get((player_id, npc_id))
                 if entry is not None and entry.conversation is conv:
