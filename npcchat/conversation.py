@@ -139,6 +139,12 @@ class Conversation:
         self.restored_snapshot = False  # set by Runtime.open when a KV snapshot was restored
         self._engine_held = False  # this conversation holds the engine lock (inside a turn)
 
+    @property
+    def npc_name(self) -> str:
+        """The NPC's name from its file (its id when the session has no NPC file)."""
+        name = self.mind.know.name if self.mind is not None else ""
+        return name or self.session.npc_id
+
     def _turn_sampling(self) -> SamplingParams:
         # The session seed plus a turn counter: reproducible runs, and /retry draws anew.
         return replace(self.sampling, seed=(self.session.seed + self._turns) % 2**31)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,9 +12,11 @@ from pathlib import Path
 import pytest
 
 from npcchat import demo
+from npcchat.mind import npc as npc_mod
 from npcchat_convert import demo_data
 
 ROOT = Path(__file__).resolve().parent.parent
+HANGUL = re.compile("[가-힣]")
 
 
 def talk(*args: str) -> list[dict]:  # type: ignore[type-arg]
@@ -46,6 +49,70 @@ def test_generator_labels_follow_intent_and_state() -> None:
     rec = demo_data.record(mother, random.Random(0), "give_item")
     assert "forgotten_picture" in rec["input"]["player_state"]["items"]
     assert rec["output"]["response"] in mother.demo["replies"]["give_item"]
+    assert rec["language"] == "ko" and HANGUL.search(rec["input"]["player_utterance"])
+
+
+def test_records_hold_both_languages_and_the_runtime_prompt() -> None:
+    recs = demo_data.generate(ROOT / "configs" / "npcs", 200, seed=1)
+    ko = [r for r in recs if r["language"] == "ko"]
+    assert 0.35 <= len(ko) / len(recs) <= 0.45
+    assert all(r["input"]["npc_id"] == "mother_abandoned_factory" for r in ko)
+    assert all(HANGUL.search(r["output"]["response"]) for r in ko)
+    for r in recs:  # LORE is the persona line, then the entries valid in the record's state
+        i = r["input"]
+        assert i["lore"].split(":")[0] in {
+            "어머니 (슬픔에 잠긴, 다정한, 경계심 많은)",
+            "Borin the blacksmith (gruff, honest, proud)",
+            "The hermit of Greenhollow (calm, cryptic, kind)",
+            "Captain Sela (brisk, fair, practical)",
+            "Lina the apprentice (nervous, clever, eager)",
+        }
+        hidden = "베틀 방 뒤 작은 문은 미라의 숨는 곳이었다."
+        if i["npc_id"] == "mother_abandoned_factory":
+            assert (hidden in i["lore"]) == (i["tags"]["trust"] >= 0.6)  # unlocked by trust
+            assert ("빈 액자" in i["description"]) == (i["npc_location"] == "abandoned_factory")
+
+
+def test_held_out_frames_never_reach_training() -> None:
+    rng = random.Random(0)
+    for lang, frames in demo_data.FRAMES.items():
+        for intent, f in frames.items():
+            assert len(f.train) >= 7 and len(f.heldout) >= 4, (lang, intent)
+            seen = {demo_data.expand(x, rng) for x in f.train for _ in range(60)}
+            held = {demo_data.expand(x, rng) for x in f.heldout for _ in range(10)}
+            assert not seen & held, (lang, intent, seen & held)
+    recs = demo_data.generate(ROOT / "configs" / "npcs", 90, seed=4, split="heldout")
+    assert {r["split"] for r in recs} == {"heldout"}
+
+
+def test_korean_particles_and_frames() -> None:
+    assert demo_data.josa("사진", "을") == "사진을" and demo_data.josa("열쇠", "을") == "열쇠를"
+    assert demo_data.josa("어머니", "이") == "어머니가" and demo_data.josa("방", "는") == "방은"
+    assert (
+        demo_data.josa("베틀 방", "으로") == "베틀 방으로"
+        and demo_data.josa("길", "으로") == "길로"
+    )
+    rng = random.Random(0)
+    assert demo_data.expand("(a|b (c|d))[!]", rng) in {"a", "b c", "b d", "a!", "b c!", "b d!"}
+    with pytest.raises(ValueError, match="unbalanced"):
+        demo_data.expand("(a|b", rng)
+    slots = {"item": "사진", "name": "어머니", "reward": "열쇠", "place": "방"}
+    assert demo_data.fill("{item:을} 드릴게요, {name}.", slots) == "사진을 드릴게요, 어머니."
+
+
+def test_demo_npcs_use_every_knowledge_feature() -> None:
+    for path in sorted((ROOT / "configs" / "npcs").glob("*.toml")):
+        npc = npc_mod.load(path)
+        k = npc.knowledge
+        assert npc.name != npc.id and k.name == npc.name
+        assert k.persona.startswith(npc.name + " (") and npc.tags.style
+        assert {s for e in k.lore for s in e.stages} >= {"any", "start", "complete"}, path
+        assert any(e.requires_items for e in k.lore) and any(e.min_trust for e in k.lore)
+        assert len({loc for e in k.descriptions for loc in e.locations}) >= 2
+        assert set(npc.demo["locations"]) == {loc for e in k.descriptions for loc in e.locations}
+        assert k.triggers and all(t.reaction for t in k.triggers)
+        assert set(k.flags) == set(demo_data.FLAGS)
+        assert all(d.display and d.display != name for name, d in k.flags.items())
 
 
 def test_packaged_npc_files_match_configs() -> None:
@@ -70,24 +137,51 @@ def test_packaged_demo_bundle_loads() -> None:
 
 @pytest.mark.model
 def test_handing_over_the_wanted_item_fires_and_raises_trust() -> None:
-    (turn,) = talk(
-        "--npc", "mother_abandoned_factory", "--say", "Here, I brought you the forgotten picture."
-    )
-    assert turn["reply"].strip()
+    (turn,) = talk("--npc", "village", "--say", "Here, I brought you the iron ore.")
+    assert turn["npc_id"] == "village_blacksmith" and turn["reply"].strip()
     assert turn["flags"]["give_item"]["fired"] is True
-    assert turn["deltas"]["trust"] > 0.1 and turn["state"]["trust"] > 0.35
+    assert turn["deltas"]["trust"] > 0.1 and turn["state"]["trust"] > 0.5
     for tag in ("<STATE>", "<NPC>", "</SYS>", "<PLAYER>"):
         assert tag not in turn["reply"]
 
 
 @pytest.mark.model
 def test_insulting_lowers_trust_and_default_npc() -> None:
-    (turn,) = talk("--say", "You are a useless old fool.")  # no --bundle, no --npc: the demo mother
-    assert turn["npc_id"] == "mother_abandoned_factory"
-    assert turn["deltas"]["trust"] < -0.1 and turn["state"]["trust"] < 0.35
+    (turn,) = talk("--say", "You are a useless old fool.")  # no --bundle, no --npc: the smith
+    assert turn["npc_id"] == "village_blacksmith"
+    assert turn["deltas"]["trust"] < -0.1 and turn["state"]["trust"] < 0.5
     assert turn["flags"]["give_item"]["fired"] is False
-    (smith,) = talk("--npc", "village", "--say", "Hello there.")  # a unique id prefix
-    assert smith["npc_id"] == "village_blacksmith" and smith["reply"].strip()
+
+
+@pytest.mark.model
+def test_the_mother_speaks_korean() -> None:
+    hello, picture, cruel = talk(
+        "--npc", "mother", "--say", "안녕하세요, 어머니.", "--say", "여기, 사진을 찾아왔어요.",
+        "--say", "당신은 살인자야.",
+    )  # fmt: skip
+    assert hello["npc_id"] == "mother_abandoned_factory"
+    assert HANGUL.search(hello["reply"]) and hello["deltas"]["trust"] > 0
+    assert HANGUL.search(picture["reply"]) and picture["deltas"]["trust"] > 0.1
+    assert (
+        picture["flags"]["give_item"]["fired"] and picture["flags"]["unlock_hidden_path"]["fired"]
+    )
+    # a forbidden trigger: her fixed reaction and delta, whatever ending follows the word
+    assert cruel["reply"] == "...그런 말은 하지 마세요. 제발, 이제 나가 주세요."
+    assert cruel["deltas"] == {"trust": -0.5, "relationship": -0.5}
+
+
+@pytest.mark.model
+def test_banner_names_the_npc() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "npcchat", "talk", "--npc", "mother"],
+        input="/quit\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "talking to 어머니 (mother_abandoned_factory)" in proc.stdout
+    assert "5 lore entries, 2 descriptions, 1 trigger " in proc.stdout
 
 
 def test_unknown_demo_npc_is_a_clear_error() -> None:
@@ -98,4 +192,4 @@ def test_unknown_demo_npc_is_a_clear_error() -> None:
         timeout=120,
     )
     assert proc.returncode == 1 and "not a file and not a demo NPC" in proc.stderr
-    assert "mother_abandoned_factory" in proc.stderr
+    assert "mother_abandoned_factory" in proc.stderr and "village_blacksmith" in proc.stderr

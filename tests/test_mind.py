@@ -41,14 +41,20 @@ def test_trigger_reacts_without_a_model_call(bundle_q4: Path) -> None:
         assert conv.say("What a fine shutter.").stop_reason != "trigger"  # whole words only
 
 
-def test_lore_is_retrieved_into_the_prompt_and_thresholds_overridden(bundle_q4: Path) -> None:
+def test_lore_is_retrieved_into_the_prompt_and_thresholds_overridden(
+    bundle_q4: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NPCCHAT_HOME", str(tmp_path))  # a lore cache of its own, counted below
     d = npc_mod.load(KEEPER)
     with load_engine(bundle_q4, Config()) as engine:
         mind = NpcMind(engine, d.knowledge, KnowledgeConfig())
         conv = Conversation(engine, new_session(d, engine, 1), GREEDY, mind=mind)
         prep = mind.prepare(conv.session, "Tell me about the ship on the reef")
         text = engine.fit(engine.prompt_input(prep.session, "x"), 4).prompt.text
-        assert "LORE: A storm sank the merchant ship Aurora" in text and "Smugglers" not in text
+        # the persona leads LORE, then the entries the line retrieves
+        persona = "Old Tam (gruff, watchful): Has kept the light for forty years."
+        assert f"LORE: {persona} A storm sank the merchant ship Aurora" in text
+        assert "Smugglers" not in text and "style=gruff" in text  # persona style: the default
         r = conv.say("Tell me about the ship on the reef")
         conv.say("And the smugglers?")
         cached = list(mind.embedder.root.glob("*.npy"))
@@ -106,6 +112,7 @@ def test_cli_memory_command_and_banner(bundle_q4: Path, tmp_path: Path) -> None:
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
+    assert "talking to Old Tam (lighthouse_keeper)" in proc.stdout  # the name, then the id
     assert "retrieval and memory ranking: lexical" in proc.stdout
     assert "no memories yet" in proc.stdout
     assert "Mind your manners in my lighthouse." in proc.stdout

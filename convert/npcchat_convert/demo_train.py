@@ -3,12 +3,15 @@
     pip install torch==2.13.0        # development only; the runtime never imports torch
     python -m npcchat_convert.demo_train --out build/demo
 
-Steps: synthetic records (train / held out, different seeds) -> a byte-level BPE trained on
-them -> a small Qwen2 model (hidden 256: rows allow Q4_K_M) trained in torch on the reply
-tokens, with auxiliary delta/flag heads on the `<STATE>` hidden state so it carries the game
-state -> HF checkpoint + `.pt` heads -> `npcchat convert` (Q4_K_M) -> `npcchat heads fit` on
-the quantized GGUF -> copied into ``npcchat/demo/bundle``. Deterministic for a seed on one
-machine (torch CPU kernels).
+Steps: synthetic records in English and Korean (``demo_data``: training frames; and three
+quality sets, written beside them and never trained on: the training frames with other
+draws, and whole held-out frames per language) -> a byte-level BPE trained on them -> a
+small Qwen2 model (hidden 256: rows allow Q4_K_M) trained in torch on the reply tokens, with
+auxiliary delta/flag heads on the `<STATE>` hidden state so it carries the game state -> HF
+checkpoint + `.pt` heads -> `npcchat convert` (Q4_K_M) -> `npcchat heads fit` on the
+quantized GGUF -> copied into ``npcchat/demo/bundle``. Deterministic for a seed on one
+machine (torch CPU kernels). The quality figures: ``npcchat eval build/demo/heldout_ko.jsonl``
+(and ``heldout_en``, ``intemplate``).
 """
 
 from __future__ import annotations
@@ -119,14 +122,50 @@ def build_model(cfg: Qwen2Config, n_vocab: int, n_flags: int) -> Any:
                 if p.dim() == 2:
                     nn.init.normal_(p, std=0.02)
 
-        def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            """The final hidden states; :meth:`logits` of the positions that need them."""
             x = self.model.embed_tokens(ids)
             for layer in self.model.layers:
                 x = layer(x)
-            h = self.model.norm(x)
-            return h, h @ self.model.embed_tokens.weight.T  # tied embeddings
+            out: torch.Tensor = self.model.norm(x)
+            return out
+
+        def logits(self, h: torch.Tensor) -> torch.Tensor:
+            # tied embeddings; only reply positions are scored (the vocabulary projection
+            # of every prompt position would cost as much as the layers)
+            out: torch.Tensor = h @ self.model.embed_tokens.weight.T
+            return out
 
     return Model()
+
+
+QUALITY_SETS = [
+    # (file, frames, languages, seed offset)
+    ("intemplate.jsonl", "train", ("en", "ko"), 1000),
+    ("heldout_en.jsonl", "heldout", ("en",), 2000),
+    ("heldout_ko.jsonl", "heldout", ("ko",), 3000),
+]
+
+
+def check_budgets(npcs: Path, tok: Any) -> None:
+    """The records take every valid lore entry and description; the runtime takes them
+    within its token budgets. Both agree only when everything an NPC can show at once fits,
+    so a demo NPC whose entries outgrow the budgets stops the recipe here."""
+    from npcchat.mind.knowledge import Budgets
+
+    budgets = Budgets()
+    for npc in demo_data.load_npcs(npcs):
+        k = npc.knowledge
+        for entries, budget, what in (
+            (k.lore, budgets.lore_tokens, "lore_entries"),
+            (k.descriptions, budgets.description_tokens, "descriptions"),
+        ):
+            n = sum(len(tok.encode(e.text, add_special_tokens=False).ids) for e in entries)
+            if n > budget:
+                raise SystemExit(
+                    f"{npc.source}: its {what} take {n} tokens together, over the runtime's "
+                    f"budget of {budget}: shorten them"
+                )
 
 
 def encode(
@@ -149,6 +188,13 @@ def encode(
     return out
 
 
+def _batches(data: list[dict[str, Any]], batch: int, rng: Any) -> list[list[dict[str, Any]]]:
+    """Shuffled batches of records of similar length (little padding), in shuffled order."""
+    order = sorted(rng.permutation(len(data)), key=lambda i: len(data[i]["ids"]) // 16)
+    chunks = [[data[i] for i in order[s : s + batch]] for s in range(0, len(order), batch)]
+    return [chunks[i] for i in rng.permutation(len(chunks))]
+
+
 def train(
     model: Any,
     data: list[dict[str, Any]],
@@ -168,10 +214,8 @@ def train(
     rng = np.random.default_rng(seed)
     t0 = time.time()
     for epoch in range(epochs):
-        order = rng.permutation(len(data))
         total = 0.0
-        for s in range(0, len(data), batch):
-            items = [data[i] for i in order[s : s + batch]]
+        for items in _batches(data, batch, rng):
             width = max(len(x["ids"]) for x in items)
             ids = torch.zeros((len(items), width), dtype=torch.long)
             target = torch.full((len(items), width), -100, dtype=torch.long)
@@ -181,10 +225,9 @@ def train(
                 target[j, n - 1 : len(x["ids"]) - 1] = torch.tensor(
                     x["ids"][n:]
                 )  # predict reply + EOS
-            h, logits = model(ids)
-            lm = F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100
-            )
+            h = model(ids)
+            scored = target != -100
+            lm = F.cross_entropy(model.logits(h[scored]), target[scored])
             hs = h[torch.arange(len(items)), torch.tensor([x["state"] for x in items])]
             delta = torch.tensor([x["delta"] for x in items])
             flags = torch.tensor([x["flags"] for x in items], dtype=torch.float32)
@@ -237,9 +280,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--out", type=Path, default=REPO / "build" / "demo")
     ap.add_argument("--npcs", type=Path, default=REPO / "configs" / "npcs")
-    ap.add_argument("--train", type=int, default=4000)
-    ap.add_argument("--heldout", type=int, default=450)
-    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--train", type=int, default=12000)
+    ap.add_argument("--heldout", type=int, default=450, help="records per quality set")
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=4000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--template", default="reuse-v1")
     ap.add_argument(
@@ -256,17 +300,20 @@ def main(argv: list[str] | None = None) -> None:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     train_recs = demo_data.generate(args.npcs, args.train, args.seed)
-    held = demo_data.generate(args.npcs, args.heldout, args.seed + 1000)
     demo_data.write(train_recs, out / "train.jsonl")
-    demo_data.write(held, out / "heldout.jsonl")
+    # quality sets: the training frames with other draws, and whole frames never trained on
+    for name, split, langs, seed in QUALITY_SETS:
+        recs = demo_data.generate(args.npcs, args.heldout, args.seed + seed, split, langs)
+        demo_data.write(recs, out / name)
     corpus = [demo_data.prompt_text(r, args.template) + r["output"]["response"] for r in train_recs]
     tok_dir = out / "tokenizer"
-    train_tokenizer(tok_dir, 2000, corpus)
+    train_tokenizer(tok_dir, args.vocab, corpus)
     tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
     n_vocab = tok.get_vocab_size()
     state_id, eos = tok.token_to_id("<STATE>"), tok.token_to_id("<|im_end|>")
     if state_id is None or eos is None:
         raise SystemExit("the trained tokenizer lacks <STATE> or <|im_end|>")
+    check_budgets(args.npcs, tok)
     data = encode(train_recs, tok, args.template, state_id, eos)
     mean_len = np.mean([len(x["ids"]) for x in data])
     print(f"{len(data)} records, {n_vocab} tokens, mean length {mean_len:.0f}")

@@ -122,7 +122,7 @@ def _scripted(conv: Conversation, lines: list[str], json_out: bool) -> None:
             print(json.dumps(r.to_json(), ensure_ascii=False, allow_nan=False), flush=True)
         else:
             ui.you(line)
-            ui.reply_start(conv.session.npc_id)
+            ui.reply_start(conv.npc_name)
             r = conv.say(line, ui.reply_text)
             ui.reply_end()
             ui.turn_summary(r, _display(conv))
@@ -151,7 +151,7 @@ def _repl(rt: Runtime, conv: Conversation) -> None:
 
     s = conv.session
     ui.banner(
-        s.npc_id,
+        conv.npc_name,
         s.npc_id,
         rt.bundle.name,
         str(conv.path) if conv.path else None,
@@ -160,15 +160,20 @@ def _repl(rt: Runtime, conv: Conversation) -> None:
     if conv.mind is not None:
         k = conv.mind.know
         ui.info(
-            f"knowledge: {len(k.lore)} lore entries, {len(k.descriptions)} descriptions, "
-            f"{len(k.triggers)} triggers · retrieval and memory ranking: {conv.mind.method} · "
-            f"{len(s.memories)} memories"
+            f"knowledge: {_count(len(k.lore), 'lore entry', 'lore entries')}, "
+            f"{_count(len(k.descriptions), 'description')}, {_count(len(k.triggers), 'trigger')}"
+            f" · retrieval and memory ranking: {conv.mind.method} · "
+            f"{_count(len(s.memories), 'memory', 'memories')}"
         )
     conv.idle_snapshots = True  # written by _idle, before each wait for the player
     try:
         _converse(rt, conv)
     finally:
         conv.flush_snapshot()  # a predecode that failed or was interrupted left it due
+
+
+def _count(n: int, one: str, many: str = "") -> str:
+    return f"{n} {one if n == 1 else many or one + 's'}"
 
 
 def _converse(rt: Runtime, conv: Conversation) -> None:
@@ -194,7 +199,7 @@ def _run_turn(conv: Conversation, action: Any) -> None:
     from npcchat.cli import ui
     from npcchat.errors import NpcchatError
 
-    ui.reply_start(conv.session.npc_id)
+    ui.reply_start(conv.npc_name)
     try:
         r = action(ui.reply_text)
     except KeyboardInterrupt:

@@ -57,8 +57,8 @@ def prompt_text() -> str:
     return "you> "
 
 
-def reply_start(npc_id: str) -> None:
-    out.print(Text(f"{npc_id}> ", style="bold cyan"), end="")
+def reply_start(npc_name: str) -> None:
+    out.print(Text(f"{npc_name}> ", style="bold cyan"), end="")
 
 
 def reply_text(chunk: str) -> None:

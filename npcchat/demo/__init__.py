@@ -10,7 +10,7 @@ from pathlib import Path
 
 from npcchat.errors import BundleError, ConfigError
 
-DEFAULT_NPC = "mother_abandoned_factory"
+DEFAULT_NPC = "village_blacksmith"  # English; the mother speaks Korean (--npc mother)
 
 
 def root() -> Path:

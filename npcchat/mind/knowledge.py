@@ -87,9 +87,27 @@ class Knowledge:
     descriptions: tuple[Entry, ...] = ()
     triggers: tuple[Trigger, ...] = ()
     flags: dict[str, FlagDef] = field(default_factory=dict)
+    persona: str = ""  # the rendered ``[persona]`` line (:func:`persona_line`)
+    name: str = ""  # the NPC's display name (banners, reports); empty: use its id
 
     def trigger_for(self, text: str) -> Trigger | None:
         return next((t for t in self.triggers if t.matches(text)), None)
+
+    def lore_block(self, lore: str) -> str:
+        """The LORE line of a prompt: the persona first, then this turn's lore. The
+        reference format has no persona line, and the original put the persona into the
+        prompt context with the lore, so it leads the LORE text; a model is trained on
+        the same composition (the demo recipe builds its records through this method)."""
+        return " ".join(part for part in (self.persona, lore) if part)
+
+
+def persona_line(name: str, traits: Sequence[str], backstory: str) -> str:
+    """``name (trait, trait): backstory`` in the NPC's own language; empty without traits
+    and backstory (a name alone says nothing the model can use)."""
+    if not traits and not backstory:
+        return ""
+    head = f"{name} ({', '.join(traits)})" if traits else name
+    return f"{head}: {backstory}" if backstory else head
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,7 @@ class NpcMind:
             )
             lore = picked_lore if self.know.lore else lore
             description = picked_desc if self.know.descriptions else description
+        lore = self.know.lore_block(lore)
         recalled = K.recall(session.memories, query, self.memo, self.count, self.budgets)
         prepared = replace(session, lore=lore, description=description)
         return Prepared(prepared, K.memory_context(recalled), recalled)

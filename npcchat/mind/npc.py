@@ -4,13 +4,13 @@ and player state. Every key is checked; errors name the file, the key and the ex
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from npcchat.errors import ConfigError, where
 from npcchat.files.toml import read_toml
-from npcchat.mind.knowledge import Entry, FlagDef, Knowledge, Trigger
+from npcchat.mind.knowledge import Entry, FlagDef, Knowledge, Trigger, persona_line
 from npcchat.text import for_matching, phrase_pattern
 from npcchat.types import NUMERIC_TAGS, PlayerState, Tags
 
@@ -110,18 +110,28 @@ def parse(data: dict[str, Any], path: Path) -> NpcDef:
                 f"{where(path, f'persona.{key}')}: unknown key",
                 hint="keys: traits, style, backstory",
             )
-        if not isinstance(value, kind):
+        if not isinstance(value, kind) or (
+            kind is list and not all(isinstance(v, str) for v in value)
+        ):
             expected = "a list of strings" if kind is list else "a string"
             raise ConfigError(f"{where(path, f'persona.{key}')}: expected {expected}")
     demo = data.get("demo", {})
     if not isinstance(demo, dict):
         raise ConfigError(f"{where(path, 'demo')}: expected a table")
+    name = _str(path, "name", data.get("name", npc_id))
+    if "style" in persona and "style" not in tags_raw:
+        tags_raw = {**tags_raw, "style": persona["style"]}  # the persona's style is the default
+    knowledge = replace(
+        _knowledge(path, data),
+        persona=persona_line(name, persona.get("traits", []), persona.get("backstory", "")),
+        name=name,
+    )
     return NpcDef(
         id=npc_id,
         persona=persona,
         demo=demo,
-        knowledge=_knowledge(path, data),
-        name=_str(path, "name", data.get("name", npc_id)),
+        knowledge=knowledge,
+        name=name,
         tags=_tags(path, tags_raw, _str(path, "location", data.get("location", ""))),
         lore=_str(path, "lore", data.get("lore", "")),
         description=_str(path, "description", data.get("description", "")),
@@ -209,9 +219,8 @@ def _triggers(path: Path, data: dict[str, Any]) -> tuple[Trigger, ...]:
             raise ConfigError(
                 f"{where(path, f'{label}.match')}: expected at least one word or phrase"
             )
-        for (
-            p
-        ) in phrases:  # punctuation is ignored in matching: a phrase of nothing else never fires
+        # punctuation is ignored in matching: a phrase of nothing else could never fire
+        for p in phrases:
             if phrase_pattern(p) is None:
                 raise ConfigError(
                     f"{where(path, f'{label}.match')}: {p!r} has no letters or digits, so it "
