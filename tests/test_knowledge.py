@@ -53,6 +53,10 @@ def test_keeper_file_parses() -> None:
             r"key 'flags\.a\.threshold': expected a number",
         ),
         ('id = "x"\nlore_entries = "x"\n', r"key 'lore_entries': expected an array of tables"),
+        (
+            'id = "x"\n[persona]\ntraits = ["kind", 3]\n',
+            r"key 'persona\.traits': expected a list of strings",
+        ),
     ],
 )
 def test_validation_names_file_key_and_type(tmp_path: Path, text: str, match: str) -> None:

@@ -151,9 +151,9 @@ def check_budgets(npcs: Path, tok: Any) -> None:
     """The records take every valid lore entry and description; the runtime takes them
     within its token budgets. Both agree only when everything an NPC can show at once fits,
     so a demo NPC whose entries outgrow the budgets stops the recipe here."""
-    from npcchat.mind.knowledge import Budgets
+    from npcchat.config import KnowledgeConfig
 
-    budgets = Budgets()
+    budgets = KnowledgeConfig()  # the budgets a default runtime uses
     for npc in demo_data.load_npcs(npcs):
         k = npc.knowledge
         for entries, budget, what in (
