@@ -3,7 +3,8 @@
 
 ``pip install npcchat`` is what a game that only runs NPCs needs. Converting and fitting
 (``npcchat convert``, ``npcchat heads fit``) write GGUF files and ONNX graphs and need the
-``convert`` extra; sentence-embedding ranking needs ``embed``.
+``convert`` extra; sentence-embedding ranking needs ``embed``; running on a Ray cluster
+(``--ray``) needs ``ray``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ EXTRAS = {
     "convert": ("gguf", "onnx"),
     "embed": ("sentence_transformers",),
     "serve": ("fastapi", "uvicorn", "prometheus_client", "httpx"),
+    "ray": ("ray",),
 }
 
 

@@ -40,6 +40,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("eval and bench", ("npcchat.eval", "npcchat.bench")),
     ("api", ("npcchat.api",)),
     ("serve", ("npcchat.serve",)),
+    ("cluster", ("npcchat.cluster",)),
     ("heads", ("npcchat_heads",)),
     ("convert", ("npcchat_convert",)),
     ("cli", ("npcchat.cli", "npcchat.__main__", "npcchat_heads.cli", "npcchat_convert.cli")),
@@ -174,6 +175,7 @@ def test_native_and_terminal_libraries_have_one_importer_each() -> None:
     assert _third_party_importers("llama_cpp") == {"npcchat.runtime.backend"}
     assert _third_party_importers("onnxruntime") == {"npcchat.runtime.heads"}
     assert _third_party_importers("rich") == {"npcchat.cli.ui"}
+    assert {m.rsplit(".", 1)[0] for m in _third_party_importers("ray")} == {"npcchat.cluster"}
 
 
 def test_no_formatter_escapes_beyond_a_handful() -> None:

@@ -291,6 +291,20 @@ def test_a_missing_extra_names_the_pip_install_line(
     assert "hint: pip install 'npcchat[convert]'" in proc.stderr
 
 
+def test_ray_without_its_extra_names_the_pip_install_line(tmp_path: Path) -> None:
+    code = (
+        "import sys; from npcchat import extras; "
+        "extras.EXTRAS['ray'] = ('npcchat_no_such_module',); "
+        "sys.argv = ['npcchat', 'eval', 'x.jsonl', '--ray']; "
+        "from npcchat.cli import main; main()"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120
+    )
+    assert_user_error(proc, "--ray needs the 'ray' extra (npcchat_no_such_module")
+    assert "hint: pip install 'npcchat[ray]'" in proc.stderr
+
+
 def test_serve_refuses_to_bind_beyond_loopback_without_a_key() -> None:
     proc = run("serve", "--host", "0.0.0.0", env={"NPCCHAT_API_KEY": ""})
     assert_user_error(proc, "--host 0.0.0.0: refusing to serve beyond this machine")

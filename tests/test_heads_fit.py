@@ -106,14 +106,15 @@ def test_fitted_heads_beat_random_heads_on_the_tiny_model(bundle_q4: Path, tmp_p
     ).read_text() == before_manifest  # --out leaves the source alone
     fitted = result["held_out"]
     # the random heads of the original bundle, scored on the same held-out rows
+    from npcchat.eval.states import state_vectors
     from npcchat.runtime import bundle as bundle_mod
     from npcchat.runtime.engine import Engine
-    from npcchat_heads.refit import collect, labels, load_records, split
+    from npcchat_heads.refit import labels, load_records, split
 
     records, _ = load_records([data], strict=False)
     b = bundle_mod.load(bundle_q4)
     with Engine.load(b, Config()) as engine:
-        x = collect(engine, records, lambda: None)
+        x = state_vectors(engine, records)
         _, _, te = split(len(records), 0, 0.2, 0.2)
         lab = labels(records, b.flags)
         raw = engine.heads.run_batch(x[te].astype(np.float32))  # type: ignore[union-attr]

@@ -5,11 +5,14 @@ Registered into the ``npcchat`` command through the ``npcchat.commands`` entry p
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from npcchat.cli import common
 
 app = typer.Typer(help="Work on a bundle's heads.", no_args_is_help=True, add_completion=False)
 
@@ -37,12 +40,15 @@ def fit(
     strict: Annotated[bool, typer.Option("--strict", help="Any bad line is fatal.")] = False,
     threads: Annotated[int | None, typer.Option(help="CPU threads.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    ray: common.RayFlag = False,
+    ray_address: common.RayAddress = None,
+    ray_actors: common.RayActors = None,
     config: Annotated[Path | None, typer.Option(help="Config TOML.")] = None,
 ) -> None:
     """Collect <STATE> vectors through the same one-prefill path as talk, fit the delta,
     flag and threshold heads with numpy, and write them into the bundle."""
     from npcchat import demo, extras
-    from npcchat.cli import common, ui
+    from npcchat.cli import ui
 
     extras.require("convert", "npcchat heads fit")
     if bundle is None and out is None and demo.is_demo_bundle(demo.default_bundle()):
@@ -57,19 +63,32 @@ def fit(
 
     cfg = common.build_config(config, threads=threads)
     names = [f.strip() for f in flags.split(",") if f.strip()] if flags else None
-    with ui.StageProgress(enabled=not json_out) as progress:
-        result = fit_bundle(
-            bundle or demo.default_bundle(),
-            data,
-            out,
-            cfg,
-            seed=seed,
-            l2=l2,
-            test_frac=test_frac,
-            flags_given=names,
-            strict=strict,
-            progress=lambda d, t: progress("state vectors", d, t),
-        )
+    root = bundle or demo.default_bundle()
+    target = common.ray_target(ray, ray_address, ray_actors, threads)
+    with contextlib.ExitStack() as stack:
+        vectors = None
+        if target is not None:
+            from npcchat.cluster.eval import RayRun
+
+            ray_run = RayRun(root, cfg, target.address, target.actors, target.threads)
+            stack.callback(ray_run.close)
+            vectors = ray_run.states
+        with ui.StageProgress(enabled=not json_out) as progress:
+            result = fit_bundle(
+                root,
+                data,
+                out,
+                cfg,
+                seed=seed,
+                l2=l2,
+                test_frac=test_frac,
+                flags_given=names,
+                strict=strict,
+                progress=lambda d, t: progress("state vectors", d, t),
+                vectors=vectors,
+            )
+        if target is not None:
+            result["ray"] = ray_run.summary
     if json_out:
         print(json.dumps(result))
     else:

@@ -21,11 +21,15 @@ from npcchat.config import Config
 from npcchat.errors import ConfigError
 from npcchat.eval import metrics as M
 from npcchat.eval.scenarios import Scenario, read
+from npcchat.eval.states import state_vectors
 from npcchat.files.atomic import atomic_write
 from npcchat.runtime.bundle import Bundle, write_manifest
 from npcchat.runtime.bundle import load as load_bundle
 from npcchat.runtime.engine import Engine
 from npcchat.types import DELTA_NAMES
+
+# (records, tick after each) -> their <STATE> vectors, [n, hidden] float64, in order
+StateSource = Callable[[list[Scenario], Callable[[], None]], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -87,16 +91,6 @@ def labels(records: list[Scenario], flags: tuple[str, ...]) -> Labels:
             if e.thresholds and name in e.thresholds:
                 thr[i, k] = e.thresholds[name]
     return Labels(delta, fl, thr)
-
-
-def collect(engine: Engine, records: list[Scenario], tick: Callable[[], None]) -> np.ndarray:
-    """The `<STATE>` vector of every record's prompt (one prefill each, no generation)."""
-    rows = []
-    for sc in records:
-        fitted = engine.fit(engine.prompt_input(sc.new_session(), sc.turns[0][0], sc.context), 1)
-        rows.append(engine.state_vector(fitted)[0])
-        tick()
-    return np.stack(rows).astype(np.float64)
 
 
 def split(
@@ -192,7 +186,11 @@ def fit_bundle(
     flags_given: list[str] | None = None,
     strict: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    vectors: StateSource | None = None,
 ) -> dict[str, Any]:
+    """Fit the heads of ``bundle_dir`` on ``data`` and write them (``out``: into a copy).
+    ``vectors``: where the `<STATE>` vectors come from (None: an engine in this process;
+    ``npcchat heads fit --ray`` passes Ray workers, which compute the very same vectors)."""
     from npcchat_heads.fit import FitData, fit_heads
 
     bundle = load_bundle(bundle_dir)
@@ -206,8 +204,11 @@ def fit_bundle(
         if progress:
             progress(done[0], len(records))
 
-    with Engine.load(bundle, cfg) as engine:
-        x = collect(engine, records, tick)
+    if vectors is None:
+        with Engine.load(bundle, cfg) as engine:
+            x = state_vectors(engine, records, tick)
+    else:
+        x = vectors(records, tick)
     tr, va, te = split(len(records), seed, test_frac, val_frac)
 
     def part(ix: np.ndarray) -> FitData:

@@ -16,7 +16,7 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from npcchat.bench.baseline import baseline_generate
 from npcchat.config import Config
@@ -26,6 +26,9 @@ from npcchat.runtime.engine import Engine
 from npcchat.sessions import session as session_mod
 from npcchat.sessions.session import Session
 from npcchat.types import SamplingParams, Tags
+
+if TYPE_CHECKING:
+    from npcchat.eval.scenarios import Scenario
 
 _WORDS = [
     "the",
@@ -235,20 +238,12 @@ def resume(bundle_root: Path, cfg: Config, s: Session, gen_tokens: int) -> dict[
     return out
 
 
-def eval_throughput(
-    bundle_root: Path, cfg: Config, s: Session, gen_tokens: int, n: int = 16
-) -> dict[str, float]:
-    """Scenarios per second through `npcchat eval`'s runner at --parallel 1 and 8, with the
-    shared prompt head decoded once (eval's default) and decoded for every scenario.
-
-    The scenarios are one NPC's, as in a designer's regression file: same lore, four trust
-    levels, a different player line each."""
-    from npcchat.eval import runner as evaluate
+def bench_scenarios(s: Session, n: int) -> list[Scenario]:
+    """``n`` scenarios of one NPC, as in a designer's regression file: the lore of ``s``,
+    four trust levels, a different player line each."""
     from npcchat.eval.scenarios import Scenario
-    from npcchat.eval.similarity import Similarity
-    from npcchat.runtime import bundle as bundle_mod
 
-    scenarios = [
+    return [
         Scenario(
             id=f"b{i}",
             source="bench",
@@ -260,6 +255,20 @@ def eval_throughput(
         )
         for i in range(n)
     ]
+
+
+def eval_throughput(
+    bundle_root: Path, cfg: Config, s: Session, gen_tokens: int, n: int = 16
+) -> dict[str, float]:
+    """Scenarios per second through `npcchat eval`'s runner at --parallel 1 and 8, with the
+    shared prompt head decoded once (eval's default) and decoded for every scenario.
+
+    The scenarios: :func:`bench_scenarios`."""
+    from npcchat.eval import runner as evaluate
+    from npcchat.eval.similarity import Similarity
+    from npcchat.runtime import bundle as bundle_mod
+
+    scenarios = bench_scenarios(s, n)
     out: dict[str, float] = {}
     b = bundle_mod.load(bundle_root)
     for par in (1, 8):

@@ -94,3 +94,50 @@ def serve(
         print(json.dumps(report))
     else:
         ui.serve_bench(report)
+
+
+@app.command("ray")
+def ray_bench(
+    bundle: Annotated[Path | None, typer.Option(help="Model bundle directory.")] = None,
+    scenarios: Annotated[int, typer.Option(help="Eval scenarios (one NPC's).")] = 16,
+    tokens: Annotated[int, typer.Option(help="Reply tokens per scenario.")] = 64,
+    prompt_tokens: Annotated[int, typer.Option(help="Prompt length of each scenario.")] = 400,
+    parallel: Annotated[int, typer.Option(help="--parallel, locally and per actor.")] = 1,
+    local_threads: Annotated[
+        int, typer.Option(help="Threads of the local run (0: llama.cpp's default).")
+    ] = 0,
+    ray_address: Annotated[
+        str | None, typer.Option(help="Ray cluster (default: $RAY_ADDRESS, else this machine).")
+    ] = None,
+    ray_actors: Annotated[int | None, typer.Option(help="Ray actors (default: CPUs).")] = None,
+    threads: Annotated[int, typer.Option(help="CPU threads per actor.")] = 1,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+    config: Annotated[Path | None, typer.Option(help="Config TOML.")] = None,
+) -> None:
+    """The same eval scenarios here and on Ray actors: scenarios/s and their ratio, actor
+    start, load time and memory, bytes per scenario, and whether the results are equal."""
+    from npcchat import demo, extras
+    from npcchat.cli import common, ui
+    from npcchat.errors import ConfigError
+
+    extras.require("ray", "npcchat bench ray")
+    if scenarios < 1 or tokens < 1 or not 1 <= parallel <= 64 or threads < 1:
+        raise ConfigError("--scenarios, --tokens, --threads: at least 1; --parallel: 1..64")
+    from npcchat.cluster import bench as ray_bench_mod
+
+    report = ray_bench_mod.run(
+        bundle or demo.default_bundle(),
+        common.build_config(config),
+        scenarios=scenarios,
+        gen_tokens=tokens,
+        prompt_tokens=prompt_tokens,
+        slots=parallel,
+        local_threads=local_threads,
+        address=ray_address,
+        actors=ray_actors,
+        threads=threads,
+    )
+    if json_out:
+        print(json.dumps(report))
+    else:
+        ui.kv_table("npcchat bench ray", report)

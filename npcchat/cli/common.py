@@ -1,14 +1,16 @@
-"""What several commands share: the config built from files and flags."""
+"""What several commands share: the config built from files and flags, the Ray options."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
+
+import typer
 
 from npcchat import config as config_mod
 from npcchat.config import Config
-from npcchat.errors import BundleError
+from npcchat.errors import BundleError, ConfigError
 
 S = TypeVar("S")
 
@@ -59,3 +61,49 @@ def build_config(
     if lora is not None and not lora.is_file():
         raise BundleError(f"--lora {lora}: file not found")
     return cfg
+
+
+# The Ray options of `eval` and `heads fit`. `--ray` is a flag and the address an option of
+# its own: an option with an optional value would swallow the next word
+# (`npcchat eval --ray suite.jsonl` would read the file name as an address).
+RayFlag = Annotated[
+    bool,
+    typer.Option(
+        "--ray",
+        help="Run on Ray actors (the cluster $RAY_ADDRESS names, else Ray on this machine);"
+        " --threads (and eval's --parallel) apply per actor.",
+    ),
+]
+RayAddress = Annotated[
+    str | None,
+    typer.Option(help="Ray cluster to run on (HOST:6379 or ray://HOST:10001); implies --ray."),
+]
+RayActors = Annotated[
+    int | None,
+    typer.Option(help="Ray actors, each loading the bundle once (default: CPUs / --threads)."),
+]
+
+
+@dataclass(frozen=True)
+class RayTarget:
+    """Where --ray runs: the cluster's address (None: $RAY_ADDRESS or this machine), how
+    many actors (None: the cluster's CPUs / threads) and the CPU threads of each."""
+
+    address: str | None
+    actors: int | None
+    threads: int
+
+
+def ray_target(
+    ray: bool, address: str | None, actors: int | None, threads: int | None
+) -> RayTarget | None:
+    """The Ray options checked (and the extra required), or None for a local run."""
+    on_ray = ray or address is not None
+    if actors is not None and not (on_ray and 1 <= actors <= 4096):
+        raise ConfigError(f"--ray-actors {actors}: expected 1..4096, with --ray")
+    if not on_ray:
+        return None
+    from npcchat import extras
+
+    extras.require("ray", "--ray")
+    return RayTarget(address, actors, threads or 1)

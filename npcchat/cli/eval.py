@@ -4,15 +4,22 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from npcchat.cli import common
+
 if TYPE_CHECKING:
-    from npcchat import Config, Scenario
+    from npcchat import Config, SamplingParams, Scenario
     from npcchat.eval.scenarios import BadLine
+    from npcchat.eval.similarity import Similarity
+    from npcchat.mind.npc import NpcDef
+    from npcchat.runtime.bundle import Bundle
 
 
 def eval_cmd(
@@ -74,6 +81,9 @@ def eval_cmd(
     json_out: Annotated[
         bool, typer.Option("--json", help="Print the aggregates (or the comparison) as JSON.")
     ] = False,
+    ray: common.RayFlag = False,
+    ray_address: common.RayAddress = None,
+    ray_actors: common.RayActors = None,
     config: Annotated[Path | None, typer.Option(help="Config TOML.")] = None,
 ) -> None:
     """Run scenarios through the same engine as `talk`; report replies, deltas and flags."""
@@ -86,8 +96,7 @@ def eval_cmd(
         return
     if parallel < 1 or parallel > 64:
         raise ConfigError(f"--parallel {parallel}: expected 1..64")
-    from npcchat.cli import common
-
+    target = common.ray_target(ray, ray_address, ray_actors, threads)
     cfg = common.build_config(
         config,
         temperature=temperature,
@@ -112,6 +121,7 @@ def eval_cmd(
         npcs=npcs,
         json_out=json_out,
         share_prefix=share_prefix,
+        ray=target,
     )
     _run(cfg, run)
 
@@ -132,6 +142,7 @@ class Run:
     npcs: Path | None
     json_out: bool
     share_prefix: bool
+    ray: common.RayTarget | None = None
 
 
 def _scenarios(run: Run) -> tuple[list[Scenario], list[BadLine]]:
@@ -156,7 +167,6 @@ def _scenarios(run: Run) -> tuple[list[Scenario], list[BadLine]]:
 
 
 def _run(cfg: Config, run: Run) -> None:
-    import npcchat
     from npcchat.api import sampling_of
     from npcchat.cli import ui
     from npcchat.errors import ConfigError
@@ -190,10 +200,10 @@ def _run(cfg: Config, run: Run) -> None:
     elapsed = runner.timer()
     complete = True
     slots = max(1, min(run.parallel, len(found) or 1))
-    with npcchat.load(run.bundle, config=cfg, slots=slots) as rt:
-        report_mod.validate_gates(run.fail_under, rt.flags)  # before the run, not after it
+    with _where(cfg, run, slots, sampling_of(cfg, s.seed), sim, npc_files) as ex:
+        report_mod.validate_gates(run.fail_under, ex.bundle.flags)  # before the run, not after
         if resumed is not None and run.resume is not None:
-            identity = rt.bundle.identity
+            identity = ex.bundle.identity
             prior = report_mod.check_resumable(resumed, run.resume, identity, settings)
             done = {s["id"] for s in prior}
             found = [s for s in found if s.id not in done]
@@ -208,19 +218,20 @@ def _run(cfg: Config, run: Run) -> None:
                 progress.advance()
 
             try:
-                rt.evaluate(
-                    found,
-                    sampling=sampling_of(cfg, s.seed),
-                    similarity=sim,
-                    on_result=finished,
-                    share_prefix=run.share_prefix,
-                    npcs=npc_files,
-                )
+                ex.evaluate(found, finished)
             except KeyboardInterrupt:
                 complete = False
         order = {sc.id: i for i, sc in enumerate(found)}
         results.sort(key=lambda r: order.get(r["id"], -1))
-        rep = report_mod.build(rt.bundle, results, bad, settings, elapsed(), complete, sim.name)
+        rep = report_mod.build(ex.bundle, results, bad, settings, elapsed(), complete, sim.name)
+        cluster = ex.cluster()
+        if cluster is not None:
+            rep["ray"] = cluster
+            for d in cluster["deaths"]:
+                ui.warn(
+                    f"Ray actor {d['actor']} on {d['node']} died ({d['error']}); "
+                    f"its {d['rerun']} unfinished scenarios ran again on another actor"
+                )
     if not complete and report_path is None:
         report_path = Path("eval-report.partial.json")
     if report_path is not None:
@@ -245,6 +256,66 @@ def _run(cfg: Config, run: Run) -> None:
         ui.fail(f)
     if failures:
         raise typer.Exit(1)
+
+
+@dataclass
+class _Where:
+    """Where the scenarios run: the runtime of this process, or Ray actors. ``evaluate``
+    takes the scenarios and the callback for each result; ``cluster`` is the report's
+    ``ray`` part after a Ray run."""
+
+    bundle: Bundle
+    evaluate: Callable[[list[Scenario], Callable[[dict[str, Any]], None]], None]
+    cluster: Callable[[], dict[str, Any] | None] = lambda: None
+
+
+@contextmanager
+def _where(
+    cfg: Config,
+    run: Run,
+    slots: int,
+    sampling: SamplingParams,
+    sim: Similarity,
+    npcs: dict[str, NpcDef] | None,
+) -> Iterator[_Where]:
+    import npcchat
+
+    if run.ray is None:
+        with npcchat.load(run.bundle, config=cfg, slots=slots) as rt:
+
+            def local(found: list[Scenario], on_result: Callable[[dict[str, Any]], None]) -> None:
+                rt.evaluate(
+                    found,
+                    sampling=sampling,
+                    similarity=sim,
+                    on_result=on_result,
+                    share_prefix=run.share_prefix,
+                    npcs=npcs,
+                )
+
+            yield _Where(rt.bundle, local)
+        return
+    from npcchat import demo
+    from npcchat.cluster.eval import RayRun
+
+    c = run.ray
+    ray_run = RayRun(run.bundle or demo.default_bundle(), cfg, c.address, c.actors, c.threads)
+
+    def on_ray(found: list[Scenario], on_result: Callable[[dict[str, Any]], None]) -> None:
+        ray_run.evaluate(
+            found,
+            sampling=sampling,
+            slots=slots,
+            embed_model=run.embed_model,
+            on_result=on_result,
+            share_prefix=run.share_prefix,
+            npcs=npcs,
+        )
+
+    try:
+        yield _Where(ray_run.bundle, on_ray, lambda: ray_run.summary or None)
+    finally:
+        ray_run.close()
 
 
 def _write(path: Path, text: str) -> None:

@@ -367,6 +367,17 @@ def eval_summary(rep: Mapping[str, Any]) -> None:
         ),
         ("tokens/s · scenarios/s", f"{_f(agg['tokens_per_s'])} · {_f(agg['scenarios_per_s'])}"),
     ]
+    cluster = rep.get("ray")
+    if cluster:
+        nodes = len({w["node"].split(" (")[0] for w in cluster["workers"]})
+        died = len(cluster["deaths"])
+        rows.append(
+            (
+                "Ray actors (threads each) · nodes",
+                f"{cluster['actors']} ({cluster['threads_per_actor']}) · {nodes}"
+                + (f" · {died} died, rerun" if died else ""),
+            )
+        )
     for k, v in rows:
         head.add_row(k, v)
     out.print(head)

@@ -123,10 +123,15 @@ class _Npcs:
     with its mind, each file read and each mind built once per run: a mind holds no
     conversation's state, and with a sentence-embedding model it is costly to build."""
 
-    def __init__(self, engine: Engine, known: Mapping[str, NpcDef]) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        known: Mapping[str, NpcDef],
+        files: Mapping[str, NpcDef] | None = None,
+    ) -> None:
         self.engine = engine
         self.known = known
-        self._loaded: dict[str, NpcDef] = {}
+        self._loaded: dict[str, NpcDef] = dict(files or {})
         self._minds: dict[int, tuple[NpcDef, NpcMind]] = {}
 
     def of(self, sc: Scenario) -> tuple[NpcDef, NpcMind] | None:
@@ -157,15 +162,31 @@ def run(
 
     ``share_prefix``: decode the head of the prompt that scenarios share only once (aligned
     KV reuse: identical results, fewer prefill tokens)."""
+    for result in results(engine, scenarios, sampling, sim, share_prefix, npcs):
+        on_result(result)
+
+
+def results(
+    engine: Engine,
+    scenarios: list[Scenario],
+    sampling: SamplingParams,
+    sim: Similarity,
+    share_prefix: bool = True,
+    npcs: Mapping[str, NpcDef] | None = None,
+    npc_files: Mapping[str, NpcDef] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """:func:`run` as an iterator: each scenario's result as it finishes (a Ray actor
+    streams them to the driver). ``npc_files``: NPC files already read, by the path a
+    scenario's ``npc_file`` names (a worker that lacks the files gets them this way)."""
     keyed = zip(
         (sc.id for sc in scenarios),
-        drivers(engine, scenarios, sampling, sim, share_prefix, npcs),
+        drivers(engine, scenarios, sampling, sim, share_prefix, npcs, npc_files),
         strict=True,
     )
     for _, result in batch.run(engine, keyed):
         if isinstance(result, NpcchatError):  # a scenario's driver records its own errors
             raise result
-        on_result(result)
+        yield result
 
 
 def drivers(
@@ -175,10 +196,11 @@ def drivers(
     sim: Similarity,
     share_prefix: bool = True,
     npcs: Mapping[str, NpcDef] | None = None,
+    npc_files: Mapping[str, NpcDef] | None = None,
 ) -> Iterator[batch.Driver[dict[str, Any]]]:
     """Each scenario as a driver (for :mod:`npcchat.runtime.batch` or a scheduler)."""
     reuse: Reuse = "aligned" if share_prefix else "off"
-    found = _Npcs(engine, npcs or {})
+    found = _Npcs(engine, npcs or {}, npc_files)
     return (_driver(sc, engine, sampling, sim, reuse, found.of(sc)) for sc in scenarios)
 
 
