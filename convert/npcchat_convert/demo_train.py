@@ -11,7 +11,7 @@ auxiliary delta/flag heads on the `<STATE>` hidden state so it carries the game 
 checkpoint + `.pt` heads -> `npcchat convert` (Q4_K_M) -> `npcchat heads fit` on the
 quantized GGUF -> copied into ``npcchat/demo/bundle``. Deterministic for a seed on one
 machine (torch CPU kernels). The quality figures: ``npcchat eval build/demo/heldout_ko.jsonl``
-(and ``heldout_en``, ``intemplate``).
+(and ``heldout_en``, ``blind_en``, ``blind_ko``, ``intemplate``).
 """
 
 from __future__ import annotations
@@ -144,6 +144,8 @@ QUALITY_SETS = [
     ("intemplate.jsonl", "train", ("en", "ko"), 1000),
     ("heldout_en.jsonl", "heldout", ("en",), 2000),
     ("heldout_ko.jsonl", "heldout", ("ko",), 3000),
+    ("blind_en.jsonl", "blind", ("en",), 4000),
+    ("blind_ko.jsonl", "blind", ("ko",), 5000),
 ]
 
 
@@ -171,16 +173,19 @@ def check_budgets(npcs: Path, tok: Any) -> None:
 def encode(
     records: list[dict[str, Any]], tok: Any, template: str, state_id: int, eos: int
 ) -> list[dict[str, Any]]:
+    player_id = tok.token_to_id("<PLAYER>")
     out = []
     for r in records:
         p = tok.encode(demo_data.prompt_text(r, template), add_special_tokens=False).ids
         reply = [*tok.encode(r["output"]["response"], add_special_tokens=False).ids, eos]
         flags = [r["output"]["flag"][f]["label"] for f in demo_data.FLAGS]
+        state = p.index(state_id)
         out.append(
             {
                 "ids": p + reply,
                 "n_prompt": len(p),
-                "state": p.index(state_id),
+                "player": (p.index(player_id) + 1, state),  # the player's line, as tokens
+                "state": state,
                 "delta": [r["output"]["delta"]["trust"], r["output"]["delta"]["relationship"]],
                 "flags": flags,
             }
@@ -193,6 +198,22 @@ def _batches(data: list[dict[str, Any]], batch: int, rng: Any) -> list[list[dict
     order = sorted(rng.permutation(len(data)), key=lambda i: len(data[i]["ids"]) // 16)
     chunks = [[data[i] for i in order[s : s + batch]] for s in range(0, len(order), batch)]
     return [chunks[i] for i in rng.permutation(len(chunks))]
+
+
+# Share of the player's tokens replaced, afresh each epoch, by tokens drawn from other
+# players' lines: the words a model has never seen are noise in the line it must still
+# read, so the game state learns to rest on the words that carry the intent.
+TOKEN_NOISE = 0.1
+
+
+def noisy(x: dict[str, Any], pool: np.ndarray, rng: Any) -> list[int]:
+    """``x``'s token ids with about :data:`TOKEN_NOISE` of its player tokens replaced."""
+    ids = list(x["ids"])
+    lo, hi = x["player"]
+    for i in range(lo, hi):
+        if rng.random() < TOKEN_NOISE:
+            ids[i] = int(pool[rng.integers(len(pool))])
+    return ids
 
 
 def train(
@@ -212,6 +233,7 @@ def train(
     steps = epochs * math.ceil(len(data) / batch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     rng = np.random.default_rng(seed)
+    pool = np.array([t for x in data for t in x["ids"][x["player"][0] : x["player"][1]]])
     t0 = time.time()
     for epoch in range(epochs):
         total = 0.0
@@ -220,7 +242,7 @@ def train(
             ids = torch.zeros((len(items), width), dtype=torch.long)
             target = torch.full((len(items), width), -100, dtype=torch.long)
             for j, x in enumerate(items):
-                ids[j, : len(x["ids"])] = torch.tensor(x["ids"])
+                ids[j, : len(x["ids"])] = torch.tensor(noisy(x, pool, rng))
                 n = x["n_prompt"]
                 target[j, n - 1 : len(x["ids"]) - 1] = torch.tensor(
                     x["ids"][n:]
@@ -280,7 +302,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--out", type=Path, default=REPO / "build" / "demo")
     ap.add_argument("--npcs", type=Path, default=REPO / "configs" / "npcs")
-    ap.add_argument("--train", type=int, default=12000)
+    ap.add_argument("--train", type=int, default=24000)
     ap.add_argument("--heldout", type=int, default=450, help="records per quality set")
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=4000)
