@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+from npcchat.config import Config
 from npcchat.errors import ConfigError, NpcchatError
 from npcchat.eval.scenarios import Scenario
 
@@ -222,7 +223,7 @@ class Pool:
                     del running[gen]
                     submit(run.actor)
                     continue
-                except RayTaskError as e:  # a worker's own error, e.g. a bad NPC file
+                except RayTaskError as e:  # an npcchat error raised inside a worker
                     if isinstance(e.cause, NpcchatError):
                         raise e.cause from None
                     raise
@@ -232,7 +233,8 @@ class Pool:
                     node = str(self.workers[run.actor].get("node", "?"))
                     self.deaths.append(Death(run.actor, node, _first_line(e), len(lost)))
                     self._replace(run.actor)
-                    queue.appendleft(lost)
+                    if lost:
+                        queue.appendleft(lost)
                     submit(run.actor)
                     continue
                 run.back.add(position)
@@ -251,7 +253,7 @@ class Pool:
         self.close()
 
 
-def _threads(spec: WorkerSpec, threads: int) -> Any:
+def _threads(spec: WorkerSpec, threads: int) -> Config:
     runtime = replace(spec.config.runtime, n_threads=threads)
     return replace(spec.config, runtime=runtime)
 
