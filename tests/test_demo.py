@@ -208,3 +208,21 @@ def test_unknown_demo_npc_is_a_clear_error() -> None:
     )
     assert proc.returncode == 1 and "not a file and not a demo NPC" in proc.stderr
     assert "mother_abandoned_factory" in proc.stderr and "village_blacksmith" in proc.stderr
+
+
+def test_token_noise_touches_only_the_players_line() -> None:
+    import numpy as np
+
+    from npcchat_convert import demo_train
+
+    x = {"ids": list(range(100)), "player": (40, 60)}
+    pool = np.array([1000, 1001])
+    rng = np.random.default_rng(0)
+    changed: set[int] = set()
+    for _ in range(50):
+        out = demo_train.noisy(x, pool, rng)
+        assert out[:40] == x["ids"][:40] and out[60:] == x["ids"][60:]
+        changed |= {i for i in range(40, 60) if out[i] != x["ids"][i]}
+        assert all(out[i] in (1000, 1001) for i in range(40, 60) if out[i] != x["ids"][i])
+    assert changed == set(range(40, 60))  # every player token is sometimes replaced
+    assert x["ids"] == list(range(100))  # the record itself is never changed
