@@ -67,20 +67,14 @@ def _rope(cfg: dict[str, Any], path: Path) -> float:
     (YaRN, linear, dynamic...) is refused: the GGUF writer does not carry it, and a model
     that needs it would run with the wrong positions."""
     params = cfg.get("rope_parameters")
-    scaling = cfg.get("rope_scaling")
-    if isinstance(params, dict):
-        kind = params.get("rope_type", params.get("type", "default"))
+    for key in ("rope_parameters", "rope_scaling"):
+        table = cfg.get(key)
+        kind = table.get("rope_type", table.get("type")) if isinstance(table, dict) else None
         if kind not in (None, "default"):
-            scaling = params
-    if isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type")) not in (
-        None,
-        "default",
-    ):
-        kind = scaling.get("rope_type", scaling.get("type"))
-        raise ConvertError(
-            f"{path}: key 'rope_scaling': rope scaling {kind!r} is not supported",
-            hint="npcchat converts Qwen2 models with plain rotary embeddings",
-        )
+            raise ConvertError(
+                f"{path}: key 'rope_scaling': rope scaling {kind!r} is not supported",
+                hint="npcchat converts Qwen2 models with plain rotary embeddings",
+            )
     theta = params.get("rope_theta") if isinstance(params, dict) else None
     value = cfg.get("rope_theta", 1e6) if theta is None else theta
     if not isinstance(value, int | float) or not value > 0:

@@ -17,7 +17,6 @@ from npcchat.cli import common
 if TYPE_CHECKING:
     from npcchat import Config, SamplingParams, Scenario
     from npcchat.eval.scenarios import BadLine
-    from npcchat.eval.similarity import Similarity
     from npcchat.mind.npc import NpcDef
     from npcchat.runtime.bundle import Bundle
 
@@ -178,7 +177,7 @@ def _run(cfg: Config, run: Run) -> None:
     prior: list[dict[str, Any]] = []
     report_path = run.report
     resumed = report_mod.load_report(run.resume) if run.resume is not None else None
-    sim = similarity.choose_similarity(run.embed_model)
+    sim_name = similarity.name_of(run.embed_model)
     s = cfg.sampling
     knowledge = cfg.knowledge.embed_model
     settings = {
@@ -188,7 +187,7 @@ def _run(cfg: Config, run: Run) -> None:
         "seed": s.seed,
         "max_tokens": s.max_tokens,
         "n_ctx": cfg.runtime.n_ctx,
-        "similarity": sim.name,
+        "similarity": sim_name,
         "knowledge_ranking": f"sentence-transformers:{Path(knowledge).name}"
         if knowledge
         else "lexical",
@@ -200,7 +199,7 @@ def _run(cfg: Config, run: Run) -> None:
     elapsed = runner.timer()
     complete = True
     slots = max(1, min(run.parallel, len(found) or 1))
-    with _where(cfg, run, slots, sampling_of(cfg, s.seed), sim, npc_files) as ex:
+    with _where(cfg, run, slots, sampling_of(cfg, s.seed), npc_files) as ex:
         report_mod.validate_gates(run.fail_under, ex.bundle.flags)  # before the run, not after
         if resumed is not None and run.resume is not None:
             identity = ex.bundle.identity
@@ -223,7 +222,7 @@ def _run(cfg: Config, run: Run) -> None:
                 complete = False
         order = {sc.id: i for i, sc in enumerate(found)}
         results.sort(key=lambda r: order.get(r["id"], -1))
-        rep = report_mod.build(ex.bundle, results, bad, settings, elapsed(), complete, sim.name)
+        rep = report_mod.build(ex.bundle, results, bad, settings, elapsed(), complete, sim_name)
         cluster = ex.cluster()
         if cluster is not None:
             rep["ray"] = cluster
@@ -275,12 +274,14 @@ def _where(
     run: Run,
     slots: int,
     sampling: SamplingParams,
-    sim: Similarity,
     npcs: dict[str, NpcDef] | None,
 ) -> Iterator[_Where]:
     import npcchat
 
     if run.ray is None:
+        from npcchat.eval.similarity import choose_similarity
+
+        sim = choose_similarity(run.embed_model)  # the workers of a Ray run build their own
         with npcchat.load(run.bundle, config=cfg, slots=slots) as rt:
 
             def local(found: list[Scenario], on_result: Callable[[dict[str, Any]], None]) -> None:

@@ -129,17 +129,22 @@ class RayRun:
         """The `<STATE>` vector of each heads-fit record, in order (as
         :func:`npcchat.eval.states.state_vectors` computes them on this machine)."""
         rows: list[np.ndarray | None] = [None] * len(records)
+        items = list(records)
+        moved = [sum(len(pickle.dumps(sc)) for sc in items)]
 
         def back(i: int, row: np.ndarray) -> None:
             rows[i] = row
+            moved[0] += row.nbytes
             tick()
 
-        items = list(records)
         with self._pool(self._spec(1)) as pool:
             try:
                 pool.map("states", items, chunk_size(len(items), len(pool.actors), 4), back)
             finally:
-                self._record(pool, len(items), sum(len(pickle.dumps(sc)) for sc in items))
-        if not rows:
+                self._record(pool, len(items), moved[0])
+        if not items:
             return np.zeros((0, self.bundle.hidden_size))
+        missing = sum(r is None for r in rows)
+        if missing:  # never silently: a gap would shift every later record's labels
+            raise RuntimeError(f"{missing} state vectors did not come back from the Ray workers")
         return np.stack([r for r in rows if r is not None]).astype(np.float64)

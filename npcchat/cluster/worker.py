@@ -88,7 +88,8 @@ class Worker:
                 f"the driver's is {spec.identity}",
                 hint="every node must hold the same bundle files",
             )
-        version = str(backend.build_info()["version"])
+        self.build = backend.build_info()
+        version = str(self.build["version"])
         if version != spec.llama_version:
             raise ConfigError(
                 f"worker {node()}: llama-cpp-python {version}, the driver runs "
@@ -107,7 +108,7 @@ class Worker:
             "load_s": round(self.load_s, 3),
             "rss_mb": round(_rss_mb(), 1),
             "threads": self.spec.config.runtime.n_threads,
-            "cpu": backend.build_info()["backends"].get("CPU", {}),
+            "cpu": self.build["backends"].get("CPU", {}),
         }
 
     def evaluate(self, chunk: list[Scenario]) -> Iterator[dict[str, Any]]:

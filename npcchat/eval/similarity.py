@@ -25,7 +25,7 @@ class SentenceSimilarity(Similarity):
         from npcchat.mind.embed import SentenceEmbedder
 
         self._embedder = SentenceEmbedder(str(model_path))
-        self.name = f"{self._embedder.name} cosine"
+        self.name = name_of(model_path)
 
     def score(self, pred: str, ref: str) -> float:
         a, b = self._embedder.embed([pred, ref])
@@ -39,3 +39,10 @@ def choose_similarity(model_path: Path | None) -> Similarity:
     if not model_path.exists():
         raise ConfigError(f"--embed-model {model_path}: no such directory")
     return SentenceSimilarity(model_path)
+
+
+def name_of(model_path: Path | None) -> str:
+    """The method a report names, without loading the model (a Ray driver never scores)."""
+    if model_path is None:
+        return Similarity.name
+    return f"sentence-transformers:{model_path.name} cosine"

@@ -347,9 +347,12 @@ def stamp(path: Path) -> Stamp | None:
     """Which version of the file is on disk (None: none). Every save makes a new one: an
     atomic write replaces the inode, and ctime cannot be set back."""
     try:
-        st = path.stat()
+        return _stamp_of(path.stat())
     except FileNotFoundError:
         return None
+
+
+def _stamp_of(st: os.stat_result) -> Stamp:
     return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
@@ -371,7 +374,7 @@ def load_stamped(path: Path) -> tuple[Session, Stamp]:
         raise SessionError(f"{path}: no such session file") from None
     except OSError as e:
         raise SessionError(f"{path}: cannot read ({e.strerror})") from None
-    version = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    version = _stamp_of(st)
     try:
         text = raw.decode("utf-8")
         if suffix == ".json":
