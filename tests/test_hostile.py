@@ -858,3 +858,35 @@ def test_a_kv_header_without_its_bundle_and_a_binary_manifest(tmp_path: Path) ->
     (root / "bundle.toml").write_bytes(b'format = "npcchat-bundle"\n\xff\xfe\x00')
     with pytest.raises((ConfigError, BundleError), match=r"bundle\.toml: not UTF-8 text"):
         bundle_mod.load(root)
+
+
+def test_a_ray_address_is_checked_before_ray_sees_it() -> None:
+    """Ray retries an unreachable head for minutes; malformed, oversized or unreachable
+    addresses are one line at once (no ray needed for the check)."""
+    import socket
+
+    from npcchat.cluster.address import probe
+    from npcchat.errors import ConfigError
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(ConfigError, match=f"--ray-address 127.0.0.1:{port}: cannot connect"):
+        probe(f"127.0.0.1:{port}")
+    for bad in ("nowhere", ":1", "ray://:1", "host:99999", "host:0", "a" * 5000 + ":1"):
+        with pytest.raises(ConfigError, match="expected HOST:PORT or ray://HOST:PORT"):
+            probe(bad)
+    with pytest.raises(ConfigError, match="cannot connect"):  # a label IDNA refuses
+        probe("a" * 100 + ".example:1")
+    with socket.socket() as s:  # a listening port passes, also as ray:// and bracketed
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        probe(f"ray://127.0.0.1:{s.getsockname()[1]}")
+    try:
+        six = socket.socket(socket.AF_INET6)
+        six.bind(("::1", 0))
+    except OSError:  # a machine without IPv6 loopback
+        return
+    with six:
+        six.listen()
+        probe(f"[::1]:{six.getsockname()[1]}")

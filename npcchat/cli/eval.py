@@ -174,6 +174,8 @@ def _run(cfg: Config, run: Run) -> None:
     from npcchat.mind import npc as npc_mod
 
     found, bad = _scenarios(run)
+    if not found and run.resume is None:  # before a model loads or a Ray runtime starts
+        raise ConfigError(_nothing(bad))
     prior: list[dict[str, Any]] = []
     report_path = run.report
     resumed = report_mod.load_report(run.resume) if run.resume is not None else None
@@ -209,7 +211,7 @@ def _run(cfg: Config, run: Run) -> None:
             results = list(prior)
             report_path = report_path or run.resume
         if not found and not prior:
-            raise ConfigError("no scenarios to run" + (f" ({len(bad)} bad lines)" if bad else ""))
+            raise ConfigError(_nothing(bad))
         with ui.EtaProgress(len(found), enabled=not run.json_out) as progress:
 
             def finished(result: dict[str, Any]) -> None:
@@ -255,6 +257,10 @@ def _run(cfg: Config, run: Run) -> None:
         ui.fail(f)
     if failures:
         raise typer.Exit(1)
+
+
+def _nothing(bad: list[BadLine]) -> str:
+    return "no scenarios to run" + (f" ({len(bad)} bad lines)" if bad else "")
 
 
 @dataclass

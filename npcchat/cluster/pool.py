@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import socket
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -31,12 +30,12 @@ from npcchat.config import Config
 from npcchat.errors import ConfigError, NpcchatError
 from npcchat.eval.scenarios import Scenario
 
+from .address import probe
 from .worker import Worker, WorkerSpec
 
 T = TypeVar("T")
 START_TIMEOUT_S = 300.0  # a worker loads a multi-GB model: minutes, not hours
 MAX_REPLACEMENTS = 8  # actors started to replace dead ones, per pool
-PROBE_TIMEOUT_S = 10.0
 
 
 class _Actor:
@@ -96,7 +95,7 @@ def connect(address: str | None) -> bool:
     if ray.is_initialized():
         return False
     if address and address != "auto":
-        _probe(address)
+        probe(address)
     try:
         ray.init(
             address=address,
@@ -111,25 +110,6 @@ def connect(address: str | None) -> bool:
             "leave it out to start Ray on this machine",
         ) from None
     return True
-
-
-def _probe(address: str) -> None:
-    """A TCP connection to ``address`` first: Ray itself retries an unreachable head for
-    minutes, printing warnings, where the user needs one line now."""
-    hostport = address.split("://", 1)[-1].rstrip("/")
-    host, _, port = hostport.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(
-            f"--ray-address {address}: expected HOST:PORT or ray://HOST:PORT",
-            hint="the head node's GCS port (6379) or Ray Client port (10001)",
-        )
-    try:
-        socket.create_connection((host, int(port)), timeout=PROBE_TIMEOUT_S).close()
-    except OSError as e:
-        raise ConfigError(
-            f"--ray-address {address}: cannot connect ({e.strerror or e})",
-            hint="is the Ray head running there (ray start --head) and reachable from here?",
-        ) from None
 
 
 class Pool:
