@@ -161,6 +161,8 @@ class Runtime:
             know = knowledge_of(sess)
         else:
             npc_def = self._npc(npc)
+            for warning in npc_mod.flag_warnings(npc_def, engine.bundle.flags):
+                warn(warning)
             sess = new_session(npc_def, engine, seed if seed is not None else _fresh_seed())
             know = npc_def.knowledge
             if path is not None:

@@ -338,11 +338,36 @@ class Conversation:
             self.autosave()
             return True
 
-    def reset(self) -> None:
-        """Back to the initial state: no history, no memories."""
+    def reset(self, reload: bool = False) -> None:
+        """Back to the initial state: no history, no memories. ``reload``: from the session
+        file as it is on disk now (see :meth:`reload`), in the same step."""
         with self.lock:
+            if reload:
+                self._reload()
             self.session = self.session.reset()
             self.autosave()
+
+    def reload(self) -> None:
+        """Read the session file again: another program (or a person) changed it, and a
+        save would otherwise refuse to overwrite their version. SessionError when the file
+        is gone or cannot be read as a session (this conversation is then unchanged)."""
+        with self.lock:
+            self._reload()
+
+    def _reload(self) -> None:
+        if self.path is None:
+            return
+        session, version = session_mod.load_stamped(self.path)
+        self.session = session
+        self._stamps[self.path] = version
+        self._turns = len(session.history)
+
+    def stale(self) -> bool:
+        """The session file on disk is not the version this conversation last read or
+        wrote (another program changed, replaced or removed it)."""
+        if self.path is None or self.path not in self._stamps:
+            return False
+        return session_mod.stamp(self.path) != self._stamps[self.path]
 
     def set(self, key: str, value: str) -> None:
         """``/set KEY VALUE``: a tag, the player state, lore or description."""

@@ -141,7 +141,7 @@ def test_missing_bundle(tmp_path: Path) -> None:
 
 def test_no_bundle_and_no_demo(tmp_path: Path) -> None:
     proc = run("talk", "--say", "hi", env={"NPCCHAT_BUNDLE": str(tmp_path / "nope")})
-    assert_user_error(proc, "not a model bundle")
+    assert_user_error(proc, "nope: no such directory")
 
 
 @pytest.mark.model

@@ -252,3 +252,100 @@ def test_ray_options_are_checked() -> None:
         eval_cli.eval_cmd(["x.jsonl"], ray=True, ray_actors=0)
     with pytest.raises(ConfigError, match=r"--ray-actors 2: expected 1\.\.4096, with --ray"):
         eval_cli.eval_cmd(["x.jsonl"], ray_actors=2)
+
+
+class _FakeHead:
+    """A loopback port that speaks just enough HTTP/2 to pass the probe (a SETTINGS frame),
+    then never answers: what Ray retries for ever."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.server = socket.socket()
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen()
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._hold, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _hold(conn: Any) -> None:
+        try:
+            conn.recv(100)
+            conn.sendall(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+            while conn.recv(4096):
+                pass
+        except OSError:
+            pass
+
+
+def _eval_process(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> Any:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    sc = tmp_path / "one.jsonl"
+    sc.write_text('{"id": "a", "npc_id": "village_blacksmith", "player_utterance": "Hi."}\n')
+    return subprocess.Popen(
+        [sys.executable, "-m", "npcchat", "eval", str(sc), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "NPCCHAT_HOME": str(tmp_path / "home"), **(env or {})},
+        # a test runner may ignore SIGINT for its children: give this one Python's default
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+
+
+def test_a_head_that_never_answers_ends_in_one_line_and_ctrl_c_always_works(
+    tmp_path: Path,
+) -> None:
+    import signal
+    import time
+
+    head = _FakeHead()
+    with head.server:
+        started = time.monotonic()
+        proc = _eval_process(tmp_path, "--ray-address", f"127.0.0.1:{head.port}")
+        out = proc.communicate(timeout=90)[0].decode()
+        took = time.monotonic() - started
+        assert proc.returncode == 1, out
+        assert f"--ray-address 127.0.0.1:{head.port}: Ray did not connect within 20 s" in out
+        assert "Traceback" not in out and took < 60
+        proc = _eval_process(tmp_path, "--ray-address", f"127.0.0.1:{head.port}")
+        time.sleep(5)  # well inside ray.init
+        proc.send_signal(signal.SIGINT)
+        out = proc.communicate(timeout=30)[0].decode()
+        assert proc.returncode == 130, out
+        assert "interrupted" in out and "Traceback" not in out
+        proc = _eval_process(tmp_path, "--ray-address", f"127.0.0.1:{head.port}")
+        time.sleep(5)
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+        assert proc.returncode in (-signal.SIGTERM, 128 + signal.SIGTERM)
+
+
+def test_ray_address_from_the_environment_goes_through_the_same_check(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as silent:  # accepts TCP, says nothing
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        proc = _eval_process(tmp_path, "--ray", env={"RAY_ADDRESS": f"127.0.0.1:{port}"})
+        out = proc.communicate(timeout=60)[0].decode()
+    assert proc.returncode == 1, out
+    assert f"RAY_ADDRESS 127.0.0.1:{port}: not a Ray head" in out and "Traceback" not in out
+    proc = _eval_process(tmp_path, "--ray", env={"RAY_ADDRESS": "127.0.0.1:\u0661\u0668"})
+    out = proc.communicate(timeout=60)[0].decode()
+    assert proc.returncode == 1 and "expected HOST:PORT" in out and "RAY_ADDRESS" in out

@@ -7,9 +7,12 @@ output, and bounded time and memory. Grouped by the classes of issue 14.
 
 from __future__ import annotations
 
+import os
 import pickle
 import resource
 import struct
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -139,6 +142,75 @@ def test_pt_short_storage_and_non_string_keys(tmp_path: Path) -> None:
         pt_reader.load(garbage)
 
 
+class _RunsCode:
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, ("echo pwned",))
+
+
+LEGACY_PICKLES = {
+    # not zip archives: what torch.save wrote before 1.6, or any pickle named .pt
+    "os-system": pickle.dumps(_RunsCode(), protocol=2),
+    "plain-dict": pickle.dumps({"weight": [1.0, 2.0], "bias": [0.5]}, protocol=2),
+    # {((((...)))): None}, 200,000 tuples deep: crashed torch's unpickler (SIGSEGV)
+    "deep-key": b"\x80\x02})" + b"\x85" * 200_000 + b"Ns.",
+}
+
+
+def _legacy_heads(root: Path, pkl: bytes) -> Path:
+    root.mkdir()
+    for stem in ("delta_head", "flag_head", "threshold_head"):
+        (root / f"{stem}.pt").write_bytes(pkl)
+    (root / "flags.json").write_text('{"ALL_FLAGS": ["give_item"]}')
+    return root
+
+
+@pytest.mark.parametrize("torch_installed", [True, False], ids=["with-torch", "without-torch"])
+@pytest.mark.parametrize("kind", sorted(LEGACY_PICKLES))
+def test_a_legacy_pt_is_refused_by_the_bounded_reader_torch_or_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str, torch_installed: bool
+) -> None:
+    """torch.load is never the fallback: the same one line whether torch is installed."""
+    import importlib.util
+
+    from npcchat.errors import ConvertError
+    from npcchat_heads import loader
+
+    if torch_installed:
+        if importlib.util.find_spec("torch") is None:
+            pytest.skip("torch is not installed here (CI's make dev installs it)")
+        import torch
+
+        def never(*args: object, **kw: object) -> None:
+            raise AssertionError("torch.load must never read a head file")
+
+        monkeypatch.setattr(torch, "load", never)
+    else:
+        monkeypatch.setitem(sys.modules, "torch", None)  # import torch fails, as without it
+    heads = _legacy_heads(tmp_path / "heads", LEGACY_PICKLES[kind])
+    with pytest.raises(ConvertError) as info:
+        loader.load(heads, hidden=16)
+    message = str(info.value)
+    assert "\n" not in message and "delta_head.pt" in message and "not a zip-format" in message
+    assert info.value.hint is not None and "safetensors" in info.value.hint
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("kind", sorted(LEGACY_PICKLES))
+def test_npcchat_convert_refuses_a_legacy_pt_with_one_line(
+    tiny_work: Path, tmp_path: Path, kind: str
+) -> None:
+    """Through the real command, with whatever torch this environment has: exit 1, one line,
+    no traceback, no crash signal, nothing run, nothing written."""
+    heads = _legacy_heads(tmp_path / "heads", LEGACY_PICKLES[kind])
+    out = tmp_path / "bundle"
+    args = [b"convert", b"--base", str(tiny_work / "hf").encode(), b"--out", str(out).encode()]
+    code, text = _npcchat([*args, b"--heads", str(heads).encode()], home=tmp_path / "home")
+    assert code == 1, text
+    assert "not a zip-format" in text and "pwned" not in text
+    assert text.strip().splitlines()[0].count("delta_head.pt") == 1
+    assert not out.exists()
+
+
 def test_pt_refusals_reach_convert_as_one_line_errors(tmp_path: Path) -> None:
     """Through the head loader: a ConvertError naming the file, nothing else."""
     from npcchat.errors import ConvertError
@@ -166,10 +238,6 @@ def test_pickle_helpers_agree_with_the_pickle_module() -> None:
 
 # -- user text in the terminal (classes 3 and 4) ----------------------------------------------
 def _npcchat(args: list[bytes], stdin: bytes = b"", home: Path | None = None) -> tuple[int, str]:
-    import os
-    import subprocess
-    import sys
-
     env = {**os.environ, **({"NPCCHAT_HOME": str(home)} if home else {})}
     proc = subprocess.run(
         [sys.executable.encode(), b"-m", b"npcchat", *args],
@@ -564,13 +632,88 @@ def test_a_spliced_or_foreign_kv_snapshot_is_never_adopted(tmp_path: Path) -> No
     spliced = tmp_path / "s.json"
     snapshot.path_for(spliced).write_bytes(raw_a[:n] + head_a + payload_b)  # A's tokens, B's cache
     state, warning = snapshot.load(spliced, "id", 512, owner="npc|t1")
-    assert state is None and warning is not None and "spliced" in warning
+    assert state is None and warning is not None and "not signed by this installation" in warning
     state, warning = snapshot.load(b, "id", 512, owner="npc|t1")  # B's file under A's session
     assert state is None and warning is not None and "another session" in warning
     state, warning = snapshot.load(a, "id", 512, owner="npc|t1")
     assert state is not None and state.tokens == (1, 2, 3) and warning is None
     header = json.loads(head_a)
     assert header["owner"] == "npc|t1"
+
+
+def test_a_forged_kv_snapshot_with_a_recomputed_checksum_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whoever can write .kv files can recompute any checksum; without the installation's
+    key they cannot sign: another NPC's cache under this session's tokens is refused."""
+    import hashlib
+    import json
+    import stat
+
+    from npcchat.sessions import signing, snapshot
+
+    monkeypatch.setenv("NPCCHAT_HOME", str(tmp_path / "home"))
+    session = tmp_path / "s.json"
+    assert (
+        snapshot.save(session, snapshot.KvState("id", 512, (1, 2, 3), b"A" * 64), 16, "o") is None
+    )
+    key = signing.key_path()
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600 and key.stat().st_size == 32
+    raw = snapshot.path_for(session).read_bytes()
+    n = int.from_bytes(raw[6:10], "little")
+    header = json.loads(raw[10 : 10 + n])
+    forged_payload = b"B" * 64  # another NPC's cache
+    header["size"] = len(forged_payload)
+    for field in ("hmac", "sha256"):  # an attacker recomputes what they can
+        header[field] = hashlib.sha256(
+            json.dumps([[1, 2, 3], "o"]).encode() + forged_payload
+        ).hexdigest()
+    blob = json.dumps(header).encode()
+    snapshot.path_for(session).write_bytes(
+        raw[:6] + len(blob).to_bytes(4, "little") + blob + forged_payload
+    )
+    state, warning = snapshot.load(session, "id", 512, owner="o")
+    assert state is None and warning is not None and "not signed by this installation" in warning
+    # a snapshot signed under another NPCCHAT_HOME (another installation) is refused too
+    snapshot.save(session, snapshot.KvState("id", 512, (1, 2, 3), b"A" * 64), 16, "o")
+    monkeypatch.setenv("NPCCHAT_HOME", str(tmp_path / "other-home"))
+    state, warning = snapshot.load(session, "id", 512, owner="o")
+    assert state is None and warning is not None and "another NPCCHAT_HOME" in warning
+
+
+def test_an_installation_key_others_can_read_turns_snapshots_off_with_one_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from npcchat.sessions import signing, snapshot
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "secret.key").write_bytes(b"k" * 32)
+    (home / "secret.key").chmod(0o644)
+    monkeypatch.setenv("NPCCHAT_HOME", str(home))
+    monkeypatch.setattr(snapshot, "_warned", set())
+    state = snapshot.KvState("id", 512, (1, 2, 3), b"A" * 64)
+    warning = snapshot.save(tmp_path / "s.json", state, 16, "o")
+    assert warning is not None and "readable by other users" in warning and "\n" not in warning
+    assert snapshot.save(tmp_path / "s.json", state, 16, "o") is None  # once, not every turn
+    assert not snapshot.path_for(tmp_path / "s.json").exists()
+    with pytest.raises(signing.KeyUnavailable, match="readable by other users"):
+        signing.installation_key()
+
+
+def test_processes_starting_at_once_agree_on_one_installation_key(tmp_path: Path) -> None:
+    code = (
+        "from npcchat.sessions import signing; import sys; "
+        "sys.stdout.write(signing.installation_key().hex())"
+    )
+    env = {**os.environ, "NPCCHAT_HOME": str(tmp_path / "home")}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE)
+        for _ in range(6)
+    ]
+    keys = {p.communicate(timeout=60)[0] for p in procs}
+    assert len(keys) == 1 and len(next(iter(keys))) == 64
+    assert sorted(os.listdir(tmp_path / "home")) == ["secret.key"]  # no temp file left
 
 
 def test_heads_fit_never_writes_into_the_installed_demo(tmp_path: Path) -> None:
@@ -849,15 +992,51 @@ def test_a_kv_header_without_its_bundle_and_a_binary_manifest(tmp_path: Path) ->
     from npcchat.sessions import snapshot
 
     session = tmp_path / "s.json"
-    header = json.dumps({"format": 2, "n_ctx": 512, "tokens": [1], "owner": "", "size": 0})
+    header = json.dumps({"format": 3, "n_ctx": 512, "tokens": [1], "owner": "", "size": 0})
     blob = header.encode()
     snapshot.path_for(session).write_bytes(snapshot.MAGIC + struct.pack("<I", len(blob)) + blob)
     state, warning = snapshot.load(session, "id", 512)
-    assert state is None and warning is not None and "without its owner or bundle" in warning
+    assert state is None and warning is not None and "without its owner, bundle" in warning
+    huge = snapshot.MAGIC + struct.pack("<I", 0xFFFFFFF0) + b"{}"  # a header size that lies
+    snapshot.path_for(session).write_bytes(huge)
+    state, warning = snapshot.load(session, "id", 512)
+    assert state is None and warning is not None and "out of bounds" in warning
     root = _copy_bundle(tmp_path)
     (root / "bundle.toml").write_bytes(b'format = "npcchat-bundle"\n\xff\xfe\x00')
     with pytest.raises((ConfigError, BundleError), match=r"bundle\.toml: not UTF-8 text"):
         bundle_mod.load(root)
+
+
+def _listener(answer: bytes | None, family: int = 2) -> tuple[object, int]:
+    """A loopback TCP server that accepts and, after reading, answers ``answer`` (None:
+    nothing ever); returns (socket, port). Closed by the caller."""
+    import socket
+    import threading
+
+    server = socket.socket(family)
+    server.bind(("::1" if family == socket.AF_INET6 else "127.0.0.1", 0))
+    server.listen()
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            try:
+                conn.recv(64)
+                if answer is not None:
+                    conn.sendall(answer)
+            except OSError:
+                pass
+            if answer is not None:
+                conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return server, server.getsockname()[1]
+
+
+H2_SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # what a gRPC server answers first
 
 
 def test_a_ray_address_is_checked_before_ray_sees_it() -> None:
@@ -873,20 +1052,181 @@ def test_a_ray_address_is_checked_before_ray_sees_it() -> None:
         port = s.getsockname()[1]
     with pytest.raises(ConfigError, match=f"--ray-address 127.0.0.1:{port}: cannot connect"):
         probe(f"127.0.0.1:{port}")
-    for bad in ("nowhere", ":1", "ray://:1", "host:99999", "host:0", "a" * 5000 + ":1"):
+    arabic = "127.0.0.1:\u0661\u0668\u0667\u0664\u0660"  # passes str.isdigit()
+    for bad in ("nowhere", ":1", "ray://:1", "host:99999", "host:0", "a" * 5000 + ":1", arabic):
         with pytest.raises(ConfigError, match="expected HOST:PORT or ray://HOST:PORT"):
             probe(bad)
     with pytest.raises(ConfigError, match="cannot connect"):  # a label IDNA refuses
         probe("a" * 100 + ".example:1")
-    with socket.socket() as s:  # a listening port passes, also as ray:// and bracketed
-        s.bind(("127.0.0.1", 0))
-        s.listen()
-        probe(f"ray://127.0.0.1:{s.getsockname()[1]}")
+    server, port = _listener(H2_SETTINGS)  # an HTTP/2 server passes, as ray:// too
+    with server:  # type: ignore[attr-defined]
+        probe(f"127.0.0.1:{port}")
+        probe(f"ray://127.0.0.1:{port}")
     try:
-        six = socket.socket(socket.AF_INET6)
-        six.bind(("::1", 0))
+        server, port = _listener(H2_SETTINGS, socket.AF_INET6)
     except OSError:  # a machine without IPv6 loopback
         return
-    with six:
-        six.listen()
-        probe(f"[::1]:{six.getsockname()[1]}")
+    with server:  # type: ignore[attr-defined]
+        probe(f"[::1]:{port}")
+
+
+@pytest.mark.parametrize(
+    "answer", [None, b"HTTP/1.1 400 Bad Request\r\n\r\n", b"-ERR unknown command\r\n", b""]
+)
+def test_a_port_that_accepts_tcp_but_is_not_a_ray_head_is_refused_in_time(
+    answer: bytes | None,
+) -> None:
+    """A silent port, a web server, a Redis-like server, one that hangs up: one line,
+    within the probe's deadline, instead of Ray retrying for ever."""
+    import time
+
+    from npcchat.cluster.address import probe
+    from npcchat.errors import ConfigError
+
+    server, port = _listener(answer)
+    with server:  # type: ignore[attr-defined]
+        started = time.monotonic()
+        with pytest.raises(ConfigError, match=f"127.0.0.1:{port}: not a Ray head") as info:
+            probe(f"127.0.0.1:{port}", timeout=2)
+        assert time.monotonic() - started < 10
+    assert "\n" not in str(info.value)
+
+
+def test_ray_address_from_the_environment_is_checked_the_same_way(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from npcchat.cluster.address import from_environment
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:\u0661\u0668")
+    assert from_environment(None) == ("127.0.0.1:\u0661\u0668", "RAY_ADDRESS")
+    assert from_environment("h:1") == ("h:1", "--ray-address")
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert from_environment(None) == (None, "--ray-address")
+
+
+# -- round 2 (issue 20): silent acceptances ---------------------------------------------------
+DEMO_NPCS = Path(__file__).resolve().parents[1] / "npcchat" / "demo" / "npcs"
+
+
+def test_npc_file_flags_the_bundle_lacks_are_named_in_warnings(tmp_path: Path) -> None:
+    from npcchat.mind import npc as npc_mod
+
+    path = tmp_path / "smith.toml"
+    path.write_text(
+        (DEMO_NPCS / "village_blacksmith.toml").read_text("utf-8")
+        + "\n[flags.give_itme]\nthreshold = 0.5\n"
+        + '\n[[triggers]]\nmatch = ["idiot"]\nreaction = "Out."\nflags = ["npc_acton"]\n'
+    )
+    demo_flags = (
+        "give_item",
+        "quest_stage_change",
+        "give_hint",
+        "npc_action",
+        "change_npc_state",
+        "unlock_hidden_path",
+    )
+    warnings = npc_mod.flag_warnings(npc_mod.load(path), demo_flags)
+    assert len(warnings) == 2, warnings
+    assert "key 'flags.give_itme'" in warnings[0] and "give_item, quest_stage_change" in warnings[0]
+    assert "triggers" in warnings[1] and "'npc_acton'" in warnings[1]
+    smith = npc_mod.load(DEMO_NPCS / "village_blacksmith.toml")
+    assert npc_mod.flag_warnings(smith, demo_flags) == []
+
+
+@pytest.mark.model
+def test_talk_warns_about_an_npc_flag_the_bundle_lacks(tmp_path: Path) -> None:
+    path = tmp_path / "smith.toml"
+    path.write_text(
+        (DEMO_NPCS / "village_blacksmith.toml").read_text("utf-8")
+        + "\n[flags.give_itme]\nthreshold = 0.5\n"
+    )
+    args = [b"talk", b"--npc", str(path).encode(), b"--say", b"Hello.", b"--max-tokens", b"2"]
+    code, out = _npcchat(args, home=tmp_path / "home")
+    assert code == 0 and "key 'flags.give_itme'" in out and "give_item" in out
+
+
+def test_multi_turn_thresholds_as_a_list_is_a_bad_line() -> None:
+    from npcchat.eval.scenarios import parse_line
+
+    line = (
+        '{"npc_id": "x", "turns": [{"player": "hi", "expect": '
+        '{"flags": ["give_item"], "thresholds": [0.5]}}]}'
+    )
+    with pytest.raises(ValueError, match=r"key 'turns\[0\]\.expect\.thresholds': expected"):
+        parse_line(line, "s.jsonl:1", "s:1")
+
+
+def test_labels_for_flags_a_bundle_lacks_are_found_with_their_key() -> None:
+    from npcchat.eval.scenarios import parse_line, unknown_flags
+
+    flags = ("give_item", "npc_action")
+    multi = parse_line(
+        '{"npc_id": "x", "turns": [{"player": "a"}, '
+        '{"player": "b", "expect": {"flags": {"give_itme": true}}}]}',
+        "s.jsonl:1",
+        "s:1",
+    )
+    reason = unknown_flags(multi, flags)
+    assert reason is not None and "key 'turns[1].expect.flags.give_itme'" in reason
+    assert "give_item, npc_action" in reason
+    nested = parse_line(
+        '{"input": {"npc_id": "x", "player_utterance": "a"}, "output": {"flag": '
+        '{"gift": {"score": 1, "threshold": 0.5, "label": 1}}}}',
+        "s.jsonl:2",
+        "s:2",
+    )
+    assert "key 'output.flag.gift'" in (unknown_flags(nested, flags) or "")
+    flat = parse_line('{"npc_id": "x", "player_utterance": "a", "flag": ["nope"]}', "f:3", "f:3")
+    assert "key 'flag'" in (unknown_flags(flat, flags) or "")
+    good = parse_line('{"npc_id": "x", "player_utterance": "a", "flag": ["npc_action"]}', "f", "f")
+    assert unknown_flags(good, flags) is None
+
+
+def _eval(args: list[str], home: Path) -> tuple[int, str]:
+    return _npcchat([b"eval", *(a.encode() for a in args)], home=home)
+
+
+@pytest.mark.model
+def test_eval_refuses_labels_of_unknown_flags_and_names_npc_ids_without_a_file(
+    tmp_path: Path,
+) -> None:
+    sc = tmp_path / "s.jsonl"
+    sc.write_text(
+        '{"id": "typo", "npc_id": "village_blacksmith", "turns": [{"player": "Hello.", '
+        '"expect": {"flags": {"give_itme": true}}}]}\n'
+        '{"id": "fine", "npc_id": "village_blacksmith", "turns": [{"player": "Hello.", '
+        '"expect": {"flags": ["give_item"]}}]}\n'
+        '{"id": "loose", "npc_id": "nobody_here", "player_utterance": "Hi."}\n'
+    )
+    home = tmp_path / "home"
+    report = tmp_path / "r.json"
+    base = [str(sc), "--max-tokens", "2", "--report", str(report)]
+    code, out = _eval(base, home)
+    assert code == 0, out
+    assert "s.jsonl:1: key 'turns[0].expect.flags.give_itme'" in out
+    assert "no NPC file for NPC id 'nobody_here', 'village_blacksmith'" in out
+    assert out.count("no NPC file") == 1  # once per run, not per scenario
+    import json
+
+    rep = json.loads(report.read_text())
+    assert [s["id"] for s in rep["scenarios"]] == ["fine", "loose"]
+    assert rep["aggregates"]["bad_lines"] == 1
+    code, out = _eval([*base, "--strict"], home)
+    assert code == 1 and "no NPC file for NPC id" in out
+    code, out = _eval([*base, "--strict", "--npcs", str(DEMO_NPCS)], home)
+    assert code == 1 and "no NPC file for NPC id 'nobody_here'" in out
+    sc.write_text("\n".join(sc.read_text().splitlines()[:2]) + "\n")
+    code, out = _eval([*base, "--strict", "--npcs", str(DEMO_NPCS)], home)
+    assert code == 1 and "s.jsonl:1: key 'turns[0].expect.flags.give_itme'" in out
+    assert len(out.strip().splitlines()) <= 2  # the error and its hint
+
+
+def test_talk_with_a_bundle_directory_that_does_not_exist(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-bundle"
+    code, out = _npcchat([b"talk", b"--bundle", str(missing).encode(), b"--say", b"hi"])
+    assert code == 1 and f"{missing}: no such directory" in out
+    assert "not a model bundle" not in out and "bundled demo" in out
+    afile = tmp_path / "file.txt"
+    afile.write_text("x")
+    code, out = _npcchat([b"talk", b"--bundle", str(afile).encode(), b"--say", b"hi"])
+    assert code == 1 and "not a directory" in out

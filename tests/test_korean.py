@@ -43,6 +43,55 @@ def test_full_width_zero_width_case_and_punctuation_do_not_slip_past(said: str) 
     assert not _trigger("idiot").matches("idiotic question")  # Latin words stay whole
 
 
+INVISIBLE = [
+    "\u2063",  # invisible separator
+    "\u2062",  # invisible times
+    "\u034f",  # combining grapheme joiner
+    "\ufe0f",  # variation selector 16
+    "\U000e0020",  # tag space
+    "\u200e",  # left-to-right mark
+    "\u3164",  # Hangul filler
+    "\uffa0",  # half-width Hangul filler
+    "\u115f",  # Hangul choseong filler
+    "\u1160",  # Hangul jungseong filler
+    "\u200b",  # zero-width space
+    "\u061c",  # Arabic letter mark
+    "\U000e0100",  # variation selector 17
+]
+
+
+@pytest.mark.parametrize("mark", INVISIBLE, ids=lambda c: f"U+{ord(c):04X}")
+def test_invisible_characters_inside_a_word_do_not_defeat_a_trigger(mark: str) -> None:
+    assert _trigger("바보").matches(f"이 바{mark}보야")
+    assert _trigger("idiot").matches(f"you id{mark}iot")
+    assert _trigger("바보").matches(f"{mark}바보{mark}")
+
+
+def test_an_invisible_character_inside_a_decomposed_syllable_is_removed_before_nfkc() -> None:
+    ba = unicodedata.normalize("NFD", "바")  # two conjoining jamo
+    assert _trigger("바보").matches(f"이 {ba[0]}\u200b{ba[1]}보야")
+    assert _trigger("바보").matches("이 ㅂ\u200bㅏ보야")  # compatibility jamo typed one by one
+
+
+def test_every_default_ignorable_code_point_is_stripped() -> None:
+    from npcchat.text import IGNORABLE_RANGES, strip_ignorable
+
+    every = "".join(chr(c) for a, b in IGNORABLE_RANGES for c in range(a, b + 1))
+    assert strip_ignorable(f"a{every}b") == "ab"
+    assert strip_ignorable("바보 idiot ㅂ") == "바보 idiot ㅂ"  # nothing visible goes
+
+
+@pytest.mark.parametrize("phrase", ["\u3164", "\uffa0\u115f", "\u200b\u2063", "\ufe0f!"])
+def test_a_trigger_phrase_of_invisible_characters_only_is_refused_at_load(
+    tmp_path: Path, phrase: str
+) -> None:
+    path = tmp_path / "npc.toml"
+    escaped = "".join(f"\\U{ord(c):08x}" for c in phrase)
+    path.write_text(f'id = "x"\n[[triggers]]\nreaction = "그만."\nmatch = ["{escaped}"]\n')
+    with pytest.raises(ConfigError, match=r"triggers\[0\]\.match.*no visible letters"):
+        npc.load(path)
+
+
 def test_trigger_phrases_are_checked_when_the_npc_file_loads(tmp_path: Path) -> None:
     path = tmp_path / "npc.toml"
     body = 'id = "x"\n[tags]\ntrust = 0.5\n[[triggers]]\nreaction = "그만."\nmatch = '
@@ -50,7 +99,9 @@ def test_trigger_phrases_are_checked_when_the_npc_file_loads(tmp_path: Path) -> 
     loaded = npc.load(path).knowledge.triggers[0]
     assert loaded.matches("Shut up.") and loaded.matches("이 바보야")
     path.write_text(body + '["!!!"]\n')
-    with pytest.raises(ConfigError, match=r"key 'triggers\[0\]\.match': '!!!' has no letters"):
+    with pytest.raises(
+        ConfigError, match=r"key 'triggers\[0\]\.match': '!!!' has no visible letters"
+    ):
         npc.load(path)
 
 

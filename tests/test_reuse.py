@@ -237,3 +237,41 @@ def test_repl_writes_the_kv_snapshot_once_per_turn(
     _, warnings, r = _resume(bundle_reuse, path)
     assert not warnings and r.prefill_tokens < r.prompt_tokens
     assert tokens
+
+
+def test_a_forged_snapshot_splicing_another_npcs_cache_is_ignored_and_the_turn_runs_cold(
+    bundle_reuse: Path, tmp_path: Path
+) -> None:
+    """Another NPC's cache under this session's tokens, with every checksum an attacker can
+    compute redone: without the installation's key the snapshot is refused with one
+    warning, the turn equals a cold one, and the session file is untouched."""
+    import hashlib
+    import json
+
+    path, other = tmp_path / "s.json", tmp_path / "other.json"
+    _talk_and_save(bundle_reuse, path)
+    with load_engine(bundle_reuse, Config()) as engine:
+        stranger = replace(_session(), npc_id="smith", lore="A forge by the river.", seed=7)
+        conv = Conversation(engine, stranger, GREEDY, other)
+        for line in ("Sharpen this.", "How much?", "Fine, do it."):
+            conv.say(line)
+    raw, foreign = snapshot.path_for(path).read_bytes(), snapshot.path_for(other).read_bytes()
+
+    def split(blob: bytes) -> tuple[dict[str, object], bytes]:
+        n = int.from_bytes(blob[6:10], "little")
+        return json.loads(blob[10 : 10 + n]), blob[10 + n :]
+
+    header, _ = split(raw)
+    _, payload = split(foreign)
+    header["size"] = len(payload)
+    header["hmac"] = hashlib.sha256(json.dumps(header).encode() + payload).hexdigest()
+    blob = json.dumps(header).encode()
+    before = path.read_bytes()
+    snapshot.path_for(path).write_bytes(raw[:6] + len(blob).to_bytes(4, "little") + blob + payload)
+    restored, warnings, forged = _resume(bundle_reuse, path)
+    assert not restored and len(warnings) == 1
+    assert "not signed by this installation" in warnings[0]
+    assert forged.prefill_tokens == forged.prompt_tokens  # read in full, nothing adopted
+    _, _, cold = _resume(bundle_reuse, path, Config(runtime=RuntimeConfig(snapshots=False)))
+    _close(forged, cold)
+    assert path.read_bytes() == before

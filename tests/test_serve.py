@@ -476,3 +476,77 @@ def test_served_sessions_are_talks_sessions_and_npc_files_apply(serve: Any) -> N
     talk = CliRunner().invoke(app, ["talk", "--session", str(path), "--say", "Hello.", "--json"])
     assert talk.exit_code == 0, talk.output
     assert len(_history(path)) == 4
+
+
+def test_a_chunked_body_over_the_limit_answers_413_like_a_declared_one(serve: Any) -> None:
+    server = serve(max_body=4096)
+    body = json.dumps({"player_id": "c1", "npc_id": NPC, "text": "Hello."}).encode()
+    with server.client() as c:
+        huge = c.post("/v1/turn", content=iter([b"{", b" " * 5000, b"}"]))  # no Content-Length
+        assert huge.status_code == 413 and huge.json()["error"]["code"] == "too_large"
+        small = c.post(
+            "/v1/turn",
+            content=iter([body[:10], body[10:]]),
+            headers={"content-type": "application/json"},
+        )
+        assert small.status_code == 200, small.text  # a chunked body under the limit still works
+
+
+def test_a_broken_or_changed_session_file_is_recovered_through_the_api(serve: Any) -> None:
+    """A file corrupt before the server first read it answers 409 with what to do; DELETE
+    moves it aside; a file another program changed is read again, by a turn or a reset."""
+    server = serve()
+    broken = server.sessions / NPC / "b1.json"
+    broken.parent.mkdir(parents=True)
+    broken.write_text('{"schema_version": 1, "history": [')
+    with server.client() as c:
+        for r in (
+            c.get(f"/v1/sessions/b1/{NPC}"),
+            _turn(c, "b1", "Hello."),
+            c.post(f"/v1/sessions/b1/{NPC}/reset"),
+        ):
+            assert r.status_code == 409, r.text
+            message = r.json()["error"]["message"]
+            assert "corrupt session file" in message and f"DELETE /v1/sessions/b1/{NPC}" in message
+        assert c.delete(f"/v1/sessions/b1/{NPC}").status_code == 204
+        aside = list(broken.parent.glob("b1.json.corrupt-*"))
+        assert len(aside) == 1 and aside[0].read_text() == '{"schema_version": 1, "history": ['
+        assert not broken.exists()
+        assert c.get(f"/v1/sessions/b1/{NPC}").status_code == 404
+        assert _turn(c, "b1", "Hello.").status_code == 200  # a new session
+        # another program changes a session the server holds open
+        assert _turn(c, "b2", "Hello.").status_code == 200
+        path = server.sessions / NPC / "b2.json"
+        original = path.read_bytes()
+        edited = json.loads(original)
+        edited["tags"]["trust"] = 0.91
+        path.write_text(json.dumps(edited))
+        assert c.get(f"/v1/sessions/b2/{NPC}").json()["tags"]["trust"] == 0.91
+        turned = _turn(c, "b2", "And again.")
+        assert turned.status_code == 200, turned.text
+        assert len(_history(path)) == 2  # the edited file, plus this turn
+        path.write_bytes(original)  # the old bytes restored: reset works from them
+        reset = c.post(f"/v1/sessions/b2/{NPC}/reset")
+        assert reset.status_code == 200, reset.text
+        assert reset.json()["history"] == [] and _history(path) == []
+        assert c.delete(f"/v1/sessions/b2/{NPC}").status_code == 204 and not path.exists()
+
+
+def test_the_docs_page_works_offline(serve: Any) -> None:
+    """/docs loads Swagger UI from this server, never from a CDN."""
+    import re
+
+    server = serve()
+    with server.client() as c:
+        page = c.get("/docs")
+        assert page.status_code == 200
+        refs = re.findall(r"""(?:src|href)\s*=\s*["']([^"']+)""", page.text)
+        refs += re.findall(r"""url:\s*["']([^"']+)""", page.text)
+        assert refs and not [r for r in refs if "//" in r], refs
+        assert "cdn" not in page.text.lower()
+        for ref in refs:
+            got = c.get(ref)
+            assert got.status_code == 200, ref
+        js = c.get("/docs/assets/swagger-ui-bundle.js")
+        assert "javascript" in js.headers["content-type"] and len(js.content) > 100_000
+        assert c.get("/redoc").status_code == 404  # no offline ReDoc: off, never blank

@@ -6,7 +6,6 @@ with ``weight`` and ``bias``, plus ``flags.json`` = ``{"ALL_FLAGS": [names in he
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 from pathlib import Path
 
@@ -44,15 +43,18 @@ def _read_state_dict(path: Path) -> dict[str, np.ndarray]:
             return {k: f.get(k) for k in f.names()}
         except SafetensorsError as e:
             raise ConvertError(str(e)) from None
+    # The bounded reader is the only way a .pt is read, torch installed or not: torch.load
+    # of a legacy (non-zip) pickle fails with tracebacks, and a deep one crashes the process.
     try:
         return pt_reader.load(path)
     except pt_reader.PtError as e:
-        if "not a zip-format" in str(e) and importlib.util.find_spec("torch") is not None:
-            import torch  # only when the user has it; weights_only never runs pickled code
-
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-            return {k: v.float().numpy() for k, v in sd.items()}
-        raise ConvertError(str(e)) from None
+        hint = None
+        if "not a zip-format" in str(e):
+            hint = (
+                "re-save it with torch >= 1.6 (torch.save(model.state_dict(), path)) "
+                "or as .safetensors"
+            )
+        raise ConvertError(str(e), hint=hint) from None
 
 
 def _weight_bias(path: Path) -> tuple[np.ndarray, np.ndarray]:

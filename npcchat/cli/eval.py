@@ -122,7 +122,13 @@ def eval_cmd(
         share_prefix=share_prefix,
         ray=target,
     )
-    _run(cfg, run)
+    try:
+        _run(cfg, run)
+    except KeyboardInterrupt:  # before any scenario ran (a run keeps its partial report)
+        from npcchat.cli import ui
+
+        ui.warn("interrupted before any scenario ran; nothing written")
+        raise typer.Exit(130) from None
 
 
 @dataclass(frozen=True)
@@ -197,12 +203,16 @@ def _run(cfg: Config, run: Run) -> None:
         "npcs": str(run.npcs) if run.npcs else None,
     }
     npc_files = npc_mod.load_dir(run.npcs) if run.npcs else None
+    _without_npc(found, npc_files, run.strict)
     results: list[dict[str, Any]] = []
     elapsed = runner.timer()
     complete = True
     slots = max(1, min(run.parallel, len(found) or 1))
     with _where(cfg, run, slots, sampling_of(cfg, s.seed), npc_files) as ex:
         report_mod.validate_gates(run.fail_under, ex.bundle.flags)  # before the run, not after
+        found, mislabelled = _labels_of_bundle(found, ex.bundle.flags, run.strict)
+        bad += mislabelled
+        _npc_flag_warnings(found, npc_files, ex.bundle.flags)
         if resumed is not None and run.resume is not None:
             identity = ex.bundle.identity
             prior = report_mod.check_resumable(resumed, run.resume, identity, settings)
@@ -257,6 +267,72 @@ def _run(cfg: Config, run: Run) -> None:
         ui.fail(f)
     if failures:
         raise typer.Exit(1)
+
+
+def _without_npc(found: list[Scenario], npcs: dict[str, NpcDef] | None, strict: bool) -> None:
+    """Say once which NPC ids have no NPC file: their scenarios run on their own state
+    alone (no knowledge, triggers or memory), which is easy to miss. Fatal with --strict."""
+    from npcchat.cli import ui
+    from npcchat.errors import ConfigError
+
+    ids = sorted({sc.npc_id for sc in found if not sc.npc_file and sc.npc_id not in (npcs or {})})
+    if not ids:
+        return
+    shown = ", ".join(repr(i) for i in ids[:10]) + (
+        f" and {len(ids) - 10} more" if len(ids) > 10 else ""
+    )
+    message = (
+        f"no NPC file for NPC id {shown} (no npc_file in the scenario, no --npcs entry): "
+        "those scenarios run on their own state alone, without an NPC's knowledge, "
+        "triggers or memory"
+    )
+    if strict:
+        raise ConfigError(message, hint="give --npcs DIR or a scenario npc_file, or drop --strict")
+    ui.warn(message)
+
+
+def _labels_of_bundle(
+    found: list[Scenario], flags: tuple[str, ...], strict: bool
+) -> tuple[list[Scenario], list[BadLine]]:
+    """Scenarios whose labels name a flag the bundle lacks are bad lines (a typo would
+    be scored as nothing); fatal with --strict."""
+    from npcchat.cli import ui
+    from npcchat.errors import ConfigError
+    from npcchat.eval.scenarios import BadLine, unknown_flags
+
+    kept: list[Scenario] = []
+    bad: list[BadLine] = []
+    for sc in found:
+        reason = unknown_flags(sc, flags)
+        if reason is None:
+            kept.append(sc)
+            continue
+        if strict:
+            raise ConfigError(
+                f"{sc.source}: {reason}", hint="fix the line, or drop --strict to skip bad lines"
+            )
+        bad.append(BadLine(sc.source, reason))
+        ui.warn(f"skipped {bad[-1]}")
+    return kept, bad
+
+
+def _npc_flag_warnings(
+    found: list[Scenario], npcs: dict[str, NpcDef] | None, flags: tuple[str, ...]
+) -> None:
+    """Warn once per NPC file that configures a flag the bundle does not have."""
+    from npcchat.cli import ui
+    from npcchat.errors import ConfigError
+    from npcchat.mind import npc as npc_mod
+
+    defs = list((npcs or {}).values())
+    for path in sorted({sc.npc_file for sc in found if sc.npc_file}):
+        try:
+            defs.append(npc_mod.load(Path(path)))
+        except ConfigError:
+            continue  # the scenario reports its own NPC file's error
+    for npc in defs:
+        for warning in npc_mod.flag_warnings(npc, flags):
+            ui.warn(warning)
 
 
 def _nothing(bad: list[BadLine]) -> str:

@@ -75,6 +75,8 @@ def serve(
     with npcchat.load(bundle, config=cfg, slots=slots) as rt:
         served = npc_registry(npcs, demo.is_demo_bundle(rt.bundle.root))
         store = SessionStore(rt, served, root)
+        for warning in store.warnings():
+            ui.warn(warning)
         rt.start_batching(queue)
         app = create_app(rt, store, Settings(api_key, max_body, max_text))
         where = f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"

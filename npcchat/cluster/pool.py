@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -30,11 +31,12 @@ from npcchat.config import Config
 from npcchat.errors import ConfigError, NpcchatError
 from npcchat.eval.scenarios import Scenario
 
-from .address import probe
+from .address import from_environment, probe
 from .worker import Worker, WorkerSpec
 
 T = TypeVar("T")
 START_TIMEOUT_S = 300.0  # a worker loads a multi-GB model: minutes, not hours
+CONNECT_TIMEOUT_S = 20.0  # joining a running cluster: seconds, or something is wrong
 MAX_REPLACEMENTS = 8  # actors started to replace dead ones, per pool
 
 
@@ -88,27 +90,54 @@ class _Running:
     back: set[int] = field(default_factory=set)  # positions in the chunk already returned
 
 
-def connect(address: str | None) -> bool:
+def connect(address: str | None, deadline_s: float = CONNECT_TIMEOUT_S) -> bool:
     """Join the cluster at ``address`` (None: ``$RAY_ADDRESS``, else a Ray runtime on this
     machine, started for the run), unless this process already joined one. True when this
-    call joined (the caller then leaves with ``ray.shutdown``)."""
+    call joined (the caller then leaves with ``ray.shutdown``).
+
+    Every address is probed first (:mod:`npcchat.cluster.address`), the environment's too.
+    ``ray.init`` then runs in a helper thread: joining a cluster has ``deadline_s`` to
+    finish, and this thread keeps waiting in Python, where Ctrl-C and SIGTERM reach it
+    (inside ``ray.init`` they do not: Ray retries a head it cannot talk to for ever)."""
     if ray.is_initialized():
         return False
+    address, source = from_environment(address)
     if address and address != "auto":
-        probe(address)
-    try:
-        ray.init(
-            address=address,
-            logging_level=logging.WARNING,
-            log_to_driver=False,  # llama.cpp's load messages from every worker
-            include_dashboard=False,
-        )
-    except (ConnectionError, RuntimeError, ValueError) as e:
+        probe(address, source)
+    outcome: list[BaseException | None] = []
+
+    def join() -> None:
+        try:
+            ray.init(
+                address=address,
+                logging_level=logging.ERROR,  # not the thread warning about SIGTERM
+                log_to_driver=False,  # llama.cpp's load messages from every worker
+                include_dashboard=False,
+            )
+            outcome.append(None)
+        except BaseException as e:  # handed to the waiting thread
+            outcome.append(e)
+
+    worker = threading.Thread(target=join, name="npcchat-ray-init", daemon=True)
+    worker.start()
+    # starting a local Ray takes its time on a small machine; joining one must be quick
+    worker.join(deadline_s if address else START_TIMEOUT_S)
+    if not outcome:
+        where = f"{source} {address}" if address else "a local Ray runtime"
         raise ConfigError(
-            f"--ray {address or ''}: cannot reach a Ray cluster ({e})".replace("  ", " "),
+            f"{where}: Ray did not connect within {deadline_s if address else START_TIMEOUT_S:g} s",
+            hint="is that the head node's GCS port (6379) or Ray Client port (ray://HOST:10001), "
+            "and does its Ray version match this one?",
+        )
+    error = outcome[0]
+    if isinstance(error, ConnectionError | RuntimeError | ValueError):
+        raise ConfigError(
+            f"{source} {address or ''}: cannot reach a Ray cluster ({error})".replace("  ", " "),
             hint="give the head node's address (ray://HOST:10001 or HOST:6379), or "
             "leave it out to start Ray on this machine",
         ) from None
+    if error is not None:
+        raise error
     return True
 
 

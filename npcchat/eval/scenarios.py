@@ -262,6 +262,11 @@ def _multi(rec: dict[str, Any], sid: str, source: str) -> Scenario:
                     f"key '{key}.expect.flags': expected {{name: true/false}} or a list of names"
                 )
             thr = e.get("thresholds")
+            if thr is not None and not isinstance(thr, dict):
+                raise _Bad(
+                    f"key '{key}.expect.thresholds': expected {{name: threshold}}, "
+                    f"got {type(thr).__name__}"
+                )
             expected = Expected(
                 response=_str(e, "response") if "response" in e else None,
                 delta=_delta(e["delta"], f"{key}.expect.delta") if "delta" in e else None,
@@ -274,6 +279,28 @@ def _multi(rec: dict[str, Any], sid: str, source: str) -> Scenario:
             )
         turns.append((player, expected))
     return _base(rec, "multi", sid, source, tuple(turns))
+
+
+def unknown_flags(sc: Scenario, flags: tuple[str, ...] | list[str]) -> str | None:
+    """Why the scenario cannot be scored on a bundle with these flags (a label for a flag
+    the bundle lacks, ``give_itme`` for ``give_item``, would count as nothing), or None."""
+    known = set(flags)
+    for i, (_, e) in enumerate(sc.turns):
+        if e is None:
+            continue
+        for what, names in (("flags", e.flags or {}), ("thresholds", e.thresholds or {})):
+            for name in names:
+                if name not in known:
+                    key = {
+                        "nested": f"output.flag.{name}",
+                        "flat": "flag",
+                        "multi": f"turns[{i}].expect.{what}.{name}",
+                    }.get(sc.kind, f"{what}.{name}")
+                    listed = ", ".join(flags) or "none"
+                    return (
+                        f"key '{key}': {name!r} is not a flag of this bundle (its flags: {listed})"
+                    )
+    return None
 
 
 def parse_line(text: str, source: str, default_id: str) -> Scenario:

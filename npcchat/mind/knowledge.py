@@ -68,7 +68,7 @@ class Trigger:
         return tuple(p for p in map(phrase_pattern, self.phrases) if p is not None)
 
     def matches(self, text: str) -> bool:
-        """On NFKC, case-folded text without zero-width characters: a Latin phrase as whole
+        """On NFKC, case-folded text without invisible characters: a Latin phrase as whole
         words, a Hangul phrase from a word start with any particle or ending after it."""
         said = for_matching(text)
         return any(p.search(said) for p in self.patterns)

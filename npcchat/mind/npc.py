@@ -4,6 +4,7 @@ and player state. Every key is checked; errors name the file, the key and the ex
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -219,12 +220,14 @@ def _triggers(path: Path, data: dict[str, Any]) -> tuple[Trigger, ...]:
             raise ConfigError(
                 f"{where(path, f'{label}.match')}: expected at least one word or phrase"
             )
-        # punctuation is ignored in matching: a phrase of nothing else could never fire
+        # punctuation and invisible characters are ignored in matching: a phrase of nothing
+        # else could never fire
         for p in phrases:
             if phrase_pattern(p) is None:
                 raise ConfigError(
-                    f"{where(path, f'{label}.match')}: {p!r} has no letters or digits, so it "
-                    "could never match (punctuation and case are ignored)"
+                    f"{where(path, f'{label}.match')}: {p!a} has no visible letters or "
+                    "digits, so it could never match (punctuation, case and invisible "
+                    "characters such as zero-width spaces and Hangul fillers are ignored)"
                 )
         out.append(
             Trigger(
@@ -281,3 +284,25 @@ def load_dir(directory: Path) -> dict[str, NpcDef]:
             )
         npcs[npc.id] = npc
     return npcs
+
+
+def flag_warnings(npc: NpcDef, bundle_flags: Sequence[str]) -> list[str]:
+    """One warning per place the NPC file names a flag the bundle does not have: legal
+    (the file may serve several bundles) but it does nothing, and is usually a typo."""
+    known = set(bundle_flags)
+    listed = ", ".join(bundle_flags) or "none: the bundle has no heads"
+    source = npc.source or npc.id
+    out = [
+        f"{where(source, f'flags.{name}')}: the bundle has no flag {name!r} "
+        f"(its flags: {listed}); this table does nothing"
+        for name in npc.knowledge.flags
+        if name not in known
+    ]
+    for i, trigger in enumerate(npc.knowledge.triggers):
+        out += [
+            f"{where(source, f'triggers[{i}].flags')}: the bundle has no flag {name!r} "
+            f"(its flags: {listed}); it never fires"
+            for name in trigger.flags
+            if name not in known
+        ]
+    return out

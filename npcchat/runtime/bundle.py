@@ -116,6 +116,17 @@ def load(root: Path) -> Bundle:
     if root.is_file() and root.name == MANIFEST:
         root = root.parent
     manifest = root / MANIFEST
+    if not root.exists():
+        raise BundleError(
+            f"{root}: no such directory",
+            hint="--bundle (or NPCCHAT_BUNDLE) names a bundle directory made by "
+            "`npcchat convert`; leave it out to run the bundled demo",
+        )
+    if not root.is_dir():
+        raise BundleError(
+            f"{root}: not a directory (a bundle is a directory with a {MANIFEST})",
+            hint="leave --bundle out to run the bundled demo",
+        )
     if not manifest.is_file():
         raise BundleError(
             f"{root}: not a model bundle (no {MANIFEST})",

@@ -39,6 +39,7 @@ from npcchat.errors import (
 )
 from npcchat.runtime import served_format
 from npcchat.runtime.batch import TurnCancelled
+from npcchat.serve import docs
 from npcchat.serve import schemas as S
 from npcchat.serve.metrics import CONTENT_TYPE, Metrics
 from npcchat.serve.store import NotFound, SessionStore
@@ -100,11 +101,11 @@ def _api_error(e: NpcchatError) -> ApiError:
 
 
 class BodyLimit:
-    """Refuse request bodies over ``max_bytes`` with 413, chunked ones included, before the
-    body is parsed (pure ASGI, so nothing reads a huge body into memory first)."""
-
-    class _TooLarge(Exception):
-        pass
+    """Refuse request bodies over ``max_bytes`` with 413, before the body is parsed (pure
+    ASGI, so nothing reads a huge body into memory first). A declared Content-Length is
+    judged at once; a chunked body (no length) is read here, up to the limit and no
+    further, then handed on whole: counting it while the route parses it instead would let
+    the framework turn the refusal into its own 400."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -115,24 +116,36 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            await self._refuse(scope, receive, send)
+        if declared is not None:
+            if not declared.isdigit() or int(declared) > self.max_bytes:
+                await self._refuse(scope, receive, send)
+                return
+            await self.app(scope, receive, send)
             return
+        chunks: list[bytes] = []
         seen = 0
-
-        async def counted() -> Message:
-            nonlocal seen
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise self._TooLarge
-            return message
+            if message["type"] != "http.request":  # the client left: nothing to answer
+                return
+            body = message.get("body", b"")
+            seen += len(body)
+            if seen > self.max_bytes:
+                await self._refuse(scope, receive, send)
+                return
+            chunks.append(body)
+            if not message.get("more_body", False):
+                break
+        replayed = False
 
-        try:
-            await self.app(scope, counted, send)
-        except self._TooLarge:
-            await self._refuse(scope, receive, send)
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # after the body: disconnects, as the server sends them
+
+        await self.app(scope, replay, send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         message = f"request body over {self.max_bytes} bytes"
@@ -155,7 +168,10 @@ def create_app(runtime: Runtime, store: SessionStore, settings: Settings) -> Fas
         version=__version__,
         description="NPC replies and game-state changes from one llama.cpp prefill.",
         lifespan=lifespan,
+        docs_url=None,  # served from the package below: the default page needs a CDN
+        redoc_url=None,
     )
+    docs.mount(app)
     metrics = Metrics(lambda: runtime.occupancy)
     bearer = HTTPBearer(auto_error=False)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body)
@@ -392,12 +408,7 @@ def create_app(runtime: Runtime, store: SessionStore, settings: Settings) -> Fas
     async def reset_session(player_id: S.IdPath, npc_id: S.IdPath) -> dict[str, Any]:
         """Back to the NPC's initial state: no history, no memories (saved)."""
 
-        def reset() -> dict[str, Any]:
-            with store.lease(player_id, npc_id, create=False) as conv:
-                conv.reset()
-                return session_mod.to_dict(conv.session)
-
-        return await run_in_threadpool(reset)
+        return await run_in_threadpool(store.reset, player_id, npc_id)
 
     @app.delete(
         "/v1/sessions/{player_id}/{npc_id}",
@@ -406,7 +417,11 @@ def create_app(runtime: Runtime, store: SessionStore, settings: Settings) -> Fas
         responses={404: {"model": S.ErrorOut}},
     )
     async def delete_session(player_id: S.IdPath, npc_id: S.IdPath) -> Response:
-        await run_in_threadpool(store.delete, player_id, npc_id)
+        """Remove the session (a file that cannot be read as a session is moved aside as
+        ``*.corrupt-<time>`` beside it, so it never needs shell access to clear)."""
+        moved = await run_in_threadpool(store.delete, player_id, npc_id)
+        if moved is not None:
+            log.warning("npcchat serve: unreadable session moved aside as %s", moved)
         return Response(status_code=204)
 
     @app.get("/v1/npcs", response_model=list[S.NpcOut], dependencies=guarded)

@@ -21,9 +21,10 @@ from pathlib import Path
 from npcchat import demo
 from npcchat.api import Runtime
 from npcchat.conversation import Conversation
-from npcchat.errors import ConfigError, NpcchatError
+from npcchat.errors import ConfigError, NpcchatError, SessionError
 from npcchat.mind import npc as npc_mod
 from npcchat.serve.schemas import ID_PATTERN
+from npcchat.sessions import session as session_mod
 from npcchat.sessions import snapshot
 
 _ID = re.compile(ID_PATTERN)
@@ -67,6 +68,11 @@ class SessionStore:
         self._open: OrderedDict[tuple[str, str], _Entry] = OrderedDict()
         self._guard = threading.Lock()
 
+    def warnings(self) -> list[str]:
+        """What the NPC files configure that this bundle lacks (said once, at start)."""
+        flags = self.runtime.flags
+        return [w for npc in self.npcs.values() for w in npc_mod.flag_warnings(npc, flags)]
+
     def path(self, player_id: str, npc_id: str) -> Path:
         for value in (player_id, npc_id):
             if not _ID.match(value):  # the schemas check too; a path is never built otherwise
@@ -85,6 +91,11 @@ class SessionStore:
         key = (player_id, npc_id)
         with self._guard:
             entry = self._open.get(key)
+            if entry is not None and entry.users == 0 and entry.conversation.stale():
+                # another program changed the file: read its version, never overwrite it
+                entry.conversation.close()
+                del self._open[key]
+                entry = None
             if entry is None:
                 entry = _Entry(self._open_conversation(player_id, npc_id, create))
                 self._open[key] = entry
@@ -92,6 +103,13 @@ class SessionStore:
             entry.users += 1
         try:
             yield entry.conversation
+        except SessionError as e:
+            # the file changed on disk or broke: the next request reads it again instead of
+            # failing for good on this copy's stale version
+            with self._guard:
+                if self._open.get(key) is entry:
+                    del self._open[key]
+            raise SessionError(_recoverable(e.message, player_id, npc_id)) from None
         finally:
             with self._guard:
                 entry.users -= 1
@@ -100,9 +118,12 @@ class SessionStore:
     def _open_conversation(self, player_id: str, npc_id: str, create: bool) -> Conversation:
         npc = self.npc(npc_id)
         path = self.path(player_id, npc_id)
-        if not create and not path.is_file():
+        if not create and not (path.exists() or path.is_symlink()):
             raise NotFound(f"no session of player {player_id!r} with NPC {npc_id!r}")
-        return self.runtime.open(npc, session=path, on_warning=_ignore)
+        try:
+            return self.runtime.open(npc, session=path, on_warning=_ignore)
+        except SessionError as e:
+            raise SessionError(_recoverable(e.message, player_id, npc_id)) from None
 
     def _evict(self) -> None:
         """Close the least recently used conversations that no request holds."""
@@ -112,17 +133,46 @@ class SessionStore:
         for key in [k for k, e in self._open.items() if e.users == 0][:excess]:
             self._open.pop(key).conversation.close()
 
-    def delete(self, player_id: str, npc_id: str) -> None:
-        """Remove the session file (and its KV snapshot); waits for a running turn."""
-        with self.lease(player_id, npc_id, create=False) as conv, conv.lock:
-            conv.session = conv.session.reset()  # a turn waiting for it starts afresh
-            path = self.path(player_id, npc_id)
-            path.unlink(missing_ok=True)
-            snapshot.path_for(path).unlink(missing_ok=True)
-            with self._guard:
-                entry = self._open.get((player_id, npc_id))
-                if entry is not None and entry.conversation is conv:
-                    del self._open[(player_id, npc_id)]
+    def reset(self, player_id: str, npc_id: str) -> dict[str, object]:
+        """Back to the NPC's initial state, from the file as it is on disk now (another
+        program may have changed it since this server read it)."""
+        with self.lease(player_id, npc_id, create=False) as conv:
+            conv.reset(reload=True)
+            return session_mod.to_dict(conv.session)
+
+    def delete(self, player_id: str, npc_id: str) -> str | None:
+        """Remove the session file (and its KV snapshot); waits for a running turn. A file
+        that cannot be read as a session is moved aside instead (``NAME.corrupt-<time>``,
+        returned), so a broken session never needs shell access to clear."""
+        path = self.path(player_id, npc_id)
+        try:
+            with self.lease(player_id, npc_id, create=False) as conv, conv.lock:
+                conv.session = conv.session.reset()  # a turn waiting for it starts afresh
+                path.unlink(missing_ok=True)
+                snapshot.path_for(path).unlink(missing_ok=True)
+                self._forget(player_id, npc_id, conv)
+            return None
+        except SessionError:
+            if not (path.exists() or path.is_symlink()):
+                return None
+            self._forget(player_id, npc_id, None)
+            return str(session_mod.set_aside(path))
+
+    def _forget(self, player_id: str, npc_id: str, conv: Conversation | None) -> None:
+        """Drop the cached conversation (only ``conv`` when given)."""
+        with self._guard:
+            entry = self._open.get((player_id, npc_id))
+            if entry is not None and (conv is None or entry.conversation is conv):
+                del self._open[(player_id, npc_id)]
+
+
+def _recoverable(message: str, player_id: str, npc_id: str) -> str:
+    """A 409's message with what the game (or a designer) can do about it."""
+    return (
+        f"{message}; DELETE /v1/sessions/{player_id}/{npc_id} removes it (a file that "
+        "cannot be read is moved aside as *.corrupt-<time>), POST .../reset starts over "
+        "from the file as it is now"
+    )
 
 
 def _ignore(message: str) -> None:

@@ -423,6 +423,22 @@ def save(s: Session, path: Path, known: Stamp | bool | None = None) -> Stamp:
     return written
 
 
+def set_aside(path: Path) -> Path:
+    """Move a file npcchat cannot read as a session out of the way, as
+    ``NAME.corrupt-<UTC time>`` beside it (never deleted: its bytes may still matter to
+    someone); returns the new path. Its KV snapshot, no use without it, is removed."""
+    with _directory_lock(path):
+        stamp_text = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        target = path.with_name(f"{path.name}.corrupt-{stamp_text}")
+        n = 1
+        while target.exists() or target.is_symlink():
+            n += 1
+            target = path.with_name(f"{path.name}.corrupt-{stamp_text}-{n}")
+        os.rename(path, target)
+    path.with_name(path.name + ".kv").unlink(missing_ok=True)
+    return target
+
+
 @contextlib.contextmanager
 def _directory_lock(path: Path) -> Iterator[None]:
     """An exclusive lock on the session's directory for one compare-and-write (POSIX)."""

@@ -1,17 +1,20 @@
 """KV snapshot files beside session files: resume a conversation without re-reading its prompt.
 
 ``FILE.kv`` holds llama.cpp's state of one sequence (see ``Engine.kv_state``) plus a header:
-format, bundle identity, context size, the tokens the state covers and a sha256 of the
-payload. This module is the file format only; the engine takes the state out of llama.cpp
-and puts it back. Restoring only declares those tokens cached; the next turn's prefix reuse
-decides what is still valid, so a snapshot from another prompt is harmless (cold prefill)
-and one from another bundle is not even loaded. A corrupt or unreadable snapshot is a
-warning, never an error. Snapshots are optional and bounded in size by config.
+format, bundle identity, context size, the tokens the state covers, the owning session and
+an HMAC over all of it with the installation's secret (:mod:`npcchat.sessions.signing`):
+whoever can write ``.kv`` files but not read that secret cannot forge one (another NPC's
+cache spliced under this session's tokens would otherwise be adopted by prefix reuse and
+change the replies). This module is the file format only; the engine takes the state out
+of llama.cpp and puts it back. Restoring only declares those tokens cached; the next turn's
+prefix reuse decides what is still valid, so a snapshot from another prompt is harmless
+(cold prefill) and one from another bundle is not even loaded. A corrupt, unreadable or
+unsigned snapshot is a warning, never an error. Snapshots are optional and bounded in
+size by config.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 from dataclasses import dataclass
@@ -19,9 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from npcchat.files.atomic import atomic_write
+from npcchat.sessions import signing
 
 MAGIC = b"NPCKV\x01"
-FORMAT = 2  # 2: one checksum over tokens and payload, the owning session, the engine identity
+FORMAT = 3  # 3: an HMAC with the installation's key (2: an unkeyed sha256)
+MAX_HEADER = 16 << 20  # bytes of the JSON header: a token list of a large context
 
 
 @dataclass(frozen=True)
@@ -35,21 +40,42 @@ class KvState:
     payload: bytes
 
 
-def _digest(tokens: list[int] | tuple[int, ...], owner: str, payload: bytes) -> str:
-    """One checksum over what must belong together: a token list spliced onto another
-    session's cache, or another session's file under this name, fails it."""
-    h = hashlib.sha256(json.dumps([list(tokens), owner]).encode())
-    h.update(payload)
-    return h.hexdigest()
+def _signed(
+    bundle_id: str, n_ctx: int, tokens: list[int] | tuple[int, ...], owner: str, payload: bytes
+) -> tuple[bytes, bytes]:
+    """What one MAC covers, all that must belong together: a token list spliced onto
+    another session's cache, another session's file under this name, or a file from
+    another installation fails it."""
+    return json.dumps([FORMAT, bundle_id, n_ctx, list(tokens), owner]).encode(), payload
+
+
+_warned: set[Path] = set()  # key files already warned about: once per process, not per turn
+
+
+def _key() -> tuple[bytes | None, str | None]:
+    try:
+        return signing.installation_key(), None
+    except signing.KeyUnavailable as e:
+        if signing.key_path() in _warned:
+            return None, None
+        _warned.add(signing.key_path())
+        return None, f"{e}; KV snapshots are off, turns read their prompts in full"
 
 
 def path_for(session_path: Path) -> Path:
     return session_path.with_name(session_path.name + ".kv")
 
 
-def save(session_path: Path, state: KvState, max_mb: int, owner: str = "") -> str | None:
-    """Write the snapshot; returns a warning instead of raising when it cannot."""
+def save(
+    session_path: Path, state: KvState, max_mb: int, owner: str = "", key: bytes | None = None
+) -> str | None:
+    """Write the snapshot; returns a warning instead of raising when it cannot. ``key``:
+    the signing key (default: this installation's)."""
     target = path_for(session_path)
+    if key is None:
+        key, warning = _key()
+        if key is None:
+            return warning
     payload = state.payload
     if len(payload) > max_mb * 1024 * 1024:
         target.unlink(missing_ok=True)
@@ -61,7 +87,9 @@ def save(session_path: Path, state: KvState, max_mb: int, owner: str = "") -> st
         "n_ctx": state.n_ctx,
         "tokens": list(state.tokens),
         "owner": owner,
-        "sha256": _digest(state.tokens, owner, payload),
+        "hmac": signing.sign(
+            key, *_signed(state.bundle_id, state.n_ctx, state.tokens, owner, payload)
+        ),
         "size": len(payload),
     }
     blob = json.dumps(header).encode()
@@ -72,37 +100,51 @@ def save(session_path: Path, state: KvState, max_mb: int, owner: str = "") -> st
     return None
 
 
-def _read(path: Path) -> tuple[dict[str, Any], bytes]:
+def _read(path: Path, key: bytes) -> tuple[dict[str, Any], bytes]:
     raw = path.read_bytes()
     if not raw.startswith(MAGIC) or len(raw) < len(MAGIC) + 4:
         raise ValueError("not an npcchat KV snapshot")
     (n,) = struct.unpack("<I", raw[len(MAGIC) : len(MAGIC) + 4])
     start = len(MAGIC) + 4
+    if n > MAX_HEADER or start + n > len(raw):
+        raise ValueError("header size out of bounds")
     header = json.loads(raw[start : start + n])
     payload = raw[start + n :]
     if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise ValueError("unknown snapshot format")
+        raise ValueError("unknown snapshot format (written by another npcchat version)")
     tokens, owner = header.get("tokens"), header.get("owner")
     if not isinstance(tokens, list) or not all(type(t) is int for t in tokens):
         raise ValueError("bad token list")
-    if not isinstance(owner, str) or not isinstance(header.get("bundle_id"), str):
-        raise ValueError("header without its owner or bundle")
-    digest = _digest(tokens, owner, payload)
-    if len(payload) != header.get("size") or digest != header.get("sha256"):
-        raise ValueError("checksum mismatch (truncated, damaged or spliced)")
+    bundle_id, n_ctx = header.get("bundle_id"), header.get("n_ctx")
+    if not isinstance(owner, str) or not isinstance(bundle_id, str) or type(n_ctx) is not int:
+        raise ValueError("header without its owner, bundle or context size")
+    if len(payload) != header.get("size"):
+        raise ValueError("truncated or damaged")
+    if not signing.verify(
+        key, header.get("hmac"), *_signed(bundle_id, n_ctx, tokens, owner, payload)
+    ):
+        raise ValueError(
+            "not signed by this installation: forged, spliced, damaged or written under "
+            "another NPCCHAT_HOME"
+        )
     return header, payload
 
 
 def load(
-    session_path: Path, bundle_id: str, n_ctx: int, owner: str = ""
+    session_path: Path, bundle_id: str, n_ctx: int, owner: str = "", key: bytes | None = None
 ) -> tuple[KvState | None, str | None]:
     """(state, warning). Silently skips snapshots of another bundle, LoRA or context size:
-    a cold prefill is the right answer there. One of another session is a warning."""
+    a cold prefill is the right answer there. One of another session, or one this
+    installation did not sign, is a warning. ``key``: as for :func:`save`."""
     target = path_for(session_path)
     if not target.is_file():
         return None, None
+    if key is None:
+        key, warning = _key()
+        if key is None:
+            return None, warning
     try:
-        header, payload = _read(target)
+        header, payload = _read(target, key)
     except (OSError, ValueError) as e:
         return (
             None,
