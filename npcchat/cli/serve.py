@@ -55,6 +55,10 @@ def serve(
             f"--host {host}: refusing to serve beyond this machine without --api-key",
             hint="pass --api-key KEY (or set NPCCHAT_API_KEY), or --insecure on purpose",
         )
+    if not 1024 <= max_body <= 64 * 1024 * 1024:
+        raise ConfigError(f"--max-body {max_body}: expected 1024..67108864 bytes")
+    if not 1 <= max_text <= 2000:  # the schema's own bound (npcchat.serve.schemas.MAX_TEXT)
+        raise ConfigError(f"--max-text {max_text}: expected 1..2000")
     if not 1 <= slots <= 64:
         raise ConfigError(f"--slots {slots}: expected 1..64")
     if queue is not None and queue < 0:

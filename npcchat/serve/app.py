@@ -23,7 +23,7 @@ import anyio.to_thread
 from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -39,7 +39,7 @@ from npcchat.errors import (
 )
 from npcchat.runtime import served_format
 from npcchat.runtime.batch import TurnCancelled
-from npcchat.serve import docs
+from npcchat.serve import contract, docs
 from npcchat.serve import schemas as S
 from npcchat.serve.metrics import CONTENT_TYPE, Metrics
 from npcchat.serve.store import NotFound, SessionStore
@@ -187,7 +187,11 @@ def create_app(runtime: Runtime, store: SessionStore, settings: Settings) -> Fas
                 401, "unauthorized", "missing or wrong API key", {"WWW-Authenticate": "Bearer"}
             )
 
-    guarded = [Depends(authorized)]
+    # no key: no security in the contract either (a client generated from it must not
+    # demand a token this server never checks)
+    guarded = [Depends(authorized)] if settings.api_key is not None else []
+    auth = (401,) if settings.api_key is not None else ()
+    contract.install(app, settings.max_text)
 
     @app.exception_handler(ApiError)
     async def _on_api_error(request: Request, e: ApiError) -> Response:
@@ -202,12 +206,24 @@ def create_app(runtime: Runtime, store: SessionStore, settings: Settings) -> Fas
     async def _on_invalid(request: Request, e: RequestValidationError) -> Response:
         first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
         where = ".".join(str(p) for p in first.get("loc", ()))
+        if where == "body.prompt" and first.get("type") == "string_pattern_mismatch":
+            try:  # the line at fault, not the whole pattern
+                served_format.parse(str(first.get("input", "")))
+            except PromptError as bad:
+                return _error(422, "bad_prompt", bad.message)  # type: ignore[no-any-return]
+            message = "not in the served format (see the schema's description)"
+            return _error(422, "bad_prompt", f"prompt: {message}")  # type: ignore[no-any-return]
         return _error(422, "invalid_request", f"{where}: {first.get('msg')}")  # type: ignore[no-any-return]
 
     @app.exception_handler(HTTPException)
     async def _on_http(request: Request, e: HTTPException) -> Response:
+        headers = getattr(e, "headers", None)
+        if e.status_code == 400:  # FastAPI's answer to a body that is not JSON text at all
+            return _error(422, "invalid_request", "body: not valid JSON (UTF-8 text expected)")  # type: ignore[no-any-return]
+        if e.status_code == 405:  # every method of the path, not only the first route's
+            headers = {"Allow": contract.allowed_methods(app, dict(request.scope))}
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
-        return _error(e.status_code, code, str(e.detail), getattr(e, "headers", None))  # type: ignore[no-any-return]
+        return _error(e.status_code, code, str(e.detail), headers)  # type: ignore[no-any-return]
 
     @app.exception_handler(Exception)
     async def _on_crash(request: Request, e: Exception) -> Response:
@@ -221,10 +237,15 @@ def create_app(runtime: Runtime, store: SessionStore, settings: Settings) -> Fas
         with store.lease(body.player_id, body.npc_id) as conv:
             sampling = conv.sampling
             if body.max_tokens is not None:
-                sampling = replace(sampling, max_tokens=body.max_tokens)
+                sampling = replace(sampling, max_tokens=reply_room(body.max_tokens))
             sampling = replace(sampling, seed=body.seed)
             turn = conv.say(body.text, on_text, sampling, update=_overrides(body), cancel=cancel)
             return turn, len(conv.session.history)
+
+    def reply_room(asked: int) -> int:
+        """A reply takes at most half the context: more would leave no room for a prompt,
+        so it is a bound of this server, not an error of the request (see the schema)."""
+        return max(1, min(asked, runtime.config.runtime.n_ctx // 2))
 
     def check(body: S.TurnIn) -> None:
         if len(body.text) > settings.max_text:
@@ -256,10 +277,11 @@ def create_app(runtime: Runtime, store: SessionStore, settings: Settings) -> Fas
         response_model=S.TurnOut,
         dependencies=guarded,
         responses={
-            200: {"content": {"text/event-stream": {}}},
-            404: {"model": S.ErrorOut},
-            422: {"model": S.ErrorOut},
-            503: {"model": S.ErrorOut},
+            200: {
+                "content": {"text/event-stream": {"schema": contract.SSE_EVENT}},
+                "links": contract.turn_links(),
+            },
+            **contract.errors(*auth, 404, 409, 413, 422, 503),
         },
         summary="A player's line to an NPC: its reply and the state change",
     )
@@ -342,7 +364,7 @@ def create_app(runtime: Runtime, store: SessionStore, settings: Settings) -> Fas
         "/api/predict_main",
         response_model=S.PredictOut,
         dependencies=guarded,
-        responses={422: {"model": S.ErrorOut}, 503: {"model": S.ErrorOut}},
+        responses=contract.errors(*auth, 413, 422, 503),
         summary="The original model server: a prompt in the served format, run as it says",
     )
     async def predict_main(body: S.PredictIn) -> S.PredictOut:
@@ -365,7 +387,7 @@ def create_app(runtime: Runtime, store: SessionStore, settings: Settings) -> Fas
         )
         cfg = runtime.config
         seed = cfg.sampling.seed if cfg.sampling.seed >= 0 else None
-        sampling = replace(sampling_of(cfg, seed), max_tokens=body.max_tokens)
+        sampling = replace(sampling_of(cfg, seed), max_tokens=reply_room(body.max_tokens))
         try:
             turn = partial(runtime.turn, context=inp.context, sampling=sampling)
             result = await run_in_threadpool(turn, session, inp.player_utterance)
@@ -388,7 +410,7 @@ def create_app(runtime: Runtime, store: SessionStore, settings: Settings) -> Fas
         "/v1/sessions/{player_id}/{npc_id}",
         response_model=S.SessionOut,
         dependencies=guarded,
-        responses={404: {"model": S.ErrorOut}},
+        responses=contract.errors(*auth, 404, 409, 422),
     )
     async def get_session(player_id: S.IdPath, npc_id: S.IdPath) -> dict[str, Any]:
         """The session file's content: state, player state, memories, every turn."""
@@ -403,7 +425,7 @@ def create_app(runtime: Runtime, store: SessionStore, settings: Settings) -> Fas
         "/v1/sessions/{player_id}/{npc_id}/reset",
         response_model=S.SessionOut,
         dependencies=guarded,
-        responses={404: {"model": S.ErrorOut}},
+        responses=contract.errors(*auth, 404, 409, 422),
     )
     async def reset_session(player_id: S.IdPath, npc_id: S.IdPath) -> dict[str, Any]:
         """Back to the NPC's initial state: no history, no memories (saved)."""
@@ -414,7 +436,7 @@ def create_app(runtime: Runtime, store: SessionStore, settings: Settings) -> Fas
         "/v1/sessions/{player_id}/{npc_id}",
         status_code=204,
         dependencies=guarded,
-        responses={404: {"model": S.ErrorOut}},
+        responses=contract.errors(*auth, 404, 422),
     )
     async def delete_session(player_id: S.IdPath, npc_id: S.IdPath) -> Response:
         """Remove the session (a file that cannot be read as a session is moved aside as
@@ -424,7 +446,12 @@ def create_app(runtime: Runtime, store: SessionStore, settings: Settings) -> Fas
             log.warning("npcchat serve: unreadable session moved aside as %s", moved)
         return Response(status_code=204)
 
-    @app.get("/v1/npcs", response_model=list[S.NpcOut], dependencies=guarded)
+    @app.get(
+        "/v1/npcs",
+        response_model=list[S.NpcOut],
+        dependencies=guarded,
+        responses=contract.errors(*auth),
+    )
     async def npcs() -> list[S.NpcOut]:
         return [
             S.NpcOut(
@@ -449,7 +476,18 @@ def create_app(runtime: Runtime, store: SessionStore, settings: Settings) -> Fas
             waiting=load.waiting,
         )
 
-    @app.get("/metrics", dependencies=guarded)
+    @app.get(
+        "/metrics",
+        dependencies=guarded,
+        response_class=PlainTextResponse,
+        responses={
+            200: {
+                "description": "Prometheus text exposition format (version 0.0.4)",
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+            },
+            **contract.errors(*auth, beside_text=True),
+        },
+    )
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 

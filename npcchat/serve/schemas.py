@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import Path
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 Id = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
@@ -18,8 +18,20 @@ IdPath = Annotated[str, Path(pattern=ID_PATTERN)]  # the same, as a path paramet
 MAX_TEXT = 2000  # characters of one player line (the server's --max-text can lower it)
 
 
+# Requests are validated strictly: what the schema says a field is, and nothing pydantic
+# could coerce into it ("0.5" for a number, 0 for a boolean), or a client generated from
+# the contract and one written by hand would see different servers. Integers are the one
+# exception, as JSON Schema defines them: 3.0 is the integer 3 (never "3" or true).
+
+
+def _no_text_or_bool(value: Any) -> Any:
+    if isinstance(value, str | bool):
+        raise ValueError("Input should be a valid integer")
+    return value
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class PlayerStateIn(Strict):
@@ -52,9 +64,14 @@ class TurnIn(Strict):
     text: Annotated[str, StringConstraints(min_length=1, max_length=MAX_TEXT)]
     tags: TagsIn | None = None
     player_state: PlayerStateIn | None = None
-    max_tokens: int | None = Field(default=None, ge=1, le=4096)
-    seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
+    max_tokens: Annotated[int, Field(strict=False, ge=1, le=4096)] | None = Field(
+        default=None,
+        description="Most reply tokens (at most half the server's context size).",
+    )
+    seed: Annotated[int, Field(strict=False, ge=0, le=2**31 - 1)] | None = None
     stream: bool = False
+
+    _ints = field_validator("max_tokens", "seed", mode="before")(_no_text_or_bool)
 
 
 class Delta(BaseModel):
@@ -87,13 +104,47 @@ class TurnOut(BaseModel):
     meta: TurnMeta
 
 
+_LINE = r"[^\n]*"
+# a number in [0, 1], as Python prints one too (1e-05)
+_UNIT = r"(?:0(?:\.[0-9]+)?|1(?:\.0+)?|\.[0-9]+|[0-9](?:\.[0-9]+)?[eE]-0*[1-9][0-9]*)"
+# The served format (README, "Use it from a game"), line by line, as the server parses it.
+PROMPT_PATTERN = (
+    rf"^<SYS>\nNPC_ID={ID_PATTERN[1:-1]}\nNPC_LOCATION={_LINE}\nTAGS:\n"
+    rf" quest_stage={_LINE}\n relationship={_UNIT}\n trust={_UNIT}\n"
+    rf" npc_mood={_LINE}\n player_reputation={_LINE}\n style={_LINE}\n</SYS>\n"
+    rf"<RAG>\nLORE: {_LINE}\nDESCRIPTION: {_LINE}\n</RAG>\n"
+    rf"<PLAYER_STATE>\n(?:items={_LINE}\n)?(?:actions={_LINE}\n)?(?:position={_LINE}\n)?"
+    rf"</PLAYER_STATE>\n<CTX>\n(?:(?:[Pp][Ll][Aa][Yy][Ee][Rr]|[Nn][Pp][Cc]): {_LINE}\n)*"
+    rf"</CTX>\n<PLAYER>{_LINE}(?:\n{_LINE})*\n<STATE>\n<NPC>[\n ]*$"
+)
+
+
 class PredictIn(Strict):
     """The original model server's request: a prompt already in the served format."""
 
+    # the prompt's pattern is matched as Python's re does (as schema-based test generators
+    # do), so what the schema admits and what the server admits are the same strings
+    model_config = ConfigDict(extra="forbid", strict=True, regex_engine="python-re")
+
     session_id: Annotated[str, StringConstraints(max_length=200)]
-    npc_id: Annotated[str, StringConstraints(max_length=200)]
-    prompt: Annotated[str, StringConstraints(min_length=1, max_length=64_000)]
-    max_tokens: int = Field(default=200, ge=1, le=4096)
+    npc_id: Id = Field(
+        description="The NPC; must equal the prompt's NPC_ID line (else 422 bad_prompt)."
+    )
+    prompt: Annotated[
+        str, StringConstraints(min_length=1, max_length=64_000, pattern=PROMPT_PATTERN)
+    ] = Field(
+        description="A prompt in the original served format: <SYS> with NPC_ID, "
+        "NPC_LOCATION and TAGS, <RAG> with LORE and DESCRIPTION, <PLAYER_STATE>, <CTX> "
+        "with 'player: ' / 'npc: ' lines, then <PLAYER> with the player's line, <STATE> and "
+        "<NPC> (README: 'Use it from a game'). It is parsed into fields and rendered again "
+        "through the bundle's template; one that does not fit the context is 422 bad_prompt."
+    )
+    max_tokens: Annotated[int, Field(strict=False, ge=1, le=4096)] = Field(
+        default=200,
+        description="Most reply tokens (at most half the server's context size).",
+    )
+
+    _ints = field_validator("max_tokens", mode="before")(_no_text_or_bool)
 
 
 class PredictOut(BaseModel):
