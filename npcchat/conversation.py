@@ -54,6 +54,9 @@ def new_session(npc: NpcDef, engine: Engine, seed: int) -> Session:
         tags=npc.tags,
         initial_tags=npc.tags,
         player_state=npc.player_state,
+        initial_player_state=npc.player_state,
+        npc_items=npc.npc_items,
+        initial_npc_items=npc.npc_items,
         lore=npc.lore,
         description=npc.description,
         bundle_name=engine.bundle.name,
@@ -230,6 +233,7 @@ class Conversation:
             pinned=pinned,
             reuse=self.reuse,
             affinity=self.affinity,
+            guide=self.mind.guide(session) if self.mind else None,
         )
 
     def _prepared(self, text: str) -> tuple[Session, tuple[ContextTurn, ...]]:
@@ -258,7 +262,7 @@ class Conversation:
             yield first.reply
             return self._commit(first)
         steps = self.engine.stream(
-            first.session, first.player, first.sampling, first.context, first.pinned
+            first.session, first.player, first.sampling, first.context, first.pinned, first.guide
         )
         while True:
             if cancel is not None and cancel.is_set():

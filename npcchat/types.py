@@ -69,9 +69,78 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class FlagResult:
+    """``fired``: what the game acts on. ``blocked``: the NPC's rule that kept a flag the
+    heads predicted (prob >= threshold) from firing ("" when none did): the model wanted
+    to, the rules said no."""
+
     prob: float
     threshold: float
     fired: bool
+    blocked: str = ""
+
+
+Param = str | int | float | bool
+
+
+@dataclass(frozen=True)
+class Action:
+    """Something the game executes because a flag fired, with its parameters
+    (``{"name": "give_item", "item": "loom_key"}``), as the NPC file defines it."""
+
+    name: str
+    flag: str
+    params: tuple[tuple[str, Param], ...] = ()
+
+    def to_json(self) -> dict[str, Param]:
+        """``{"name", "flag", **params}``: the flag that fired it beside its parameters."""
+        return {"name": self.name, "flag": self.flag, **dict(self.params)}
+
+
+@dataclass(frozen=True)
+class Change:
+    """One state change an effect made: a tag (``quest_stage``: ``in_progress`` ->
+    ``complete``), an item moving (``forgotten_picture``: ``player`` -> ``npc``) or a
+    memory line recorded (``memory``: "" -> the line)."""
+
+    kind: str  # "tag", "item" or "memory"
+    key: str
+    before: str
+    after: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"kind": self.kind, "key": self.key, "from": self.before, "to": self.after}
+
+    def __str__(self) -> str:
+        if self.kind == "memory":
+            return f"memory: {self.after}"
+        return f"{self.key}: {self.before or '-'} -> {self.after or '-'}"
+
+
+@dataclass(frozen=True)
+class RulesOutcome:
+    """What the NPC's rules did in one turn (npcchat.rules): flags kept from firing, the
+    state changes their effects made, the actions for the game, the guarded reply."""
+
+    blocked: dict[str, str] = field(default_factory=dict)  # flag -> the condition that failed
+    effects: tuple[Change, ...] = ()  # every state change, in the order it was made
+    actions: tuple[Action, ...] = ()
+    memories: tuple[str, ...] = ()  # memory lines the effects recorded
+    guard: str = ""  # the flag whose guarded reply answered ("" when none did)
+    checks: tuple[str, ...] = ()  # reply checks that intervened while generating
+    player_items: tuple[str, ...] = ()  # after the turn
+    npc_items: tuple[str, ...] = ()  # after the turn
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "blocked": dict(self.blocked),
+            "effects": [c.to_json() for c in self.effects],
+            "actions": [a.to_json() for a in self.actions],
+            "memories": list(self.memories),
+            "guard": self.guard,
+            "checks": list(self.checks),
+            "player_items": list(self.player_items),
+            "npc_items": list(self.npc_items),
+        }
 
 
 @dataclass(frozen=True)
@@ -109,6 +178,7 @@ class Turn:
     timings: Timings
     seed: int
     npc_id: str = ""
+    rules: RulesOutcome | None = None  # None: the NPC has no rules (output as before)
 
     @property
     def deltas(self) -> dict[str, float]:
@@ -125,22 +195,31 @@ class Turn:
         """The names of the flags that fired this turn."""
         return tuple(n for n, f in self.heads.flags.items() if f.fired)
 
+    @property
+    def actions(self) -> tuple[Action, ...]:
+        """What the game should execute this turn (the NPC file's actions of fired flags)."""
+        return self.rules.actions if self.rules else ()
+
     def to_json(self) -> dict[str, Any]:
         """``{"npc_id", "reply", "deltas", "flags", "state", "tokens", "timings_ms"}``."""
         return {"npc_id": self.npc_id, **turn_json(self)}
 
 
 def flags_json(flags: Mapping[str, FlagResult]) -> dict[str, dict[str, Any]]:
-    """``{name: {"prob", "threshold", "fired"}}``, the shape every output uses."""
-    return {
-        n: {"prob": f.prob, "threshold": f.threshold, "fired": f.fired} for n, f in flags.items()
-    }
+    """``{name: {"prob", "threshold", "fired"}}``, the shape every output uses (plus
+    ``"blocked"``: the failed condition, for a flag an NPC's rule kept from firing)."""
+    out: dict[str, dict[str, Any]] = {}
+    for n, f in flags.items():
+        out[n] = {"prob": f.prob, "threshold": f.threshold, "fired": f.fired}
+        if f.blocked:
+            out[n]["blocked"] = f.blocked
+    return out
 
 
 def turn_json(r: Turn) -> dict[str, Any]:
     """The part of a turn that `talk --json`, eval reports and bench print alike."""
     t = r.timings
-    return {
+    out = {
         "reply": r.reply,
         "deltas": dict(r.heads.deltas),
         "flags": flags_json(r.heads.flags),
@@ -152,3 +231,7 @@ def turn_json(r: Turn) -> dict[str, Any]:
         },
         "timings_ms": {"prefill": t.prefill_ms, "heads": t.heads_ms, "generate": t.generate_ms},
     }
+    if r.rules is not None:  # an NPC without rules prints exactly what it did before
+        out["stop_reason"] = r.stop_reason
+        out["rules"] = r.rules.to_json()
+    return out

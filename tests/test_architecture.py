@@ -35,7 +35,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ),
     ("sessions", ("npcchat.sessions",)),
     ("runtime", ("npcchat.runtime",)),
-    ("mind", ("npcchat.mind",)),
+    ("mind and rules", ("npcchat.mind", "npcchat.rules")),
     ("conversation", ("npcchat.conversation",)),
     ("eval and bench", ("npcchat.eval", "npcchat.bench")),
     ("api", ("npcchat.api",)),

@@ -257,7 +257,7 @@ def test_markup_in_player_text_and_state_is_printed_as_is(tmp_path: Path) -> Non
     assert code == 0 and "[/bold] hello [red]x" in out
     repl = b"/set position [/bold]\n/set npc_mood [bold red]grim\n/state\n/quit\n"
     code, out = _npcchat([b"talk", b"--session", str(tmp_path / "s.toml").encode()], repl)
-    assert code == 0 and "position='[/bold]'" in out and "[bold red]grim" in out
+    assert code == 0 and "player position [/bold]" in out and "[bold red]grim" in out
     # and again from the saved session: every /state of it works
     code, out = _npcchat([b"talk", b"--session", str(tmp_path / "s.toml").encode()], b"/state\n")
     assert code == 0 and "[bold red]grim" in out

@@ -113,13 +113,15 @@ def test_the_game_turn_contract_equals_talk_for_the_same_session_and_seed(serve:
         second = _turn(c, "p1", "Can you mend my sword?", seed=6, max_tokens=20)
     assert first.status_code == 200 and second.status_code == 200, first.text
     body = second.json()
-    assert set(body) == {"text", "delta", "flags", "meta"}
+    assert set(body) == {"text", "delta", "flags", "actions", "meta"}
+    fired = {n for n, on in body["flags"].items() if on}
+    assert all({"name", "flag"} <= set(a) and a["flag"] in fired for a in body["actions"])
     assert set(body["delta"]) == {"trust", "relationship"}
     assert set(body["flags"]) == set(server.runtime.flags)
     assert all(isinstance(v, bool) for v in body["flags"].values())
     meta = body["meta"]
     assert meta["npc_id"] == NPC and meta["player_id"] == "p1" and meta["turn"] == 2
-    assert set(meta["flags"][server.runtime.flags[0]]) == {"prob", "threshold"}
+    assert set(meta["flags"][server.runtime.flags[0]]) == {"prob", "threshold", "blocked"}
     assert meta["tokens"]["generated"] <= 20
     # the session file is the one talk writes: talk can open it
     path = server.sessions / NPC / "p1.json"
@@ -427,7 +429,7 @@ def test_the_openapi_schema_is_the_contract(serve: Any) -> None:
         "seed",
         "stream",
     }
-    assert set(schemas["TurnOut"]["properties"]) == {"text", "delta", "flags", "meta"}
+    assert set(schemas["TurnOut"]["properties"]) == {"text", "delta", "flags", "actions", "meta"}
     assert set(schemas["PredictOut"]["properties"]) == {
         "session_id",
         "npc_id",

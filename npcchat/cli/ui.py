@@ -93,10 +93,14 @@ def turn_summary(r: Turn, display: Mapping[str, str] | None = None) -> None:
     flags.add_column("fired")
     for name, f in r.heads.flags.items():
         mark = Text("FIRED", style="bold magenta") if f.fired else Text("·", style="dim")
+        if f.blocked:  # the model wanted to, the rules said no
+            mark = Text("BLOCKED", style="bold yellow")
         label = f"{name} ({display[name]})" if display and display.get(name, name) != name else name
         flags.add_row(label, f"{f.prob:.3f}", f"{f.threshold:.3f}", mark)
     out.print(grid)
     out.print(flags)
+    if r.rules is not None:
+        _rules(r)
     t = r.timings
     dropped = f" · {r.dropped_turns} old turns left out" if r.dropped_turns else ""
     out.print(
@@ -111,6 +115,25 @@ def turn_summary(r: Turn, display: Mapping[str, str] | None = None) -> None:
     )
 
 
+def _rules(r: Turn) -> None:
+    """What the NPC's rules did: blocked flags and why, state changes, actions."""
+    rules = r.rules
+    assert rules is not None
+    for name, why in rules.blocked.items():
+        out.print(Text.assemble(("blocked ", "bold yellow"), f"{name}: {why}"))
+    if rules.guard:
+        out.print(Text.assemble(("guarded reply ", "bold yellow"), f"for {rules.guard}"))
+    for change in rules.effects:
+        out.print(Text.assemble(("effect ", "bold cyan"), str(change)))
+    for action in rules.actions:
+        params = ", ".join(f"{k}={v}" for k, v in action.params)
+        out.print(Text.assemble(("action ", "bold green"), f"{action.name}({params})"))
+
+
+def _items(values: Sequence[str]) -> str:
+    return ", ".join(values) if values else "(none)"
+
+
 def tags_table(tags: Tags, title: str = "state") -> Table:
     table = Table(title=title, show_header=False, box=None, title_justify="left")
     table.add_column("key", style="bold")
@@ -123,8 +146,11 @@ def tags_table(tags: Tags, title: str = "state") -> Table:
 def state(s: Session) -> None:
     out.print(tags_table(s.tags))
     ps = s.player_state
-    player = f" items={list(ps.items)} actions={list(ps.actions)} position={ps.position!r}"
-    out.print(Text.assemble(("player", "bold"), player))
+    out.print(Text.assemble(("player items", "bold"), f" {_items(ps.items)}"))
+    out.print(Text.assemble(("player actions", "bold"), f" {_items(ps.actions)}"))
+    out.print(Text.assemble(("player position", "bold"), f" {ps.position or '(none)'}"))
+    if s.npc_items or s.initial_npc_items:
+        out.print(Text.assemble(("NPC items", "bold"), f" {_items(s.npc_items)}"))
     fired = f" {', '.join(s.fired_flags) or '(none)'} · {len(s.history)} turns"
     out.print(Text.assemble(("fired flags", "bold"), fired))
 
@@ -397,6 +423,18 @@ def eval_summary(rep: Mapping[str, Any]) -> None:
             _f(v["brier"]),
         )
     out.print(flags)
+    rules = agg.get("rules")
+    if rules:
+        blocked = ", ".join(f"{k} {v}" for k, v in rules["blocked"].items()) or "none"
+        actions = ", ".join(f"{k} {v}" for k, v in rules["actions"].items()) or "none"
+        out.print(
+            Text.assemble(
+                ("rules ", "bold"),
+                f"{rules['turns']} turns · blocked: {blocked} · guarded replies "
+                f"{rules['guarded_turns']} · actions: {actions} · state changes "
+                f"{rules['state_changes']} · reply checks {rules['check_interventions']}",
+            )
+        )
 
 
 def compare_summary(result: Mapping[str, Any]) -> None:

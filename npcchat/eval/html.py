@@ -185,6 +185,7 @@ def render(report: dict[str, Any]) -> str:
         [t["player"], t["reply"], (t["expected"] or {}).get("response"), t["checks"]["similarity"]]
         for t in worst
     ]
+    rules_html = _rules(report)
     b = report["bundle"]
     state = "complete" if report["complete"] else "PARTIAL (interrupted)"
     flag_head = [
@@ -210,5 +211,48 @@ def render(report: dict[str, Any]) -> str:
 <h2>Deltas: predicted vs expected</h2><div>{scatters}</div>
 <h2>Latency</h2><div>{lat}</div>
 <h2>Least similar replies</h2>{_table(["player", "reply", "reference", "similarity"], worst_rows)}
-</body></html>
+{rules_html}</body></html>
+"""
+
+
+def _rules(report: dict[str, Any]) -> str:
+    """What the NPCs' rules did: the totals, then every turn they changed, by scenario id
+    (empty when no NPC file with rules ran)."""
+    agg = report["aggregates"].get("rules")
+    if not agg:
+        return ""
+    totals = [
+        ["turns under rules", agg["turns"]],
+        ["turns with a blocked flag", agg["blocked_turns"]],
+        ["guarded replies", agg["guarded_turns"]],
+        ["state changes", agg["state_changes"]],
+        ["reply check interventions", agg["check_interventions"]],
+        *[[f"blocked: {k}", v] for k, v in agg["blocked"].items()],
+        *[[f"action: {k}", v] for k, v in agg["actions"].items()],
+    ]
+    rows = []
+    for sc in report["scenarios"]:
+        for i, t in enumerate(sc.get("turns", [])):
+            r = t.get("rules")
+            if not r or not (r["blocked"] or r["effects"] or r["actions"] or r["guard"]):
+                continue
+            rows.append(
+                [
+                    f"{sc['id']} #{i + 1}",
+                    t["player"],
+                    "; ".join(f"{k}: {v}" for k, v in r["blocked"].items()),
+                    f"guarded ({r['guard']})" if r["guard"] else "",
+                    "; ".join(f"{c['key']}: {c['from']} -> {c['to']}" for c in r["effects"]),
+                    "; ".join(
+                        a["name"]
+                        + "("
+                        + ", ".join(f"{k}={v}" for k, v in a.items() if k not in ("name", "flag"))
+                        + ")"
+                        for a in r["actions"]
+                    ),
+                ]
+            )
+    head = ["scenario · turn", "player", "blocked", "reply", "effects", "actions"]
+    return f"""<h2>Rules</h2>{_table(["", "count"], totals)}
+<h2>Turns the rules changed</h2>{_table(head, rows)}
 """

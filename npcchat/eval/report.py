@@ -241,6 +241,9 @@ def build(
     """The whole report of a run (complete or interrupted)."""
     agg = aggregate(results, bundle.flags, wall_s, sim_method)
     agg["bad_lines"] = len(bad)
+    rules = rules_summary(results)
+    if rules is not None:  # only where NPC files with rules ran: older reports are unchanged
+        agg["rules"] = rules
     b = bundle
     return {
         "format": REPORT_FORMAT,
@@ -253,6 +256,41 @@ def build(
         "aggregates": agg,
         "gates": gates(agg),
         "scenarios": results,
+    }
+
+
+def rules_summary(results: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """What the NPCs' rules did over the run: flags blocked (by flag), guarded replies,
+    actions (by name), state changes, reply checks that intervened; per scenario too.
+    None when no turn ran under rules."""
+    turns = [t for sc in results for t in sc.get("turns", []) if "rules" in t]
+    if not turns:
+        return None
+    blocked: dict[str, int] = {}
+    actions: dict[str, int] = {}
+    for t in turns:
+        for name in t["rules"]["blocked"]:
+            blocked[name] = blocked.get(name, 0) + 1
+        for a in t["rules"]["actions"]:
+            actions[a["name"]] = actions.get(a["name"], 0) + 1
+    per_scenario = {
+        sc["id"]: {
+            "blocked": sum(len(t["rules"]["blocked"]) for t in sc["turns"] if "rules" in t),
+            "guarded": sum(1 for t in sc["turns"] if "rules" in t and t["rules"]["guard"]),
+            "checks": sum(len(t["rules"]["checks"]) for t in sc["turns"] if "rules" in t),
+        }
+        for sc in results
+        if any("rules" in t for t in sc.get("turns", []))
+    }
+    return {
+        "turns": len(turns),
+        "blocked": blocked,
+        "blocked_turns": sum(1 for t in turns if t["rules"]["blocked"]),
+        "guarded_turns": sum(1 for t in turns if t["rules"]["guard"]),
+        "actions": actions,
+        "state_changes": sum(len(t["rules"]["effects"]) for t in turns),
+        "check_interventions": sum(len(t["rules"]["checks"]) for t in turns),
+        "per_scenario": per_scenario,
     }
 
 

@@ -24,6 +24,7 @@ from functools import cached_property
 import numpy as np
 
 from npcchat.mind.embed import Embedder, rank
+from npcchat.rules.model import Rules
 from npcchat.text import for_matching, phrase_pattern
 from npcchat.types import ContextTurn, Memory, PlayerState, Tags
 
@@ -78,7 +79,8 @@ class Trigger:
 class FlagDef:
     display: str = ""
     threshold: float | None = None  # overrides the learned threshold when set
-    examples: tuple[str, ...] = ()
+    examples: tuple[str, ...] = ()  # lines that must fire it
+    negative_examples: tuple[str, ...] = ()  # lines that must not
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,7 @@ class Knowledge:
     flags: dict[str, FlagDef] = field(default_factory=dict)
     persona: str = ""  # the rendered ``[persona]`` line (:func:`persona_line`)
     name: str = ""  # the NPC's display name (banners, reports); empty: use its id
+    rules: Rules = field(default_factory=Rules)  # conditions, effects, actions, guards
 
     def trigger_for(self, text: str) -> Trigger | None:
         return next((t for t in self.triggers if t.matches(text)), None)

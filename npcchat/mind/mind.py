@@ -18,9 +18,10 @@ import numpy as np
 from npcchat.config import KnowledgeConfig
 from npcchat.mind import knowledge as K
 from npcchat.mind.embed import CachedEmbedder, Embedder, choose_embedder
-from npcchat.runtime.engine import Engine
+from npcchat.rules.model import State, apply
+from npcchat.runtime.engine import Engine, Guide, Guided
 from npcchat.sessions.session import Session
-from npcchat.types import ContextTurn, FlagResult, HeadsOutput, Memory, Turn
+from npcchat.types import ContextTurn, FlagResult, HeadsOutput, Memory, RulesOutcome, Turn
 
 
 @dataclass(frozen=True)
@@ -83,10 +84,62 @@ class NpcMind:
         prepared = replace(session, lore=lore, description=description)
         return Prepared(prepared, K.memory_context(recalled), recalled)
 
+    def guide(self, session: Session) -> Guide | None:
+        """What the NPC's rules decide on a turn's heads, before a token is generated: a
+        flag they block that has a guarded reply answers with it (a fixed line in rotation,
+        or the model with the guard's tags). None: no rules, nothing to decide."""
+        rules = self.know.rules
+        if not rules:
+            return None
+        state = State(session.tags, session.player_state, session.npc_items)
+
+        def decide(heads: HeadsOutput) -> Guided | None:
+            judged = rules.judge(self._override_flags(heads.flags), state)
+            found = rules.guard_for(judged.blocked)
+            if found is None:
+                return None
+            name, guard = found
+            if guard.lines:
+                used = sum(1 for t in session.history if t.rules and t.rules.guard == name)
+                return Guided(reply=guard.lines[used % len(guard.lines)])
+            changed: dict[str, object] = dict(guard.tags)
+            tags = replace(session.tags, **changed)  # type: ignore[arg-type]
+            return Guided(session=replace(session, tags=tags))
+
+        return decide
+
     def after(self, session: Session, result: Turn) -> tuple[Session, Turn]:
-        """Apply threshold overrides; turn history that left the window into memories."""
+        """Apply threshold overrides and the NPC's rules (conditions, effects, actions);
+        turn history that left the window into memories."""
         result = self._overrides(result)
-        session = session.with_turn(result)
+        rules = self.know.rules
+        if not rules:
+            session = session.with_turn(result)
+        else:
+            start = State(session.tags, session.player_state, session.npc_items)
+            judged = rules.judge(result.heads.flags, start)
+            moved = State(result.tags_after, session.player_state, session.npc_items)
+            ruled, changes, actions, lines = apply(rules, judged, moved)
+            found = rules.guard_for(judged.blocked) if result.stop_reason != "trigger" else None
+            outcome = RulesOutcome(
+                blocked=judged.blocked,
+                effects=changes,
+                actions=actions,
+                memories=lines,
+                guard=found[0] if found else "",
+                player_items=ruled.player.items,
+                npc_items=ruled.npc_items,
+            )
+            result = replace(
+                result,
+                heads=HeadsOutput(deltas=result.heads.deltas, flags=judged.flags),
+                tags_after=ruled.tags,
+                rules=outcome,
+            )
+            session = session.with_turn(result, ruled.player, ruled.npc_items)
+            turn = len(session.history) - 1
+            noted = tuple(Memory(turn, line) for line in lines)
+            session = replace(session, memories=session.memories + noted)
         out_of_window = result.dropped_turns // 2  # two context lines per earlier turn
         if out_of_window > session.memorized:
             new = [
@@ -99,19 +152,26 @@ class NpcMind:
         return session, result
 
     def _overrides(self, r: Turn) -> Turn:
+        flags = self._override_flags(r.heads.flags)
+        if flags is r.heads.flags:
+            return r
+        return replace(r, heads=HeadsOutput(deltas=r.heads.deltas, flags=flags))
+
+    def _override_flags(self, flags: dict[str, FlagResult]) -> dict[str, FlagResult]:
+        """The NPC file's thresholds in place of the learned ones, where it sets them."""
         defs = self.know.flags
         if not any(d.threshold is not None for d in defs.values()):
-            return r
-        flags = {}
-        for name, f in r.heads.flags.items():
+            return flags
+        out = {}
+        for name, f in flags.items():
             thr = (
                 defs[name].threshold
                 if name in defs and defs[name].threshold is not None
                 else f.threshold
             )
             assert thr is not None
-            flags[name] = FlagResult(f.prob, thr, f.prob >= thr)
-        return replace(r, heads=HeadsOutput(deltas=r.heads.deltas, flags=flags))
+            out[name] = FlagResult(f.prob, thr, f.prob >= thr)
+        return out
 
 
 def knowledge_of(session: Session) -> K.Knowledge:

@@ -12,6 +12,7 @@ from typing import Any
 from npcchat.errors import ConfigError, where
 from npcchat.files.toml import read_toml
 from npcchat.mind.knowledge import Entry, FlagDef, Knowledge, Trigger, persona_line
+from npcchat.rules import load as rules_load
 from npcchat.text import for_matching, phrase_pattern
 from npcchat.types import NUMERIC_TAGS, PlayerState, Tags
 
@@ -29,11 +30,46 @@ _TOP_KEYS = {
     "descriptions",
     "flags",
     "triggers",
+    "quest",
+    "npc_state",
+    "examples",
 }
 _ENTRY_KEYS = {"text", "stages", "locations", "requires_items", "requires_actions", "min_trust"}
 _TRIGGER_KEYS = {"match", "reaction", "trust", "relationship", "flags"}
 _PERSONA_KEYS = {"traits": list, "style": str, "backstory": str}
 _TAG_KEYS = {f.name for f in fields(Tags)} - {"location"}
+
+
+_EXAMPLE_KEYS = {
+    "player",
+    "stage",
+    "location",
+    "trust",
+    "relationship",
+    "items",
+    "actions",
+    "fires",
+    "not_fires",
+    "reply",
+}
+
+
+@dataclass(frozen=True)
+class Example:
+    """An example exchange (the original's ``dialogue_turn``): a player line in a state,
+    the flags it must and must not fire, the reply it should get. ``npcchat eval
+    --examples`` runs them as labelled cases."""
+
+    player: str
+    stage: str = ""
+    location: str = ""
+    trust: float | None = None
+    relationship: float | None = None
+    items: tuple[str, ...] | None = None
+    actions: tuple[str, ...] | None = None
+    fires: tuple[str, ...] = ()
+    not_fires: tuple[str, ...] = ()
+    reply: str = ""
 
 
 @dataclass(frozen=True)
@@ -48,6 +84,8 @@ class NpcDef:
     persona: dict[str, Any] = field(default_factory=dict)
     demo: dict[str, Any] = field(default_factory=dict)  # synthetic-data recipe (demo NPCs)
     knowledge: Knowledge = field(default_factory=Knowledge)
+    npc_items: tuple[str, ...] = ()  # what the NPC has at the start ([npc_state] items)
+    examples: tuple[Example, ...] = ()  # [[examples]]: exchanges that are regression tests
 
 
 def _str(path: Path, key: str, value: Any) -> str:
@@ -142,6 +180,8 @@ def parse(data: dict[str, Any], path: Path) -> NpcDef:
             position=_str(path, "player_state.position", ps_raw.get("position", "")),
         ),
         source=str(path),
+        npc_items=rules_load.npc_items(data, path),
+        examples=_examples(path, data),
     )
 
 
@@ -243,6 +283,40 @@ def _triggers(path: Path, data: dict[str, Any]) -> tuple[Trigger, ...]:
     return tuple(out)
 
 
+def _examples(path: Path, data: dict[str, Any]) -> tuple[Example, ...]:
+    raw = data.get("examples", [])
+    if not isinstance(raw, list):
+        raise ConfigError(f"{where(path, 'examples')}: expected [[examples]] tables")
+    out = []
+    for i, value in enumerate(raw):
+        label = f"examples[{i}]"
+        t = _table(path, label, value, _EXAMPLE_KEYS)
+        if "player" not in t:
+            raise ConfigError(f"{where(path, f'{label}.player')}: missing (the player's line)")
+
+        def unit(key: str, t: dict[str, Any] = t, label: str = label) -> float | None:
+            return _number(path, f"{label}.{key}", t[key], 0.0, 1.0) if key in t else None
+
+        def names(key: str, t: dict[str, Any] = t, label: str = label) -> tuple[str, ...] | None:
+            return _strs(path, f"{label}.{key}", t[key]) if key in t else None
+
+        out.append(
+            Example(
+                player=_str(path, f"{label}.player", t["player"]),
+                stage=_str(path, f"{label}.stage", t.get("stage", "")),
+                location=_str(path, f"{label}.location", t.get("location", "")),
+                trust=unit("trust"),
+                relationship=unit("relationship"),
+                items=names("items"),
+                actions=names("actions"),
+                fires=names("fires") or (),
+                not_fires=names("not_fires") or (),
+                reply=_str(path, f"{label}.reply", t.get("reply", "")),
+            )
+        )
+    return tuple(out)
+
+
 def _flags(path: Path, data: dict[str, Any]) -> dict[str, FlagDef]:
     raw = data.get("flags", {})
     if not isinstance(raw, dict):
@@ -250,12 +324,16 @@ def _flags(path: Path, data: dict[str, Any]) -> dict[str, FlagDef]:
     out = {}
     for name, value in raw.items():
         label = f"flags.{name}"
-        f = _table(path, label, value, {"display", "threshold", "examples"})
+        keys = {"display", "threshold", "examples", "negative_examples", *rules_load.RULE_KEYS}
+        f = _table(path, label, value, keys)
         thr = f.get("threshold")
         out[name] = FlagDef(
             display=_str(path, f"{label}.display", f.get("display", name)),
             threshold=None if thr is None else _number(path, f"{label}.threshold", thr, 0.0, 1.0),
             examples=_strs(path, f"{label}.examples", f.get("examples", [])),
+            negative_examples=_strs(
+                path, f"{label}.negative_examples", f.get("negative_examples", [])
+            ),
         )
     return out
 
@@ -268,6 +346,7 @@ def _knowledge(path: Path, data: dict[str, Any]) -> Knowledge:
         descriptions=descriptions,
         triggers=_triggers(path, data),
         flags=_flags(path, data),
+        rules=rules_load.load(data, path, data.get("flags", {})),
     )
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from npcchat.errors import NpcchatError
-from npcchat.runtime.engine import Engine, Pending
+from npcchat.runtime.engine import Engine, Guide, Pending
 from npcchat.runtime.kvbook import Reuse
 from npcchat.sessions.session import Session
 from npcchat.types import ContextTurn, SamplingParams, Turn
@@ -45,6 +45,7 @@ class TurnRequest:
     on_text: Callable[[str], None] | None = None  # each reply piece, as it is generated
     cancel: threading.Event | None = None  # set it to abandon the turn at the next step
     affinity: str = ""  # turns with the same affinity prefer the slot that ran the last one
+    guide: Guide | None = None  # decides on the heads before generating (the NPC's rules)
 
 
 Driver = Generator[TurnRequest, Turn, R]
@@ -187,6 +188,7 @@ class _Batch(Generic[K, R]):
                     context=req.context,
                     pinned=req.pinned,
                     reuse=req.reuse,
+                    guide=req.guide,
                 )
                 return
             except NpcchatError as e:

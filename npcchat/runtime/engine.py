@@ -13,7 +13,7 @@ import hashlib
 import random
 import time
 from collections.abc import Callable, Generator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -242,11 +242,17 @@ class Engine:
         context: tuple[ContextTurn, ...] = (),
         pinned: tuple[ContextTurn, ...] = (),
         reuse: Reuse | None = None,
+        guide: Guide | None = None,
     ) -> Pending:
         """First half of a turn: prompt, the one prefill, heads, first token drawn.
 
         The first token is sampled here because the prefill's logits only live until the
-        next decode (another sequence's, when turns run side by side)."""
+        next decode (another sequence's, when turns run side by side).
+
+        ``guide`` sees the heads before a token is drawn (the NPC's rules): it may answer
+        with a fixed reply (no generation) or with other tags for the reply, which the
+        model then generates from a second prefill of the same prompt with those tags;
+        the state change stays the one the player's prompt gave."""
         t0 = time.perf_counter()
         inp = self.prompt_input(session, player, pinned + context)
         fitted = self.fit(inp, sampling.max_tokens, pinned=len(pinned))
@@ -255,16 +261,33 @@ class Engine:
         heads = self.run_heads(vec)
         t2 = time.perf_counter()
         seed = sampling.seed if sampling.seed is not None else random.randrange(2**31)
-        self.model.new_sampler(sampling, seed, seq)
+        guided = guide(heads) if guide is not None else None
+        prefilled = self.last_prefill
+        if guided is not None and guided.session is not None:
+            inp = self.prompt_input(guided.session, player, pinned + context)
+            fitted = replace(
+                self.fit(inp, sampling.max_tokens, pinned=len(pinned)),
+                dropped_turns=fitted.dropped_turns,
+            )
+            _, tokens = self.state_vector(fitted, seq, reuse)
+            prefilled += self.last_prefill
         p = Pending(
             session, player, sampling, seed, fitted, heads, seq, len(tokens), on_text, [t0, t1, t2]
         )
-        p.prefilled = self.last_prefill
+        p.prefilled = prefilled
+        if guided is not None and guided.reply is not None:
+            p.fixed = guided.reply  # answered without generating: nothing is sampled
+            return p
+        self.model.new_sampler(sampling, seed, seq)
         p.next_token = self.model.sample(seq)
         return p
 
     def accept(self, p: Pending) -> bool:
         """Take ``p.next_token`` into the reply; True when it must be decoded to go on."""
+        if p.fixed is not None:
+            p.emit(p.fixed)
+            p.reason = "guarded"
+            return False
         tok = p.next_token
         if tok in self.vocab.stop or self.model.is_eog(tok):
             p.reason = "tag" if tok in self.vocab.tags.values() else "eos"
@@ -304,6 +327,7 @@ class Engine:
         sampling: SamplingParams,
         context: tuple[ContextTurn, ...] = (),
         pinned: tuple[ContextTurn, ...] = (),
+        guide: Guide | None = None,
     ) -> Generator[str, None, Turn]:
         """One turn as a generator: yields the reply's text pieces as they are generated
         and returns the :class:`Turn`. Closing it early (or any exception) abandons the
@@ -313,7 +337,15 @@ class Engine:
         full); ``pinned`` lines (recalled memories) come first and are never dropped."""
         pieces: list[str] = []
         try:
-            p = self.start(session, player, sampling, pieces.append, context=context, pinned=pinned)
+            p = self.start(
+                session,
+                player,
+                sampling,
+                pieces.append,
+                context=context,
+                pinned=pinned,
+                guide=guide,
+            )
             while True:
                 going = self.accept(p)
                 yield from pieces
@@ -388,6 +420,18 @@ class Engine:
             p.next_token = self.model.sample(p.seq, i if len(pending) > 1 else -1)
 
 
+@dataclass(frozen=True)
+class Guided:
+    """What a :data:`Guide` decided on a turn's heads: a fixed ``reply``, or the
+    ``session`` (other tags) the reply is generated from instead."""
+
+    reply: str | None = None
+    session: Session | None = None
+
+
+Guide = Callable[[HeadsOutput], "Guided | None"]
+
+
 class Pending:
     """A turn between its prefill and its last token (mutable, internal to the engine)."""
 
@@ -414,6 +458,7 @@ class Pending:
         self.reason = "length"
         self.started = False
         self.prefilled = pos
+        self.fixed: str | None = None  # a reply decided on the heads (a guarded reply)
 
     def emit(self, text: str) -> None:
         if not self.started:  # the reply starts at its first visible character

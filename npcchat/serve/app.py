@@ -523,15 +523,21 @@ def _deltas(turn: Turn) -> dict[str, float]:
 def _turn_out(turn: Turn, body: S.TurnIn, count: int) -> S.TurnOut:
     t = turn.timings
     flags = turn.heads.flags
+    rules = turn.rules.to_json() if turn.rules is not None else None
     return S.TurnOut(
         text=turn.reply,
         delta=S.Delta(**_deltas(turn)),
         flags={n: f.fired for n, f in flags.items()},
+        actions=[S.ActionOut.model_validate(a.to_json()) for a in turn.actions],
         meta=S.TurnMeta(
             npc_id=body.npc_id,
             player_id=body.player_id,
             turn=count,
-            flags={n: S.FlagMeta(prob=f.prob, threshold=f.threshold) for n, f in flags.items()},
+            flags={
+                n: S.FlagMeta(prob=f.prob, threshold=f.threshold, blocked=f.blocked or None)
+                for n, f in flags.items()
+            },
+            rules=S.RulesOut.model_validate(rules) if rules is not None else None,
             state=dict(vars(turn.tags_after)),
             stop_reason=turn.stop_reason,
             tokens={

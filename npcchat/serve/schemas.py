@@ -82,6 +82,37 @@ class Delta(BaseModel):
 class FlagMeta(BaseModel):
     prob: float
     threshold: float
+    blocked: str | None = None  # the NPC rule's condition that kept it from firing
+
+
+class ActionOut(BaseModel):
+    """An action for the game, with the parameters the NPC file gives it
+    (``{"name": "give_item", "flag": "give_item", "item": "loom_key"}``)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    flag: str
+
+
+class ChangeOut(BaseModel):
+    kind: str  # tag, item, memory
+    key: str
+    from_: str = Field(alias="from")
+    to: str
+
+
+class RulesOut(BaseModel):
+    """What the NPC's rules did this turn (only for NPC files with rules)."""
+
+    blocked: dict[str, str]
+    effects: list[ChangeOut]
+    actions: list[ActionOut]
+    memories: list[str]
+    guard: str
+    checks: list[str]
+    player_items: list[str]
+    npc_items: list[str]
 
 
 class TurnMeta(BaseModel):
@@ -90,9 +121,10 @@ class TurnMeta(BaseModel):
     turn: int  # how many turns the session holds, this one included
     flags: dict[str, FlagMeta]
     state: dict[str, Any]  # the NPC's tags after the turn
-    stop_reason: str  # eos, tag, length, trigger
+    stop_reason: str  # eos, tag, length, trigger, guarded
     tokens: dict[str, int]
     timings_ms: dict[str, float]
+    rules: RulesOut | None = None
 
 
 class TurnOut(BaseModel):
@@ -101,6 +133,9 @@ class TurnOut(BaseModel):
     text: str
     delta: Delta
     flags: dict[str, bool]
+    actions: list[ActionOut] = Field(
+        default_factory=list, description="What the game executes (the NPC file's actions)."
+    )
     meta: TurnMeta
 
 

@@ -22,9 +22,13 @@ from npcchat.errors import SessionError, where
 from npcchat.files.atomic import atomic_write, sweep
 from npcchat.types import (
     DELTA_NAMES,
+    Action,
+    Change,
     FlagResult,
     Memory,
+    Param,
     PlayerState,
+    RulesOutcome,
     Tags,
     Turn,
     flags_json,
@@ -53,10 +57,16 @@ class TurnRecord:
     prefill_tokens: int
     timings_ms: dict[str, float]
     time: str
+    # what the NPC's rules did, and the state before the turn when their effects changed
+    # it (so /undo takes the effects back too); None: no rules
+    rules: RulesOutcome | None = None
+    player_before: PlayerState | None = None
+    npc_items_before: tuple[str, ...] | None = None
 
     @classmethod
-    def from_result(cls, r: Turn) -> TurnRecord:
+    def from_result(cls, r: Turn, before: Session | None = None) -> TurnRecord:
         t = r.timings
+        changed = before is not None and r.rules is not None and bool(r.rules.effects)
         return cls(
             player=r.player,
             reply=r.reply,
@@ -71,6 +81,9 @@ class TurnRecord:
             seed=r.seed,
             timings_ms={"prefill": t.prefill_ms, "heads": t.heads_ms, "generate": t.generate_ms},
             time=_now(),
+            rules=r.rules,
+            player_before=before.player_state if changed and before else None,
+            npc_items_before=before.npc_items if changed and before else None,
         )
 
 
@@ -91,16 +104,27 @@ class Session:
     npc_file: str = ""  # the NPC definition its knowledge (lore entries, triggers) comes from
     memories: tuple[Memory, ...] = ()  # long-term memory lines of turns out of the window
     memorized: int = 0  # history turns [0, memorized) have been turned into memories
+    npc_items: tuple[str, ...] = ()  # what the NPC has now (rules move items)
+    initial_player_state: PlayerState | None = None  # what /reset returns to
+    initial_npc_items: tuple[str, ...] | None = None
 
-    def with_turn(self, r: Turn) -> Session:
-        """The session after a finished turn: new tags, one more record, fired flags noted."""
+    def with_turn(
+        self,
+        r: Turn,
+        player_state: PlayerState | None = None,
+        npc_items: tuple[str, ...] | None = None,
+    ) -> Session:
+        """The session after a finished turn: new tags, one more record, fired flags noted;
+        ``player_state`` and ``npc_items``: as the NPC's rules left them."""
         fired = list(self.fired_flags)
         fired += [n for n, f in r.heads.flags.items() if f.fired and n not in fired]
         return replace(
             self,
             tags=r.tags_after,
-            history=(*self.history, TurnRecord.from_result(r)),
+            history=(*self.history, TurnRecord.from_result(r, self)),
             fired_flags=tuple(fired),
+            player_state=self.player_state if player_state is None else player_state,
+            npc_items=self.npc_items if npc_items is None else npc_items,
         )
 
     def undo(self) -> Session:
@@ -110,10 +134,16 @@ class Session:
         """
         if not self.history:
             return self
-        before = self.history[-1].tags_before
+        last = self.history[-1]
+        before = last.tags_before
         rest = self.history[:-1]
         fired = [n for n in self.fired_flags if any(t.flags.get(n, _NO).fired for t in rest)]
         tags = replace(self.tags, trust=before.trust, relationship=before.relationship)
+        player, npc_items = self.player_state, self.npc_items
+        if last.player_before is not None:  # the turn's effects changed more: all back
+            tags = replace(before, location=self.tags.location)
+            player = last.player_before
+            npc_items = last.npc_items_before or ()
         memories = tuple(m for m in self.memories if m.turn < len(rest))
         return replace(
             self,
@@ -122,6 +152,8 @@ class Session:
             fired_flags=tuple(fired),
             memories=memories,
             memorized=min(self.memorized, len(rest)),
+            player_state=player,
+            npc_items=npc_items,
         )
 
     def reset(self) -> Session:
@@ -132,6 +164,8 @@ class Session:
             fired_flags=(),
             memories=(),
             memorized=0,
+            player_state=self.initial_player_state or self.player_state,
+            npc_items=self.npc_items if self.initial_npc_items is None else self.initial_npc_items,
         )
 
 
@@ -154,22 +188,27 @@ def to_dict(s: Session) -> dict[str, Any]:
         "description": s.description,
         "tags": _tags_dict(s.tags),
         "initial_tags": _tags_dict(s.initial_tags or s.tags),
-        "player_state": {
-            "items": list(s.player_state.items),
-            "actions": list(s.player_state.actions),
-            "position": s.player_state.position,
-        },
+        "player_state": _player_dict(s.player_state),
         "fired_flags": list(s.fired_flags),
         "npc_file": s.npc_file,
+        "npc_items": list(s.npc_items),
         "memorized": s.memorized,
         "memories": [{"turn": m.turn, "text": m.text} for m in s.memories],
         "history": [_turn_dict(t) for t in s.history],
     }
+    if s.initial_player_state is not None:  # what /reset returns to, once rules move items
+        out["initial_player_state"] = _player_dict(s.initial_player_state)
+    if s.initial_npc_items is not None:
+        out["initial_npc_items"] = list(s.initial_npc_items)
     return out
 
 
+def _player_dict(p: PlayerState) -> dict[str, Any]:
+    return {"items": list(p.items), "actions": list(p.actions), "position": p.position}
+
+
 def _turn_dict(t: TurnRecord) -> dict[str, Any]:
-    return {
+    out = {
         "player": t.player,
         "reply": t.reply,
         "deltas": dict(t.deltas),
@@ -186,6 +225,12 @@ def _turn_dict(t: TurnRecord) -> dict[str, Any]:
         "timings_ms": dict(t.timings_ms),
         "time": t.time,
     }
+    if t.rules is not None:
+        out["rules"] = t.rules.to_json()
+    if t.player_before is not None:
+        out["player_before"] = _player_dict(t.player_before)
+        out["npc_items_before"] = list(t.npc_items_before or ())
+    return out
 
 
 class _Reader:
@@ -238,6 +283,48 @@ class _Reader:
             raise SessionError(f"{where(self.path, label)}: expected a table")
         return {k: self.get(d, k, float, f"{label}.{k}", lo, hi) for k in d}
 
+    def player(self, d: Any, label: str) -> PlayerState:
+        return PlayerState(
+            items=self.strs(d, "items", f"{label}.items"),
+            actions=self.strs(d, "actions", f"{label}.actions"),
+            position=self.get(d, "position", str, f"{label}.position"),
+        )
+
+    def rules(self, d: Any, label: str) -> RulesOutcome:
+        g = self.get
+        blocked = g(d, "blocked", dict, f"{label}.blocked")
+        for k in blocked:
+            g(blocked, k, str, f"{label}.blocked.{k}")
+        effects = tuple(
+            Change(
+                *(g(e, k, str, f"{label}.effects[{i}].{k}") for k in ("kind", "key", "from", "to"))
+            )
+            for i, e in enumerate(g(d, "effects", list, f"{label}.effects"))
+        )
+        actions = []
+        for i, a in enumerate(g(d, "actions", list, f"{label}.actions")):
+            where_a = f"{label}.actions[{i}]"
+            name = g(a, "name", str, f"{where_a}.name")
+            flag = g(a, "flag", str, f"{where_a}.flag")
+            params: list[tuple[str, Param]] = [
+                (k, g(a, k, (str, int, float, bool), f"{where_a}.{k}"))
+                for k in a
+                if k not in ("name", "flag")
+            ]
+            actions.append(Action(name, flag, tuple(params)))
+        return RulesOutcome(
+            blocked=dict(blocked),
+            effects=effects,
+            actions=tuple(actions),
+            memories=self.strs(d, "memories", f"{label}.memories"),
+            guard=g(d, "guard", str, f"{label}.guard"),
+            checks=self.strs(d, "checks", f"{label}.checks"),
+            player_items=self.strs(d, "player_items", f"{label}.player_items")
+            if "player_items" in d
+            else (),
+            npc_items=self.strs(d, "npc_items", f"{label}.npc_items") if "npc_items" in d else (),
+        )
+
     def turn(self, d: Any, label: str) -> TurnRecord:
         g = self.get
         flags_raw = g(d, "flags", dict, f"{label}.flags")
@@ -246,6 +333,7 @@ class _Reader:
                 g(v, "prob", float, f"{label}.flags.{n}.prob", 0.0, 1.0),
                 g(v, "threshold", float, f"{label}.flags.{n}.threshold", 0.0, 1.0),
                 g(v, "fired", bool, f"{label}.flags.{n}.fired"),
+                g(v, "blocked", str, f"{label}.flags.{n}.blocked") if "blocked" in v else "",
             )
             for n, v in flags_raw.items()
         }
@@ -274,6 +362,13 @@ class _Reader:
                 g(d, "timings_ms", dict, f"{label}.timings_ms"), f"{label}.timings_ms", 0.0
             ),
             time=g(d, "time", str, f"{label}.time"),
+            rules=self.rules(d["rules"], f"{label}.rules") if "rules" in d else None,
+            player_before=self.player(d["player_before"], f"{label}.player_before")
+            if "player_before" in d
+            else None,
+            npc_items_before=self.strs(d, "npc_items_before", f"{label}.npc_items_before")
+            if "npc_items_before" in d
+            else None,
         )
 
 
@@ -297,11 +392,14 @@ def from_dict(data: Any, path: Path) -> Session:
         npc_id=r.get(data, "npc_id", str, "npc_id"),
         tags=r.tags(r.get(data, "tags", dict, "tags"), "tags"),
         initial_tags=r.tags(r.get(data, "initial_tags", dict, "initial_tags"), "initial_tags"),
-        player_state=PlayerState(
-            items=r.strs(ps, "items", "player_state.items"),
-            actions=r.strs(ps, "actions", "player_state.actions"),
-            position=r.get(ps, "position", str, "player_state.position"),
-        ),
+        player_state=r.player(ps, "player_state"),
+        npc_items=r.strs(data, "npc_items", "npc_items") if "npc_items" in data else (),
+        initial_player_state=r.player(data["initial_player_state"], "initial_player_state")
+        if "initial_player_state" in data
+        else None,
+        initial_npc_items=r.strs(data, "initial_npc_items", "initial_npc_items")
+        if "initial_npc_items" in data
+        else None,
         lore=r.get(data, "lore", str, "lore"),
         description=r.get(data, "description", str, "description"),
         history=tuple(r.turn(t, f"history[{i}]") for i, t in enumerate(history)),
