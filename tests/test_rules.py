@@ -312,3 +312,52 @@ def test_serve_returns_actions_beside_the_original_fields(tmp_path: Path) -> Non
     assert second["meta"]["state"]["quest_stage"] == "complete"
     assert second["meta"]["rules"]["player_items"] == ["steel_sword"]
     assert korean["text"] == "아직 당신을 잘 몰라요." and korean["meta"]["stop_reason"] == "guarded"
+
+
+# -- examples as tests ---------------------------------------------------------------------
+@pytest.mark.model
+def test_examples_in_npc_files_run_as_labelled_eval_cases(tmp_path: Path) -> None:
+    """Every demo NPC's examples (English and Korean) pass as a regression gate; a
+    designer's example the rules contradict is reported against its NPC file and key."""
+    demo_npcs = ROOT / "npcchat" / "demo" / "npcs"
+    report = tmp_path / "r.json"
+    args = ["eval", "--npcs", str(demo_npcs), "--examples", "--max-tokens", "8"]
+    proc = _npcchat(
+        *args, "--report", str(report), "--fail-under", "flag_f1_macro=1.0", home=tmp_path
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rep = json.loads(report.read_text())
+    ids = {s["id"] for s in rep["scenarios"]}
+    assert "mother_abandoned_factory/examples[1]" in ids and "village_blacksmith/examples[3]" in ids
+    assert "mother_abandoned_factory/flags.unlock_hidden_path.examples[0]" in ids
+    assert {s["kind"] for s in rep["scenarios"]} == {"example"}
+    hint = next(s for s in rep["scenarios"] if s["id"] == "mother_abandoned_factory/examples[1]")
+    assert hint["turns"][0]["expected"]["flags"]["give_hint"] is True
+    assert hint["turns"][0]["flags"]["give_hint"]["fired"] is True
+    # a designer writes an example the rules refuse: give_hint needs trust 0.9 here
+    npcs = tmp_path / "npcs"
+    npcs.mkdir()
+    text = MOTHER_GUARD.read_text("utf-8")
+    (npcs / "m.toml").write_text(
+        text.replace("[flags.give_hint]\n", '[flags.give_hint]\nexamples = ["힌트 좀 주세요."]\n')
+        + '\n[[examples]]\nplayer = "힌트 좀 주세요."\ntrust = 0.95\nfires = ["give_hint"]\n'
+    )
+    proc = _npcchat(*args[:2], str(npcs), *args[3:], "--report", str(report), home=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    by_id = {s["id"]: s for s in json.loads(report.read_text())["scenarios"]}
+    refused = by_id["mother_abandoned_factory/flags.give_hint.examples[0]"]
+    assert refused["source"].endswith("m.toml: flags.give_hint.examples[0]")
+    assert refused["turns"][0]["flags"]["give_hint"]["fired"] is False  # blocked: trust 0.35
+    trusted = by_id["mother_abandoned_factory/examples[0]"]
+    assert trusted["turns"][0]["flags"]["give_hint"]["fired"] is True  # at trust 0.95
+
+
+def test_examples_need_npc_files_and_are_validated(tmp_path: Path) -> None:
+    proc = _npcchat("eval", "--examples", home=tmp_path)
+    assert proc.returncode == 1 and "give --npcs DIR" in proc.stderr
+    bad = _npc(tmp_path, "[[examples]]\ntrust = 0.5\n")
+    with pytest.raises(ConfigError, match=r"key 'examples\[0\]\.player': missing"):
+        npc_mod.load(bad)
+    bad.write_text('id = "x"\n[[examples]]\nplayer = "hi"\nfires = [1]\n')
+    with pytest.raises(ConfigError, match=r"key 'examples\[0\]\.fires'"):
+        npc_mod.load(bad)

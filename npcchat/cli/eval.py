@@ -23,9 +23,9 @@ if TYPE_CHECKING:
 
 def eval_cmd(
     files: Annotated[
-        list[str],
+        list[str] | None,
         typer.Argument(help="Scenario JSONL files, or: compare A.json B.json", show_default=False),
-    ],
+    ] = None,
     bundle: Annotated[Path | None, typer.Option(help="Model bundle directory.")] = None,
     parallel: Annotated[
         int, typer.Option(help="Scenarios run at once (sequences in one llama.cpp context).")
@@ -77,6 +77,14 @@ def eval_cmd(
             help="NPC files by id: their knowledge, memory and triggers apply, as in talk."
         ),
     ] = None,
+    examples: Annotated[
+        bool,
+        typer.Option(
+            "--examples",
+            help="Also run the examples of the --npcs files (flag examples, [[examples]]) "
+            "as labelled cases.",
+        ),
+    ] = False,
     json_out: Annotated[
         bool, typer.Option("--json", help="Print the aggregates (or the comparison) as JSON.")
     ] = False,
@@ -88,6 +96,7 @@ def eval_cmd(
     """Run scenarios through the same engine as `talk`; report replies, deltas and flags."""
     from npcchat.errors import ConfigError
 
+    files = files or []
     if files and files[0] == "compare":
         if len(files) != 3:
             raise ConfigError("usage: npcchat eval compare A.json B.json")
@@ -95,6 +104,12 @@ def eval_cmd(
         return
     if parallel < 1 or parallel > 64:
         raise ConfigError(f"--parallel {parallel}: expected 1..64")
+    if examples and npcs is None:
+        raise ConfigError("--examples runs the examples of NPC files: give --npcs DIR")
+    if not files and not examples:
+        raise ConfigError(
+            "no scenario files given", hint="npcchat eval FILE.jsonl, or --npcs DIR --examples"
+        )
     target = common.ray_target(ray, ray_address, ray_actors, threads)
     cfg = common.build_config(
         config,
@@ -121,6 +136,7 @@ def eval_cmd(
         json_out=json_out,
         share_prefix=share_prefix,
         ray=target,
+        examples=examples,
     )
     try:
         _run(cfg, run)
@@ -148,6 +164,7 @@ class Run:
     json_out: bool
     share_prefix: bool
     ray: common.RayTarget | None = None
+    examples: bool = False
 
 
 def _scenarios(run: Run) -> tuple[list[Scenario], list[BadLine]]:
@@ -162,6 +179,11 @@ def _scenarios(run: Run) -> tuple[list[Scenario], list[BadLine]]:
         good, wrong = npcchat.read_scenarios(p)
         found += good
         bad += wrong
+    if run.examples and run.npcs is not None:
+        from npcchat.eval import examples
+        from npcchat.mind import npc as npc_mod
+
+        found += examples.scenarios(npc_mod.load_dir(run.npcs).values())
     for b in bad:
         if run.strict:
             raise ConfigError(
@@ -190,6 +212,7 @@ def _run(cfg: Config, run: Run) -> None:
     knowledge = cfg.knowledge.embed_model
     settings = {
         "files": [str(p) for p in run.paths],
+        "examples": run.examples,
         "parallel": run.parallel,
         "temperature": s.temperature,
         "seed": s.seed,

@@ -41,7 +41,7 @@ class Expected:
 class Scenario:
     id: str
     source: str  # file:line
-    kind: str  # nested | flat | unlabelled | multi
+    kind: str  # nested | flat | unlabelled | multi | example (an NPC file's, eval.examples)
     npc_id: str
     tags: Tags
     lore: str = ""
