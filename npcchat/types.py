@@ -179,6 +179,7 @@ class Turn:
     seed: int
     npc_id: str = ""
     rules: RulesOutcome | None = None  # None: the NPC has no rules (output as before)
+    interventions: tuple[str, ...] = ()  # reply checks that made generation back up
 
     @property
     def deltas(self) -> dict[str, float]:

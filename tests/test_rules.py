@@ -361,3 +361,151 @@ def test_examples_need_npc_files_and_are_validated(tmp_path: Path) -> None:
     bad.write_text('id = "x"\n[[examples]]\nplayer = "hi"\nfires = [1]\n')
     with pytest.raises(ConfigError, match=r"key 'examples\[0\]\.fires'"):
         npc_mod.load(bad)
+
+
+# -- reply checks: enforced while generating -------------------------------------------------
+def _with_check(tmp_path: Path, base: str, phrase: str, until: str = "") -> Path:
+    path = tmp_path / f"check-{len(list(tmp_path.glob('check-*')))}.toml"
+    text = (ROOT / "npcchat" / "demo" / "npcs" / base).read_text("utf-8")
+    extra = f"\nuntil = {until}" if until else ""
+    path.write_text(text + f'\n[[reply_checks]]\nsay_not = ["{phrase}"]{extra}\n')
+    return path
+
+
+def _phrase(reply: str) -> str:
+    """Two words from the middle of a reply the model gives: what the check forbids."""
+    words = reply.replace(",", " ").replace(".", " ").split()
+    middle = len(words) // 2
+    return " ".join(words[middle : middle + 2])
+
+
+@pytest.mark.model
+@pytest.mark.parametrize(
+    ("base", "line"),
+    [
+        ("village_blacksmith.toml", "I found the iron ore. Here, take it."),
+        ("mother_abandoned_factory.toml", "미라의 사진을 찾았어요. 받으세요."),
+    ],
+    ids=["english", "korean"],
+)
+def test_a_reply_check_backs_up_while_generating_and_the_text_stays_whole(
+    tmp_path: Path, base: str, line: str
+) -> None:
+    import npcchat
+    from npcchat.text import for_matching
+
+    with npcchat.load() as rt:
+        plain = rt.open(ROOT / "npcchat" / "demo" / "npcs" / base, seed=3).say(line)
+        phrase = _phrase(plain.reply)
+        assert for_matching(phrase) in for_matching(plain.reply)
+        checked = _with_check(tmp_path, base, phrase)
+        conv = rt.open(checked, seed=3)
+        stream = conv.stream(line)
+        shown = ""
+        for piece in stream:
+            shown += piece
+            assert for_matching(phrase) not in for_matching(shown)  # never shown, not once
+        turn = stream.turn
+    assert shown == turn.reply and turn.reply.strip()
+    assert for_matching(phrase) not in for_matching(turn.reply)
+    assert (
+        turn.rules is not None
+        and turn.rules.checks
+        and turn.rules.checks[0] == "reply_checks[1]"  # after the file's own
+    )
+    assert "\ufffd" not in turn.reply  # no half character left where it backed up
+    # once the check's condition holds, the same line may say it
+    allowed = _with_check(tmp_path, base, phrase, until="{ min_trust = 0.0 }")
+    again = rt_free_say(allowed, line)
+    assert again.rules is not None and again.rules.checks == ()
+
+
+def rt_free_say(npc: Path, line: str) -> Any:
+    import npcchat
+
+    with npcchat.load() as rt:
+        return rt.open(npc, seed=3).say(line)
+
+
+@pytest.mark.model
+def test_eval_and_serve_report_reply_check_interventions(tmp_path: Path) -> None:
+    import npcchat
+
+    line = "I found the iron ore. Here, take it."
+    base = ROOT / "npcchat" / "demo" / "npcs" / "village_blacksmith.toml"
+    with npcchat.load() as rt:
+        phrase = _phrase(rt.open(base, seed=0).say(line).reply)
+    checked = _with_check(tmp_path, "village_blacksmith.toml", phrase)
+    sc = tmp_path / "s.jsonl"
+    sc.write_text(
+        json.dumps(
+            {
+                "id": "c",
+                "npc_id": "village_blacksmith",
+                "npc_file": str(checked),
+                "turns": [{"player": line}],
+            }
+        )
+        + "\n"  # fmt: skip
+    )
+    report = tmp_path / "r.json"
+    proc = _npcchat("eval", str(sc), "--report", str(report), home=tmp_path / "home")
+    assert proc.returncode == 0, proc.stderr
+    rep = json.loads(report.read_text())
+    assert rep["aggregates"]["rules"]["check_interventions"] >= 1
+    assert rep["aggregates"]["rules"]["per_scenario"]["c"]["checks"] >= 1
+    assert rep["scenarios"][0]["turns"][0]["rules"]["checks"]
+
+
+def test_reply_checks_are_validated_at_load(tmp_path: Path) -> None:
+    path = _npc(tmp_path, '[[reply_checks]]\nsay_not = ["\\u200b"]\n')
+    with pytest.raises(ConfigError, match=r"reply_checks\[0\]\.say_not\[0\]'.*no visible"):
+        npc_mod.load(path)
+    path = _npc(tmp_path, "[[reply_checks]]\nuntil = { min_trust = 0.5 }\n")
+    with pytest.raises(ConfigError, match=r"reply_checks\[0\]\.say_not'.*missing"):
+        npc_mod.load(path)
+    path = _npc(tmp_path, '[[reply_checks]]\nsay_not = ["x"]\nuntil = { stage = "a" }\n')
+    with pytest.raises(ConfigError, match=r"reply_checks\[0\]\.until\.stage'.*unknown key"):
+        npc_mod.load(path)
+
+
+@pytest.mark.model
+def test_serve_enforces_reply_checks_in_batched_slots(tmp_path: Path) -> None:
+    """Turns side by side in the scheduler's slots back up alone: each reply equals the
+    one the same session gets one at a time, and none says the phrase."""
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    import npcchat
+    from npcchat.serve.app import Settings, create_app
+    from npcchat.serve.store import SessionStore, npc_registry
+    from npcchat.text import for_matching
+
+    line = "I found the iron ore. Here, take it."
+    base = ROOT / "npcchat" / "demo" / "npcs" / "village_blacksmith.toml"
+    with npcchat.load() as rt:
+        phrase = _phrase(rt.open(base, seed=0).say(line).reply)
+    npcs = tmp_path / "npcs"
+    npcs.mkdir()
+    _with_check(npcs, "village_blacksmith.toml", phrase).rename(npcs / "smith.toml")
+    with npcchat.load(slots=4) as rt:
+        store = SessionStore(rt, npc_registry(npcs, False), tmp_path / "sessions")
+        rt.start_batching(8)
+        answers: dict[str, Any] = {}
+        with TestClient(create_app(rt, store, Settings())) as client:
+
+            def turn(player: str) -> None:
+                body = {"player_id": player, "npc_id": "village_blacksmith", "text": line}
+                answers[player] = client.post("/v1/turn", json={**body, "seed": 7}).json()
+
+            threads = [threading.Thread(target=turn, args=(f"p{i}",)) for i in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+    assert len(answers) == 4
+    replies = {a["text"] for a in answers.values()}
+    assert len(replies) == 1  # same line, same seed: the same reply in every slot
+    assert for_matching(phrase) not in for_matching(replies.pop())
+    assert all(a["meta"]["rules"]["checks"] for a in answers.values())

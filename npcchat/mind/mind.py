@@ -92,19 +92,20 @@ class NpcMind:
         if not rules:
             return None
         state = State(session.tags, session.player_state, session.npc_items)
+        gate = rules.gate(state)  # the reply checks that apply in this state
 
         def decide(heads: HeadsOutput) -> Guided | None:
             judged = rules.judge(self._override_flags(heads.flags), state)
             found = rules.guard_for(judged.blocked)
             if found is None:
-                return None
+                return Guided(gate=gate) if gate is not None else None
             name, guard = found
             if guard.lines:
                 used = sum(1 for t in session.history if t.rules and t.rules.guard == name)
                 return Guided(reply=guard.lines[used % len(guard.lines)])
             changed: dict[str, object] = dict(guard.tags)
             tags = replace(session.tags, **changed)  # type: ignore[arg-type]
-            return Guided(session=replace(session, tags=tags))
+            return Guided(session=replace(session, tags=tags), gate=gate)
 
         return decide
 
@@ -127,6 +128,7 @@ class NpcMind:
                 actions=actions,
                 memories=lines,
                 guard=found[0] if found else "",
+                checks=result.interventions,
                 player_items=ruled.player.items,
                 npc_items=ruled.npc_items,
             )

@@ -33,6 +33,7 @@ _TOP_KEYS = {
     "quest",
     "npc_state",
     "examples",
+    "reply_checks",
 }
 _ENTRY_KEYS = {"text", "stages", "locations", "requires_items", "requires_actions", "min_trust"}
 _TRIGGER_KEYS = {"match", "reaction", "trust", "relationship", "flags"}

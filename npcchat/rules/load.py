@@ -31,7 +31,17 @@ from pathlib import Path
 from typing import Any
 
 from npcchat.errors import ConfigError, where
-from npcchat.rules.model import NEXT, Case, Effects, FlagRule, Guard, Requires, Rules
+from npcchat.rules.model import (
+    NEXT,
+    Case,
+    Effects,
+    FlagRule,
+    Guard,
+    ReplyCheck,
+    Requires,
+    Rules,
+)
+from npcchat.text import phrase_pattern
 from npcchat.types import Param
 
 RULE_KEYS = {"requires", "effects", "action", "cases", "guard"}
@@ -103,7 +113,30 @@ def load(data: dict[str, Any], path: Path, flags: dict[str, Any]) -> Rules:
     for name, raw in flags.items():
         if isinstance(raw, dict) and RULE_KEYS & set(raw):
             out[name] = _flag(r, name, raw, stages)
-    return Rules(out, stages)
+    return Rules(out, stages, _checks(r, data.get("reply_checks", []), stages))
+
+
+def _checks(r: _Reader, raw: Any, stages: tuple[str, ...]) -> tuple[ReplyCheck, ...]:
+    if not isinstance(raw, list):
+        raise r.fail("reply_checks", "expected [[reply_checks]] tables")
+    out = []
+    for i, value in enumerate(raw):
+        label = f"reply_checks[{i}]"
+        t = r.table(label, value, {"say_not", "until"})
+        if "say_not" not in t:
+            raise r.fail(f"{label}.say_not", "missing (the phrases the NPC must not say)")
+        phrases = r.texts(f"{label}.say_not", t["say_not"])
+        if not phrases:
+            raise r.fail(f"{label}.say_not", "expected at least one phrase")
+        for j, phrase in enumerate(phrases):
+            if phrase_pattern(phrase) is None:
+                raise r.fail(
+                    f"{label}.say_not[{j}]",
+                    f"{phrase!a} has no visible letters or digits, so it could never match",
+                )
+        until = _requires(r, f"{label}.until", t["until"], stages) if "until" in t else None
+        out.append(ReplyCheck(phrases, until, label))
+    return tuple(out)
 
 
 def npc_items(data: dict[str, Any], path: Path) -> tuple[str, ...]:

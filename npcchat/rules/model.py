@@ -17,8 +17,11 @@ through the NPC's mind, so one code path decides for all of them.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
+from npcchat.text import for_matching, phrase_pattern
 from npcchat.types import Action, Change, FlagResult, Param, PlayerState, Tags
 
 NEXT = "next"  # effects.stage = "next": the stage after the current one in [quest].stages
@@ -122,6 +125,46 @@ class FlagRule:
 
 
 @dataclass(frozen=True)
+class ReplyCheck:
+    """Phrases the NPC must not say (a spoiler, a name, a place) until ``until`` holds
+    (a stage, a trust level, an item; empty: never). Matched as forbidden triggers are:
+    case, punctuation and invisible characters aside, a Hangul phrase with any ending."""
+
+    phrases: tuple[str, ...]
+    until: Requires | None = None
+    label: str = ""
+
+    @cached_property
+    def patterns(self) -> tuple[re.Pattern[str], ...]:
+        return tuple(p for p in map(phrase_pattern, self.phrases) if p is not None)
+
+    def active(self, state: State) -> bool:
+        return self.until is None or bool(self.until.failure(state, "until"))
+
+
+class Gate:
+    """The reply checks active in one turn, as the engine's reply gate
+    (:class:`npcchat.runtime.engine.ReplyGate`)."""
+
+    def __init__(self, checks: tuple[ReplyCheck, ...]) -> None:
+        self.checks = checks
+        self.longest = max(len(for_matching(p)) for c in checks for p in c.phrases) + 1
+
+    def matched(self, text: str) -> str:
+        return for_matching(text)
+
+    def violation(self, text: str) -> tuple[int, str] | None:
+        said = for_matching(text)
+        found: tuple[int, str] | None = None
+        for check in self.checks:
+            for pattern in check.patterns:
+                m = pattern.search(said)
+                if m is not None and (found is None or m.start() < found[0]):
+                    found = (m.start(), check.label)
+        return found
+
+
+@dataclass(frozen=True)
 class Judgement:
     """The flags as the game gets them, and the case each fired flag took."""
 
@@ -134,9 +177,15 @@ class Judgement:
 class Rules:
     flags: dict[str, FlagRule] = field(default_factory=dict)
     stages: tuple[str, ...] = ()  # the quest's stages in order ([quest].stages)
+    checks: tuple[ReplyCheck, ...] = ()  # [[reply_checks]]
 
     def __bool__(self) -> bool:
-        return bool(self.flags)
+        return bool(self.flags) or bool(self.checks)
+
+    def gate(self, state: State) -> Gate | None:
+        """The reply checks that apply in ``state`` (None: none do)."""
+        active = tuple(c for c in self.checks if c.active(state))
+        return Gate(active) if active else None
 
     def judge(self, flags: dict[str, FlagResult], state: State) -> Judgement:
         """Which flags fire: a flag the heads predicted fires only when its rule's

@@ -385,6 +385,15 @@ class Model:
         records it for its repetition penalty)."""
         return int(ll.llama_sampler_sample(self._samplers[seq], self._ctx, idx))
 
+    def sample_banned(self, banned: Sequence[int], seq: int = 0, idx: int = -1) -> int:
+        """:meth:`sample`, with ``banned`` tokens impossible for this one draw (a reply
+        check backed up over them): their logits are set to -inf in llama.cpp's buffer."""
+        logits = ll.llama_get_logits_ith(self._ctx, idx)
+        for token in banned:
+            if 0 <= token < self.n_vocab:
+                logits[token] = float("-inf")
+        return self.sample(seq, idx)
+
     def step(self, token: int, pos: int, seq: int = 0) -> None:
         """Decode one generated token at ``pos`` so its logits can be sampled."""
         self.decode((token,), pos, True, seq=seq)

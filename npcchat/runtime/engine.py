@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -275,6 +276,7 @@ class Engine:
             session, player, sampling, seed, fitted, heads, seq, len(tokens), on_text, [t0, t1, t2]
         )
         p.prefilled = prefilled
+        p.gate = guided.gate if guided is not None else None
         if guided is not None and guided.reply is not None:
             p.fixed = guided.reply  # answered without generating: nothing is sampled
             return p
@@ -294,13 +296,74 @@ class Engine:
             return False
         p.n += 1
         p.emit(p.decoder.decode(self.model.piece(tok)))
+        if p.gate is not None:
+            verdict = self._checked(p, tok)
+            if verdict == "redraw":  # backed up: the redrawn token goes through the same door
+                return self.accept(p)
+            if verdict == "stop":
+                p.reason = "check"
+                return False
         if p.n >= p.sampling.max_tokens or p.pos >= self.model.n_ctx:
             p.reason = "length"
             return False
         return True
 
+    def _checked(self, p: Pending, tok: int) -> str:
+        """After a generated token: "ok" when the reply may go on as it is. When it now says
+        a phrase its gate forbids, back up to the token that began the phrase, draw again
+        with that token banned: "redraw" (the redrawn token awaits acceptance), or "stop"
+        after :data:`MAX_BACKUPS` tries (the reply ends before the phrase).
+        Text is released to the listener only where no forbidden phrase can start any more,
+        so nothing taken back was ever shown."""
+        gate = p.gate
+        assert gate is not None
+        text = "".join(p.pieces)
+        p.tokens.append(tok)
+        p.offsets.append(len(text))
+        p.states.append(p.decoder.getstate())
+        hit = gate.violation(text)
+        if hit is None:
+            keep = len(gate.matched(text)) - gate.longest
+            safe = 0
+            for off in p.offsets:
+                if len(gate.matched(text[:off])) > keep:
+                    break
+                safe = off
+            p.release(safe)
+            return "ok"
+        start, label = hit
+        p.interventions.append(label)
+        j = next(
+            i for i, off in enumerate(p.offsets) if len(gate.matched(text[:off])) > start
+        )  # the token that began the phrase
+        prompt = p.pos - (len(p.tokens) - 1)  # tokens decoded so far: all but this last one
+        banned = p.banned.setdefault(j, set())
+        banned.add(p.tokens[j])
+        # the reply as it was before token j, and the KV cache and logits to match
+        kept = text[: p.offsets[j - 1]] if j else ""
+        p.pieces[:] = [kept] if kept else []
+        p.started = bool(kept)
+        p.shown = min(p.shown, len(kept))
+        p.decoder.setstate(p.states[j - 1] if j else (b"", 0))
+        del p.tokens[j:], p.offsets[j:], p.states[j:]
+        p.n = j
+        if len(p.interventions) > MAX_BACKUPS:  # give up on this phrase: end the reply here
+            p.pos = prompt + j
+            self.model.keep_prefix(p.pos, p.seq)
+            self.kv.record(p.seq, self.kv.tokens(p.seq)[: p.pos])
+            return "stop"
+        last = p.tokens[j - 1] if j else p.fitted.tokens[-1]
+        at = prompt + j - 1
+        self.model.keep_prefix(at, p.seq)
+        self.model.step(last, at, p.seq)
+        self.kv.record(p.seq, [*self.kv.tokens(p.seq)[:at], last])
+        p.pos = at + 1
+        p.next_token = self.model.sample_banned(sorted(banned), p.seq)
+        return "redraw"
+
     def finish(self, p: Pending) -> Turn:
         p.emit(p.decoder.decode(b"", final=True))
+        p.release(None)
         t0, t1, t2 = p.times
         t3 = time.perf_counter()
         heads = p.heads
@@ -318,6 +381,7 @@ class Engine:
             timings=Timings((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3),
             seed=p.seed,
             npc_id=p.session.npc_id,
+            interventions=tuple(p.interventions),
         )
 
     def stream(
@@ -420,13 +484,34 @@ class Engine:
             p.next_token = self.model.sample(p.seq, i if len(pending) > 1 else -1)
 
 
+class ReplyGate(Protocol):
+    """What a reply must not say yet (the NPC's reply checks, :mod:`npcchat.rules`),
+    enforced while it is generated."""
+
+    longest: int  # characters of the longest phrase, as matched
+
+    def violation(self, text: str) -> tuple[int, str] | None:
+        """(where the first forbidden phrase starts in ``matched(text)``, the check's
+        label), or None."""
+        ...
+
+    def matched(self, text: str) -> str:
+        """``text`` as phrases are matched on it (normalized)."""
+        ...
+
+
+MAX_BACKUPS = 8  # per turn: then the reply ends before the phrase
+
+
 @dataclass(frozen=True)
 class Guided:
     """What a :data:`Guide` decided on a turn's heads: a fixed ``reply``, or the
-    ``session`` (other tags) the reply is generated from instead."""
+    ``session`` (other tags) the reply is generated from instead; ``gate``: what the reply
+    must not say."""
 
     reply: str | None = None
     session: Session | None = None
+    gate: ReplyGate | None = None
 
 
 Guide = Callable[[HeadsOutput], "Guided | None"]
@@ -459,6 +544,14 @@ class Pending:
         self.started = False
         self.prefilled = pos
         self.fixed: str | None = None  # a reply decided on the heads (a guarded reply)
+        # reply checks: what the gate forbids, and what backing up needs per token
+        self.gate: ReplyGate | None = None
+        self.tokens: list[int] = []
+        self.offsets: list[int] = []  # characters of the reply after each token
+        self.states: list[tuple[bytes, int]] = []  # the UTF-8 decoder's state after each
+        self.banned: dict[int, set[int]] = {}  # tokens ruled out at a reply position
+        self.interventions: list[str] = []
+        self.shown = 0  # characters handed to on_text
 
     def emit(self, text: str) -> None:
         if not self.started:  # the reply starts at its first visible character
@@ -466,8 +559,19 @@ class Pending:
             self.started = bool(text)
         if text:
             self.pieces.append(text)
-            if self.on_text:
+            if self.on_text and self.gate is None:
                 self.on_text(text)
+
+    def release(self, upto: int | None) -> None:
+        """With a reply gate, hand the text up to ``upto`` characters (None: all of it) to
+        the listener: the part no backing up can take back any more."""
+        if self.gate is None or not self.on_text:
+            return
+        text = "".join(self.pieces)
+        end = len(text) if upto is None else upto
+        if end > self.shown:
+            self.on_text(text[self.shown : end])
+            self.shown = end
 
 
 def _identity(bundle: Bundle, cfg: Config) -> str:
