@@ -446,7 +446,7 @@ def test_eval_and_serve_report_reply_check_interventions(tmp_path: Path) -> None
                 "turns": [{"player": line}],
             }
         )
-        + "\n"  # fmt: skip
+        + "\n"
     )
     report = tmp_path / "r.json"
     proc = _npcchat("eval", str(sc), "--report", str(report), home=tmp_path / "home")
