@@ -180,6 +180,7 @@ class Turn:
     npc_id: str = ""
     rules: RulesOutcome | None = None  # None: the NPC has no rules (output as before)
     interventions: tuple[str, ...] = ()  # reply checks that made generation back up
+    choices: tuple[tuple[str, str], ...] = ()  # (label, option) the model picked after it
 
     @property
     def deltas(self) -> dict[str, float]:

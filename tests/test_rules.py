@@ -509,3 +509,28 @@ def test_serve_enforces_reply_checks_in_batched_slots(tmp_path: Path) -> None:
     assert len(replies) == 1  # same line, same seed: the same reply in every slot
     assert for_matching(phrase) not in for_matching(replies.pop())
     assert all(a["meta"]["rules"]["checks"] for a in answers.values())
+
+
+# -- a parameter the model chooses from a closed list --------------------------------------
+@pytest.mark.model
+def test_a_parameter_chosen_by_the_model_is_always_one_of_its_options(tmp_path: Path) -> None:
+    """Decoding after the reply is constrained by a grammar of the options (English and
+    Korean ones alike): whatever the model, the game gets one of them, never free text."""
+    options = {"steel_sword", "iron_dagger", "강철 방패"}
+    lines = ["Here is the ore.", "여기 광석이요.", "Give me something.", "뭐 없어요?"]
+    turns = _talk_json(RULES / "choice.toml", lines, tmp_path)
+    for t in turns:
+        (action,) = t["rules"]["actions"]
+        assert action["name"] == "give_item" and action["item"] in options
+    from npcchat.runtime.engine import gbnf_literal
+
+    assert gbnf_literal('a "b" \\ 방패\n') == '"a \\"b\\" \\\\ 방패\\x0a"'
+
+
+def test_choice_lists_are_validated(tmp_path: Path) -> None:
+    path = _npc(tmp_path, "[flags.f]\naction = { item = { choose = [] } }\n")
+    with pytest.raises(ConfigError, match=r"flags\.f\.action\.item\.choose'.*1 to 64"):
+        npc_mod.load(path)
+    path = _npc(tmp_path, '[flags.f]\naction = { item = { pick = ["a"] } }\n')
+    with pytest.raises(ConfigError, match=r"flags\.f\.action\.item\.pick'.*unknown key"):
+        npc_mod.load(path)

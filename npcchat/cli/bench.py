@@ -61,6 +61,36 @@ def bench(
         ui.kv_table(f"npcchat bench · {report['bundle']} ({report['quant']})", report)
 
 
+@app.command("rules")
+def rules_bench(
+    bundle: Annotated[Path | None, typer.Option(help="Model bundle directory.")] = None,
+    npc: Annotated[
+        Path | None, typer.Option(help="NPC file with rules (default: the demo blacksmith).")
+    ] = None,
+    turns: Annotated[int, typer.Option(help="Turns per measurement.")] = 20,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+    config: Annotated[Path | None, typer.Option(help="Config TOML.")] = None,
+) -> None:
+    """What the NPC's rules cost per turn, and reply checks while generating (tokens/s with
+    and without), each against its baseline in the same run."""
+    from npcchat import demo
+    from npcchat.bench import rules as rules_bench_mod
+    from npcchat.cli import common, ui
+    from npcchat.errors import ConfigError
+    from npcchat.runtime.engine import load_engine
+
+    if not 1 <= turns <= 1000:
+        raise ConfigError(f"--turns {turns}: expected 1..1000")
+    cfg = common.build_config(config)
+    path = npc or demo.root() / "npcs" / "village_blacksmith.toml"
+    with load_engine(bundle or demo.default_bundle(), cfg) as engine:
+        report = rules_bench_mod.run(engine, path, turns)
+    if json_out:
+        print(json.dumps(report))
+    else:
+        ui.kv_table("npcchat bench rules", report)
+
+
 @app.command("serve")
 def serve(
     bundle: Annotated[Path | None, typer.Option(help="Model bundle directory.")] = None,

@@ -97,15 +97,18 @@ class NpcMind:
         def decide(heads: HeadsOutput) -> Guided | None:
             judged = rules.judge(self._override_flags(heads.flags), state)
             found = rules.guard_for(judged.blocked)
+            choices = rules.choices(judged)
             if found is None:
-                return Guided(gate=gate) if gate is not None else None
+                if gate is None and not choices:
+                    return None
+                return Guided(gate=gate, choices=choices)
             name, guard = found
             if guard.lines:
                 used = sum(1 for t in session.history if t.rules and t.rules.guard == name)
                 return Guided(reply=guard.lines[used % len(guard.lines)])
             changed: dict[str, object] = dict(guard.tags)
             tags = replace(session.tags, **changed)  # type: ignore[arg-type]
-            return Guided(session=replace(session, tags=tags), gate=gate)
+            return Guided(session=replace(session, tags=tags), gate=gate, choices=choices)
 
         return decide
 
@@ -120,7 +123,7 @@ class NpcMind:
             start = State(session.tags, session.player_state, session.npc_items)
             judged = rules.judge(result.heads.flags, start)
             moved = State(result.tags_after, session.player_state, session.npc_items)
-            ruled, changes, actions, lines = apply(rules, judged, moved)
+            ruled, changes, actions, lines = apply(rules, judged, moved, dict(result.choices))
             found = rules.guard_for(judged.blocked) if result.stop_reason != "trigger" else None
             outcome = RulesOutcome(
                 blocked=judged.blocked,

@@ -33,7 +33,9 @@ from typing import Any
 from npcchat.errors import ConfigError, where
 from npcchat.rules.model import (
     NEXT,
+    ActionSpec,
     Case,
+    Choice,
     Effects,
     FlagRule,
     Guard,
@@ -218,15 +220,20 @@ def _effects(r: _Reader, label: str, raw: Any, stages: tuple[str, ...]) -> Effec
     )
 
 
-def _action(
-    r: _Reader, label: str, raw: Any, flag: str
-) -> tuple[str, tuple[tuple[str, Param], ...]]:
+def _action(r: _Reader, label: str, raw: Any, flag: str) -> ActionSpec:
     if not isinstance(raw, dict):
         raise r.fail(label, "expected a table: name and the action's parameters")
     name = r.text(f"{label}.name", raw.get("name", flag))
-    params: list[tuple[str, Param]] = []
+    params: list[tuple[str, Param | Choice]] = []
     for key, value in raw.items():
         if key == "name":
+            continue
+        if isinstance(value, dict):  # { choose = [...] }: the model picks, by grammar
+            t = r.table(f"{label}.{key}", value, {"choose"})
+            options = r.texts(f"{label}.{key}.choose", t.get("choose", []))
+            if not 1 <= len(options) <= 64 or len(set(options)) != len(options):
+                raise r.fail(f"{label}.{key}.choose", "expected 1 to 64 different options")
+            params.append((key, Choice(options)))
             continue
         if key in ("flag",):
             raise r.fail(f"{label}.{key}", "reserved (the game gets the flag's name beside it)")

@@ -96,6 +96,17 @@ class Effects:
 
 
 @dataclass(frozen=True)
+class Choice:
+    """An action parameter the model picks from a closed list (``item = { choose = [...] }``):
+    after its reply, decoding is constrained by a grammar of exactly these options."""
+
+    options: tuple[str, ...]
+
+
+ActionSpec = tuple[str, tuple[tuple[str, "Param | Choice"], ...]]  # (name, parameters)
+
+
+@dataclass(frozen=True)
 class Case:
     """One way a flag fires: its own conditions, effects and action. A flag's cases are
     tried in order and the first whose conditions hold applies, so parameters can depend
@@ -103,7 +114,7 @@ class Case:
 
     requires: Requires = field(default_factory=Requires)
     effects: Effects = field(default_factory=Effects)
-    action: tuple[str, tuple[tuple[str, Param], ...]] | None = None  # (name, params)
+    action: ActionSpec | None = None
     label: str = ""  # where it is in the NPC file, for messages
 
 
@@ -215,6 +226,17 @@ class Rules:
                 out[name] = f
         return Judgement(out, blocked, cases)
 
+    def choices(self, judged: Judgement) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        """The parameters of the fired flags' actions that the model picks: (label
+        ``flag.param``, options)."""
+        out = []
+        for name, case in judged.cases.items():
+            if case.action is not None:
+                for key, value in case.action[1]:
+                    if isinstance(value, Choice):
+                        out.append((f"{name}.{key}", value.options))
+        return tuple(out)
+
     def guard_for(self, blocked: dict[str, str]) -> tuple[str, Guard] | None:
         """The guarded reply of the first blocked flag (in head order) that has one."""
         for name in blocked:
@@ -225,10 +247,11 @@ class Rules:
 
 
 def apply(
-    rules: Rules, judged: Judgement, state: State
+    rules: Rules, judged: Judgement, state: State, chosen: dict[str, str] | None = None
 ) -> tuple[State, tuple[Change, ...], tuple[Action, ...], tuple[str, ...]]:
     """The fired flags' effects on ``state`` (in head order), the changes they made, the
-    actions for the game and the memory lines to record."""
+    actions for the game and the memory lines to record. ``chosen``: what the model picked
+    for :class:`Choice` parameters, by ``flag.param`` (else the first option)."""
     changes: list[Change] = []
     actions: list[Action] = []
     memories: list[str] = []
@@ -261,8 +284,14 @@ def apply(
             memories.append(e.memory)
             changes.append(Change("memory", "memory", "", e.memory))
         if case.action is not None:
-            action_name, params = case.action
-            actions.append(Action(action_name, name, params))
+            action_name, spec = case.action
+            params: list[tuple[str, Param]] = []
+            for key, given in spec:
+                if isinstance(given, Choice):
+                    params.append((key, (chosen or {}).get(f"{name}.{key}", given.options[0])))
+                else:
+                    params.append((key, given))
+            actions.append(Action(action_name, name, tuple(params)))
     new = State(tags, replace(player, items=tuple(items)), tuple(npc_items))
     return new, tuple(changes), tuple(actions), tuple(memories)
 

@@ -394,6 +394,32 @@ class Model:
                 logits[token] = float("-inf")
         return self.sample(seq, idx)
 
+    def choose(self, tokens: Sequence[int], pos: int, grammar: str, seq: int = 0) -> list[int]:
+        """Decode ``tokens`` at ``pos`` in ``seq``, then generate greedily under a GBNF
+        ``grammar`` (llama.cpp's grammar sampler) until it ends: the tokens chosen (the
+        stop token not among them). The KV cache keeps all of it."""
+        chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
+        rule = ll.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
+        if not rule:
+            ll.llama_sampler_free(chain)
+            raise BackendError("llama.cpp refused a choice grammar")
+        ll.llama_sampler_chain_add(chain, rule)
+        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_greedy())
+        out: list[int] = []
+        try:
+            self.decode(tuple(tokens), pos, True, last_only=True, seq=seq)
+            pos += len(tokens)
+            for _ in range(256):  # a choice is a few tokens; the grammar ends it
+                tok = int(ll.llama_sampler_sample(chain, self._ctx, -1))
+                if ll.llama_vocab_is_eog(self._vocab, tok):
+                    break
+                out.append(tok)
+                self.decode((tok,), pos, True, seq=seq)
+                pos += 1
+        finally:
+            ll.llama_sampler_free(chain)
+        return out
+
     def step(self, token: int, pos: int, seq: int = 0) -> None:
         """Decode one generated token at ``pos`` so its logits can be sampled."""
         self.decode((token,), pos, True, seq=seq)

@@ -277,6 +277,7 @@ class Engine:
         )
         p.prefilled = prefilled
         p.gate = guided.gate if guided is not None else None
+        p.choices = guided.choices if guided is not None else ()
         if guided is not None and guided.reply is not None:
             p.fixed = guided.reply  # answered without generating: nothing is sampled
             return p
@@ -295,6 +296,7 @@ class Engine:
             p.reason = "tag" if tok in self.vocab.tags.values() else "eos"
             return False
         p.n += 1
+        p.tokens.append(tok)
         p.emit(p.decoder.decode(self.model.piece(tok)))
         if p.gate is not None:
             verdict = self._checked(p, tok)
@@ -318,7 +320,6 @@ class Engine:
         gate = p.gate
         assert gate is not None
         text = "".join(p.pieces)
-        p.tokens.append(tok)
         p.offsets.append(len(text))
         p.states.append(p.decoder.getstate())
         hit = gate.violation(text)
@@ -364,6 +365,7 @@ class Engine:
     def finish(self, p: Pending) -> Turn:
         p.emit(p.decoder.decode(b"", final=True))
         p.release(None)
+        chosen = self._choose(p) if p.choices else ()
         t0, t1, t2 = p.times
         t3 = time.perf_counter()
         heads = p.heads
@@ -382,7 +384,27 @@ class Engine:
             seed=p.seed,
             npc_id=p.session.npc_id,
             interventions=tuple(p.interventions),
+            choices=chosen,
         )
+
+    def _choose(self, p: Pending) -> tuple[tuple[str, str], ...]:
+        """The parameters the model picks from closed lists, after its reply in the same
+        sequence: a cue line (``\\nLABEL: ``), then greedy decoding under a GBNF grammar of
+        exactly the options, so the answer is always one of them, never free text."""
+        prompt = len(p.fitted.tokens)
+        pending = p.tokens[p.pos - prompt :]  # accepted into the reply, not yet decoded
+        out = []
+        for label, options in p.choices:
+            cue = self.model.tokenize(f"\n{label}: ")
+            grammar = "root ::= " + " | ".join(gbnf_literal(o) for o in options)
+            got = self.model.choose([*pending, *cue], p.pos, grammar, p.seq)
+            for tok in (*pending, *cue, *got):
+                self.kv.append(p.seq, tok)
+            p.pos += len(pending) + len(cue) + len(got)
+            pending = []
+            text = b"".join(self.model.piece(t) for t in got).decode("utf-8", "replace")
+            out.append((label, text if text in options else options[0]))
+        return tuple(out)
 
     def stream(
         self,
@@ -512,6 +534,8 @@ class Guided:
     reply: str | None = None
     session: Session | None = None
     gate: ReplyGate | None = None
+    # parameters the model picks from a closed list after its reply: (label, options)
+    choices: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 Guide = Callable[[HeadsOutput], "Guided | None"]
@@ -551,6 +575,7 @@ class Pending:
         self.states: list[tuple[bytes, int]] = []  # the UTF-8 decoder's state after each
         self.banned: dict[int, set[int]] = {}  # tokens ruled out at a reply position
         self.interventions: list[str] = []
+        self.choices: tuple[tuple[str, tuple[str, ...]], ...] = ()
         self.shown = 0  # characters handed to on_text
 
     def emit(self, text: str) -> None:
@@ -572,6 +597,20 @@ class Pending:
         if end > self.shown:
             self.on_text(text[self.shown : end])
             self.shown = end
+
+
+def gbnf_literal(text: str) -> str:
+    """``text`` as a GBNF string literal (quotes, backslashes and control characters
+    escaped; any other character, Hangul included, as itself)."""
+    out = []
+    for ch in text:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ord(ch) < 0x20 or ch == "\x7f":
+            out.append(f"\\x{ord(ch):02x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
 
 
 def _identity(bundle: Bundle, cfg: Config) -> str:
