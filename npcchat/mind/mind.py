@@ -92,10 +92,11 @@ class NpcMind:
         if not rules:
             return None
         state = State(session.tags, session.player_state, session.npc_items)
-        gate = rules.gate(state)  # the reply checks that apply in this state
 
         def decide(heads: HeadsOutput) -> Guided | None:
             judged = rules.judge(self._override_flags(heads.flags), state)
+            fired = frozenset(n for n, f in judged.flags.items() if f.fired)
+            gate = rules.gate(state, fired)  # the reply checks of this state and these flags
             found = rules.guard_for(judged.blocked)
             choices = rules.choices(judged)
             if found is None:

@@ -378,6 +378,13 @@ def flag_warnings(npc: NpcDef, bundle_flags: Sequence[str]) -> list[str]:
         for name in npc.knowledge.flags
         if name not in known
     ]
+    for check in npc.knowledge.rules.checks:
+        out += [
+            f"{where(source, f'{check.label}.unless_fired')}: the bundle has no flag "
+            f"{name!r} (its flags: {listed}); it never turns the check off"
+            for name in check.unless_fired
+            if name not in known
+        ]
     for i, trigger in enumerate(npc.knowledge.triggers):
         out += [
             f"{where(source, f'triggers[{i}].flags')}: the bundle has no flag {name!r} "

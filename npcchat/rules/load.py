@@ -124,7 +124,7 @@ def _checks(r: _Reader, raw: Any, stages: tuple[str, ...]) -> tuple[ReplyCheck, 
     out = []
     for i, value in enumerate(raw):
         label = f"reply_checks[{i}]"
-        t = r.table(label, value, {"say_not", "until"})
+        t = r.table(label, value, {"say_not", "until", "unless_fired"})
         if "say_not" not in t:
             raise r.fail(f"{label}.say_not", "missing (the phrases the NPC must not say)")
         phrases = r.texts(f"{label}.say_not", t["say_not"])
@@ -137,7 +137,12 @@ def _checks(r: _Reader, raw: Any, stages: tuple[str, ...]) -> tuple[ReplyCheck, 
                     f"{phrase!a} has no visible letters or digits, so it could never match",
                 )
         until = _requires(r, f"{label}.until", t["until"], stages) if "until" in t else None
-        out.append(ReplyCheck(phrases, until, label))
+        unless: tuple[str, ...] = ()
+        if "unless_fired" in t:  # a flag, or a list of them
+            raw_unless = t["unless_fired"]
+            raw_unless = [raw_unless] if isinstance(raw_unless, str) else raw_unless
+            unless = r.texts(f"{label}.unless_fired", raw_unless)
+        out.append(ReplyCheck(phrases, until, label, unless))
     return tuple(out)
 
 

@@ -144,12 +144,18 @@ class ReplyCheck:
     phrases: tuple[str, ...]
     until: Requires | None = None
     label: str = ""
+    unless_fired: tuple[str, ...] = ()  # flags: the check is off in a turn one of them fires
+
+    # (the NPC must not hand over an item in words when give_item did not fire: the reply
+    # and the state change of one turn then agree)
 
     @cached_property
     def patterns(self) -> tuple[re.Pattern[str], ...]:
         return tuple(p for p in map(phrase_pattern, self.phrases) if p is not None)
 
-    def active(self, state: State) -> bool:
+    def active(self, state: State, fired: frozenset[str] = frozenset()) -> bool:
+        if any(flag in fired for flag in self.unless_fired):
+            return False
         return self.until is None or bool(self.until.failure(state, "until"))
 
 
@@ -193,9 +199,9 @@ class Rules:
     def __bool__(self) -> bool:
         return bool(self.flags) or bool(self.checks)
 
-    def gate(self, state: State) -> Gate | None:
-        """The reply checks that apply in ``state`` (None: none do)."""
-        active = tuple(c for c in self.checks if c.active(state))
+    def gate(self, state: State, fired: frozenset[str] = frozenset()) -> Gate | None:
+        """The reply checks that apply in ``state`` with these flags fired (None: none)."""
+        active = tuple(c for c in self.checks if c.active(state, fired))
         return Gate(active) if active else None
 
     def judge(self, flags: dict[str, FlagResult], state: State) -> Judgement:

@@ -337,6 +337,8 @@ class Engine:
         j = next(
             i for i, off in enumerate(p.offsets) if len(gate.matched(text[:off])) > start
         )  # the token that began the phrase
+        while j > 0 and p.states[j - 1][0]:  # it completed a character an earlier one began
+            j -= 1
         prompt = p.pos - (len(p.tokens) - 1)  # tokens decoded so far: all but this last one
         banned = p.banned.setdefault(j, set())
         banned.add(p.tokens[j])
