@@ -1117,14 +1117,10 @@ def test_npc_file_flags_the_bundle_lacks_are_named_in_warnings(tmp_path: Path) -
         + "\n[flags.give_itme]\nthreshold = 0.5\n"
         + '\n[[triggers]]\nmatch = ["idiot"]\nreaction = "Out."\nflags = ["npc_acton"]\n'
     )
-    demo_flags = (
-        "give_item",
-        "quest_stage_change",
-        "give_hint",
-        "npc_action",
-        "change_npc_state",
-        "unlock_hidden_path",
-    )
+    from npcchat import demo
+    from npcchat.runtime import bundle as bundle_mod
+
+    demo_flags = bundle_mod.load(demo.default_bundle()).flags
     warnings = npc_mod.flag_warnings(npc_mod.load(path), demo_flags)
     assert len(warnings) == 2, warnings
     assert "key 'flags.give_itme'" in warnings[0] and "give_item, quest_stage_change" in warnings[0]

@@ -81,6 +81,20 @@ def _npc(tmp_path: Path, body: str) -> Path:
             r"flags\.f\.effects'.*put it in each case",
         ),
         ("[npc_state]\nitems = [3]\n", r"key 'npc_state\.items\[0\]'"),
+        (
+            '[[reply_checks]]\nsay_not = ["\\u200b"]\n',
+            r"reply_checks\[0\]\.say_not\[0\]'.*no visible",
+        ),
+        (
+            "[[reply_checks]]\nuntil = { min_trust = 0.5 }\n",
+            r"reply_checks\[0\]\.say_not'.*missing",
+        ),
+        (
+            '[[reply_checks]]\nsay_not = ["x"]\nuntil = { stage = "a" }\n',
+            r"reply_checks\[0\]\.until\.stage'.*unknown key",
+        ),
+        ("[flags.f]\naction = { item = { choose = [] } }\n", r"action\.item\.choose'.*1 to 64"),
+        ('[flags.f]\naction = { item = { pick = ["a"] } }\n', r"action\.item\.pick'.*unknown key"),
         ('[flags.f]\neffects = { tags = { trust = "1" } }\n', r"flags\.f\.effects\.tags\.trust"),
     ],
 )
@@ -458,18 +472,6 @@ def test_eval_and_serve_report_reply_check_interventions(tmp_path: Path) -> None
     assert rep["scenarios"][0]["turns"][0]["rules"]["checks"]
 
 
-def test_reply_checks_are_validated_at_load(tmp_path: Path) -> None:
-    path = _npc(tmp_path, '[[reply_checks]]\nsay_not = ["\\u200b"]\n')
-    with pytest.raises(ConfigError, match=r"reply_checks\[0\]\.say_not\[0\]'.*no visible"):
-        npc_mod.load(path)
-    path = _npc(tmp_path, "[[reply_checks]]\nuntil = { min_trust = 0.5 }\n")
-    with pytest.raises(ConfigError, match=r"reply_checks\[0\]\.say_not'.*missing"):
-        npc_mod.load(path)
-    path = _npc(tmp_path, '[[reply_checks]]\nsay_not = ["x"]\nuntil = { stage = "a" }\n')
-    with pytest.raises(ConfigError, match=r"reply_checks\[0\]\.until\.stage'.*unknown key"):
-        npc_mod.load(path)
-
-
 @pytest.mark.model
 def test_serve_enforces_reply_checks_in_batched_slots(tmp_path: Path) -> None:
     """Turns side by side in the scheduler's slots back up alone: each reply equals the
@@ -528,10 +530,25 @@ def test_a_parameter_chosen_by_the_model_is_always_one_of_its_options(tmp_path: 
     assert gbnf_literal('a "b" \\ 방패\n') == '"a \\"b\\" \\\\ 방패\\x0a"'
 
 
-def test_choice_lists_are_validated(tmp_path: Path) -> None:
-    path = _npc(tmp_path, "[flags.f]\naction = { item = { choose = [] } }\n")
-    with pytest.raises(ConfigError, match=r"flags\.f\.action\.item\.choose'.*1 to 64"):
-        npc_mod.load(path)
-    path = _npc(tmp_path, '[flags.f]\naction = { item = { pick = ["a"] } }\n')
-    with pytest.raises(ConfigError, match=r"flags\.f\.action\.item\.pick'.*unknown key"):
-        npc_mod.load(path)
+@pytest.mark.model
+def test_a_guard_with_tags_lets_the_model_answer_in_that_style(tmp_path: Path) -> None:
+    """The model writes the guarded reply from the same prompt with the guard's tags (a
+    second prefill); the state change stays the player's prompt's, the session's tags are
+    not the guard's."""
+    import npcchat
+
+    path = tmp_path / "m.toml"
+    path.write_text(
+        MOTHER_GUARD.read_text("utf-8").replace(
+            'lines = ["아직 당신을 잘 몰라요.", "그곳 얘기는 할 수 없어요."]',
+            'tags = { npc_mood = "tired", style = "guarded" }',
+        )
+    )
+    with npcchat.load() as rt:
+        conv = rt.open(path, seed=1)
+        turn = conv.say("베틀 방이 어디예요?")
+    assert turn.rules is not None and turn.rules.guard == "give_hint"
+    assert turn.stop_reason != "guarded" and turn.reply.strip()  # generated, not a fixed line
+    assert turn.prefill_tokens > turn.prompt_tokens  # the prompt, then its guarded variant
+    assert turn.flags["give_hint"].blocked
+    assert conv.session.tags.npc_mood == "grief" and conv.session.tags.style != "guarded"
