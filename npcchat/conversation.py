@@ -141,6 +141,8 @@ class Conversation:
         self._snapshot_due = False
         self.restored_snapshot = False  # set by Runtime.open when a KV snapshot was restored
         self._engine_held = False  # this conversation holds the engine lock (inside a turn)
+        # what /set changed since the last turn: /retry redoes the turn with it kept
+        self._set_since_turn: dict[str, str] = {}
 
     @property
     def npc_name(self) -> str:
@@ -203,6 +205,8 @@ class Conversation:
                 if retry:
                     text = self.session.history[-1].player
                     self.session = self.session.undo()
+                    for key, value in self._set_since_turn.items():  # the designer's word
+                        self.session = set_value(self.session, key, value)
                 if update is not None:
                     self.session = update(self.session)
                 scheduler = self.access.scheduler
@@ -251,6 +255,7 @@ class Conversation:
         else:
             self.session = self.session.with_turn(result)
         self._turns += 1
+        self._set_since_turn = {}
         self.autosave()
         return result
 
@@ -339,6 +344,7 @@ class Conversation:
             if not self.session.history:
                 return False
             self.session = self.session.undo()
+            self._set_since_turn = {}
             self.autosave()
             return True
 
@@ -349,6 +355,7 @@ class Conversation:
             if reload:
                 self._reload()
             self.session = self.session.reset()
+            self._set_since_turn = {}
             self.autosave()
 
     def reload(self) -> None:
@@ -377,6 +384,7 @@ class Conversation:
         """``/set KEY VALUE``: a tag, the player state, lore or description."""
         with self.lock:
             self.session = set_value(self.session, key, value)
+            self._set_since_turn[key] = value
             self.autosave()
 
     def update(self, session: Session) -> None:
@@ -395,6 +403,15 @@ class Conversation:
         with self.lock:
             self._write(target)
         return target
+
+    def save_as(self, path: Path) -> Path:
+        """Save to ``path`` and make it this conversation's session file: every later
+        change is saved there (talk's ``/save FILE``)."""
+        with self.lock:
+            self._write(path)
+            self.path = path
+            self.affinity = str(path)
+        return path
 
     def close(self) -> None:
         """Write a KV snapshot that is still due. The runtime stays open."""

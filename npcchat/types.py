@@ -181,6 +181,7 @@ class Turn:
     rules: RulesOutcome | None = None  # None: the NPC has no rules (output as before)
     interventions: tuple[str, ...] = ()  # reply checks that made generation back up
     choices: tuple[tuple[str, str], ...] = ()  # (label, option) the model picked after it
+    trigger_phrase: str = ""  # the forbidden trigger's phrase that matched (stop "trigger")
 
     @property
     def deltas(self) -> dict[str, float]:

@@ -175,6 +175,7 @@ def test_native_and_terminal_libraries_have_one_importer_each() -> None:
     assert _third_party_importers("llama_cpp") == {"npcchat.runtime.backend"}
     assert _third_party_importers("onnxruntime") == {"npcchat.runtime.heads"}
     assert _third_party_importers("rich") == {"npcchat.cli.ui"}
+    assert _third_party_importers("prompt_toolkit") == {"npcchat.cli.lineedit"}
     assert {m.rsplit(".", 1)[0] for m in _third_party_importers("ray")} == {"npcchat.cluster"}
 
 

@@ -125,7 +125,7 @@ def _scripted(conv: Conversation, lines: list[str], json_out: bool) -> None:
             ui.reply_start(conv.npc_name)
             r = conv.say(line, ui.reply_text)
             ui.reply_end()
-            ui.turn_summary(r, _display(conv))
+            ui.turn_summary(r, _display(conv), conv.engine.cfg.state.decimals)
 
 
 def readable(text: str) -> str:
@@ -134,12 +134,36 @@ def readable(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
-def _read_line() -> str | None:
+def _reader(conv: Conversation) -> Any:
+    """How the player's lines are read: the line editor on a terminal (history per NPC,
+    Tab completion, wide-character editing), plain ``input()`` when piped."""
+    from npcchat.cli import lineedit
+
+    if not lineedit.interactive():
+        return input
+    from npcchat.config import home
+    from npcchat.conversation import SETTABLE
+
+    commands = [c.split(" ")[0] for c, _ in HELP]
+    history = lineedit.history_path(home(), conv.session.npc_id)
+    editor = lineedit.LineEditor(history, [*commands, "/exit"], SETTABLE)
+
+    def read(prompt: str) -> str:
+        line = editor.read(prompt)
+        if line is None:
+            raise EOFError
+        return line
+
+    return read
+
+
+def _read_line(read: Any) -> str | None:
     from npcchat.cli import ui
 
     while True:
         try:
-            return input(ui.prompt_text())
+            line: str = read(ui.prompt_text())
+            return line
         except EOFError:
             return None
         except KeyboardInterrupt:
@@ -179,9 +203,11 @@ def _count(n: int, one: str, many: str = "") -> str:
 def _converse(rt: Runtime, conv: Conversation) -> None:
     from npcchat.cli import ui
 
+    read = _reader(conv)
+    warned = False  # /quit with unsaved turns warns once
     while True:
         _idle(conv)
-        line = _read_line()
+        line = _read_line(read)
         if line is None:
             ui.out.print()
             break
@@ -190,6 +216,14 @@ def _converse(rt: Runtime, conv: Conversation) -> None:
             continue
         if line.startswith("/"):
             if _command(rt, conv, line):
+                unsaved = len(conv.session.history) if conv.path is None else 0
+                if unsaved and not warned:
+                    warned = True
+                    ui.warn(
+                        f"{_count(unsaved, 'turn')} of this session are not saved: /save FILE "
+                        "keeps them (and every turn after); /quit again leaves without"
+                    )
+                    continue
                 break
             continue
         _run_turn(conv, lambda cb, text=line: conv.say(text, cb))
@@ -214,7 +248,7 @@ def _run_turn(conv: Conversation, action: Any) -> None:
     if r is None:
         ui.info("(nothing to retry)")
         return
-    ui.turn_summary(r, _display(conv))
+    ui.turn_summary(r, _display(conv), conv.engine.cfg.state.decimals)
 
 
 def _command(rt: Runtime, conv: Conversation, line: str) -> bool:
@@ -239,12 +273,20 @@ def _command(rt: Runtime, conv: Conversation, line: str) -> bool:
                 conv.set(key, value.strip())
                 ui.state(conv.session)
         elif name == "/undo":
-            ui.info("last turn taken back" if conv.undo() else "(nothing to undo)")
+            if conv.undo():
+                ui.info("last turn taken back; the state is now:")
+                ui.state(conv.session)
+            else:
+                ui.info("(nothing to undo)")
         elif name == "/retry":
             _run_turn(conv, conv.retry)
         elif name == "/save":
-            saved = conv.save(Path(rest) if rest else None)
-            ui.info(f"saved {saved}")
+            if rest:  # the session file from now on: every later turn is saved there too
+                saved = conv.save_as(Path(rest))
+                ui.info(f"saved {saved}; later turns are saved there too")
+            else:
+                saved = conv.save()
+                ui.info(f"saved {saved}")
         elif name == "/flags":
             ui.flag_defs(rt.flags, conv.mind.know.flags if conv.mind else {})
         elif name == "/memory":

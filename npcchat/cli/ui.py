@@ -71,21 +71,26 @@ def reply_end() -> None:
     out.print()
 
 
-def _signed(x: float) -> Text:
+def _signed(x: float, decimals: int = 3) -> Text:
     style = "green" if x > 0 else "red" if x < 0 else "dim"
-    return Text(f"{x:+.3f}", style=style)
+    return Text(f"{x:+.{decimals}f}", style=style)
 
 
-def turn_summary(r: Turn, display: Mapping[str, str] | None = None) -> None:
+def turn_summary(r: Turn, display: Mapping[str, str] | None = None, decimals: int = 2) -> None:
     """Deltas, every flag against its threshold, and what the turn cost; ``display`` maps
-    flag names to the NPC file's display names."""
+    flag names to the NPC file's display names. State numbers at the precision the state
+    keeps (``[state] decimals``): a delta shown as +0.004 that moves nothing misleads."""
     grid = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
     grid.add_column("state")
     grid.add_column("delta", justify="right")
     grid.add_column("now", justify="right")
     for name in ("trust", "relationship"):
         before, after = getattr(r.tags_before, name), getattr(r.tags_after, name)
-        grid.add_row(name, _signed(r.heads.deltas[name]), f"{before:.3f} → {after:.3f}")
+        grid.add_row(
+            name,
+            _signed(r.heads.deltas[name], decimals),
+            f"{before:.{decimals}f} → {after:.{decimals}f}",
+        )
     flags = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
     flags.add_column("flag")
     flags.add_column("prob", justify="right")
@@ -103,6 +108,16 @@ def turn_summary(r: Turn, display: Mapping[str, str] | None = None) -> None:
         _rules(r)
     t = r.timings
     dropped = f" · {r.dropped_turns} old turns left out" if r.dropped_turns else ""
+    if r.stop_reason == "trigger":  # no model call: say which phrase, not zero tokens
+        out.print(
+            Text.assemble(
+                ("forbidden trigger ", "bold yellow"),
+                (repr(r.trigger_phrase), "yellow"),
+                (" · fixed reaction, no model call", "dim"),
+            ),
+            soft_wrap=True,
+        )
+        return
     out.print(
         Text(
             f"{r.prompt_tokens} prompt + {r.generated_tokens} reply tokens"

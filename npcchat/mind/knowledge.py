@@ -68,6 +68,15 @@ class Trigger:
         """The phrases' regexes, built once (a trigger is checked on every turn)."""
         return tuple(p for p in map(phrase_pattern, self.phrases) if p is not None)
 
+    def matched(self, text: str) -> str:
+        """The phrase of this trigger that ``text`` says, as the NPC file writes it."""
+        said = for_matching(text)
+        for phrase in self.phrases:
+            pattern = phrase_pattern(phrase)
+            if pattern is not None and pattern.search(said):
+                return phrase
+        return ""
+
     def matches(self, text: str) -> bool:
         """On NFKC, case-folded text without invisible characters: a Latin phrase as whole
         words, a Hangul phrase from a word start with any particle or ending after it."""

@@ -60,7 +60,8 @@ class NpcMind:
         if t is None:
             return None
         deltas = {"trust": t.trust, "relationship": t.relationship}
-        return self.engine.fixed_turn(session, player, t.reaction, deltas, t.flags)
+        turn = self.engine.fixed_turn(session, player, t.reaction, deltas, t.flags)
+        return replace(turn, trigger_phrase=t.matched(player))
 
     def prepare(self, session: Session, player: str) -> Prepared:
         recent = [(t.player, t.reply) for t in session.history[-self.budgets.recent_turns :]]
