@@ -226,7 +226,9 @@ def test_html_report_holds_the_plots(bundle_q4: Path, tmp_path: Path) -> None:
     assert text.count("<svg") >= 6 and "http://" not in text.replace(
         'xmlns="http://www.w3.org/2000/svg"', ""
     )
-    assert "<script" not in text
+    assert "<script src" not in text and text.count("<script") == 1  # inline, no network
+    assert 'id="turns"' in text and text.count('<tr data-npc="') == 12  # a row per turn
+    assert 'data-fail="1"' in text or 'data-fail="0"' in text
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("headless Chromium not installed: rendered check skipped")

@@ -1,6 +1,8 @@
 """The eval report as one self-contained HTML file: tables and inline SVG plots (per-flag
-calibration curves, predicted-vs-expected delta scatter, latency histogram). No scripts,
-no fonts, no network: it opens anywhere, offline."""
+calibration curves, predicted-vs-expected delta scatter, latency histogram), and a row per
+scenario turn (id, NPC, player line, reply, expected and predicted deltas and flags, pass
+or fail per check) that a small inline script sorts and filters. No script or font from
+anywhere else, no network: it opens anywhere, offline."""
 
 from __future__ import annotations
 
@@ -18,6 +20,38 @@ td,th{border:1px solid #ddd;padding:3px 8px;text-align:left}
 th{background:#f3f3f3} figure{display:inline-block;margin:6px}
 figcaption{font-size:12px;text-align:center}
 .note{color:#666;font-size:12px}
+.fail{color:#b00;font-weight:bold} .pass{color:#080}
+#turns th{cursor:pointer} #turns td{vertical-align:top;max-width:320px}
+.filters{margin:8px 0;font-size:13px} .filters *{margin-right:8px}
+"""
+
+# Sorting and filtering of the per-turn table: a few lines inline, no library, no network.
+SCRIPT = """
+(function(){
+const table=document.getElementById('turns'); if(!table) return;
+const body=table.tBodies[0], rows=[...body.rows];
+const q=document.getElementById('q'), npc=document.getElementById('npc'),
+      flag=document.getElementById('flag'), failed=document.getElementById('failed');
+function apply(){
+  const text=q.value.toLowerCase();
+  for(const r of rows){
+    const show=(!text||r.textContent.toLowerCase().includes(text))
+      &&(!npc.value||r.dataset.npc===npc.value)
+      &&(!flag.value||(' '+r.dataset.flags+' ').includes(' '+flag.value+' '))
+      &&(!failed.checked||r.dataset.fail==='1');
+    r.style.display=show?'':'none';
+  }
+}
+[q,npc,flag,failed].forEach(e=>e.addEventListener('input',apply));
+[...table.tHead.rows[0].cells].forEach((th,i)=>th.addEventListener('click',()=>{
+  const dir=th.dataset.dir==='asc'?-1:1; th.dataset.dir=dir===1?'asc':'desc';
+  const key=r=>{const t=r.cells[i].textContent.trim(); const n=parseFloat(t);
+    return isNaN(n)?t:n;};
+  rows.sort((a,b)=>{const x=key(a),y=key(b);
+    return (typeof x===typeof y?(x<y?-1:x>y?1:0):(typeof x==='number'?-1:1))*dir;});
+  rows.forEach(r=>body.appendChild(r));
+}));
+})();
 """
 
 
@@ -46,12 +80,17 @@ def _axes(x0: float, x1: float, y0: float, y1: float, xlabel: str, ylabel: str) 
         'fill="#fafafa" stroke="#999"/>',
         _text(W / 2, H - 6, 11, "middle", xlabel),
         _text(10, H / 2, 11, "middle", ylabel, f' transform="rotate(-90 10 {H / 2})"'),
-        _text(PAD, H - PAD + 12, 9, "middle", f"{x0:g}"),
-        _text(W - PAD, H - PAD + 12, 9, "middle", f"{x1:g}"),
-        _text(PAD - 4, H - PAD, 9, "end", f"{y0:g}"),
-        _text(PAD - 4, PAD + 8, 9, "end", f"{y1:g}"),
+        _text(PAD, H - PAD + 12, 9, "middle", _tick(x0)),
+        _text(W - PAD, H - PAD + 12, 9, "middle", _tick(x1)),
+        _text(PAD - 4, H - PAD, 9, "end", _tick(y0)),
+        _text(PAD - 4, PAD + 8, 9, "end", _tick(y1)),
     ]
     return "".join(parts), (px, py)
+
+
+def _tick(x: float) -> str:
+    """An axis label a person reads: three significant digits (6.1, not 6.12252)."""
+    return f"{x:.3g}"
 
 
 def _text(x: float, y: float, size: int, anchor: str, body: str, extra: str = "") -> str:
@@ -211,8 +250,92 @@ def render(report: dict[str, Any]) -> str:
 <h2>Deltas: predicted vs expected</h2><div>{scatters}</div>
 <h2>Latency</h2><div>{lat}</div>
 <h2>Least similar replies</h2>{_table(["player", "reply", "reference", "similarity"], worst_rows)}
-{rules_html}</body></html>
+{rules_html}{_turn_rows(report)}<script>{SCRIPT}</script></body></html>
 """
+
+
+def _mark(ok: bool | None) -> str:
+    if ok is None:
+        return "<td>–</td>"
+    return '<td class="pass">pass</td>' if ok else '<td class="fail">FAIL</td>'
+
+
+def _turn_rows(report: dict[str, Any]) -> str:
+    """Every scenario turn as a row, with pass or fail for each check the report's metrics
+    count (delta signs, flags, a usable reply), filterable by NPC, flag and failures."""
+    from npcchat.eval.metrics import sign
+
+    rows: list[str] = []
+    npcs: set[str] = set()
+    flag_names: set[str] = set()
+    for sc in report["scenarios"]:
+        npc = str(sc.get("npc_id", ""))
+        npcs.add(npc)
+        for i, t in enumerate(sc.get("turns", [])):
+            exp = t.get("expected") or {}
+            fired = sorted(n for n, f in t["flags"].items() if f["fired"])
+            want = exp.get("flags") or {}
+            labelled = {n: v for n, v in want.items() if n in t["flags"]}
+            flags_ok = (
+                all(t["flags"][n]["fired"] == v for n, v in labelled.items()) if labelled else None
+            )
+            delta = exp.get("delta") or {}
+            signs = {
+                k: (sign(t["deltas"][k]) == sign(delta[k]) if k in delta else None)
+                for k in ("trust", "relationship")
+            }
+            c = t.get("checks", {})
+            reply_ok = not (c.get("empty") or c.get("truncated") or c.get("leaked_tags"))
+            checks = [signs["trust"], signs["relationship"], flags_ok, reply_ok]
+            failed = any(x is False for x in checks)
+            expected_fired = sorted(n for n, v in labelled.items() if v)
+            names = set(fired) | set(labelled)
+            flag_names |= names
+            cells = [
+                f"<td>{_esc(sc['id'])}</td><td>{i + 1}</td><td>{_esc(npc)}</td>",
+                f"<td>{_esc(t['player'])}</td><td>{_esc(t['reply'])}</td>",
+                "".join(
+                    f"<td>{t['deltas'][k]:+.2f}"
+                    + (f" / {delta[k]:+.2f}" if k in delta else "")
+                    + "</td>"
+                    for k in ("trust", "relationship")
+                ),
+                f"<td>{_esc(', '.join(fired) or '–')}</td>",
+                f"<td>{_esc(', '.join(expected_fired) or ('none' if labelled else '–'))}</td>",
+                "".join(_mark(x) for x in checks),
+            ]
+            rows.append(
+                f'<tr data-npc="{_esc(npc)}" data-flags="{_esc(" ".join(sorted(names)))}" '
+                f'data-fail="{1 if failed else 0}">' + "".join(cells) + "</tr>"
+            )
+    head = [
+        "scenario",
+        "turn",
+        "NPC",
+        "player",
+        "reply",
+        "Δ trust (pred / exp)",
+        "Δ relationship (pred / exp)",
+        "fired",
+        "expected to fire",
+        "trust sign",
+        "relationship sign",
+        "flags",
+        "reply",
+    ]
+    options = "".join(f'<option value="{_esc(n)}">{_esc(n)}</option>' for n in sorted(npcs))
+    flag_opts = "".join(f'<option value="{_esc(n)}">{_esc(n)}</option>' for n in sorted(flag_names))
+    filters = (
+        '<div class="filters"><input id="q" placeholder="search" size="24">'
+        f'<select id="npc"><option value="">every NPC</option>{options}</select>'
+        f'<select id="flag"><option value="">every flag</option>{flag_opts}</select>'
+        '<label><input id="failed" type="checkbox"> failed only</label></div>'
+    )
+    ths = "".join(f"<th>{_esc(h)}</th>" for h in head)
+    return (
+        f"<h2>Scenarios, turn by turn</h2>{filters}"
+        f'<table id="turns"><thead><tr>{ths}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+    )
 
 
 def _rules(report: dict[str, Any]) -> str:
