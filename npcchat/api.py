@@ -149,7 +149,8 @@ class Runtime:
         version: session_mod.Stamp | None = None
         if path is not None and path.exists():
             sess, version = session_mod.load_stamped(path)
-            if npc is not None:
+            same = isinstance(npc, npc_mod.NpcDef) and npc.id == sess.npc_id
+            if npc is not None and not same:
                 warn(f"resuming {path}; the NPC given ({npc}) is ignored")
             if sess.bundle_id and sess.bundle_id != engine.bundle.identity:
                 warn(
@@ -158,7 +159,9 @@ class Runtime:
                 )
             if seed is not None:
                 sess = replace(sess, seed=seed)
-            know = knowledge_of(sess)
+            # an NpcDef of the session's own NPC (a server's current version of the file)
+            # wins over reading the file again
+            know = npc.knowledge if same and isinstance(npc, npc_mod.NpcDef) else knowledge_of(sess)
         else:
             npc_def = self._npc(npc)
             for warning in npc_mod.flag_warnings(npc_def, engine.bundle.flags):

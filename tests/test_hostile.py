@@ -1226,3 +1226,8 @@ def test_talk_with_a_bundle_directory_that_does_not_exist(tmp_path: Path) -> Non
     afile.write_text("x")
     code, out = _npcchat([b"talk", b"--bundle", str(afile).encode(), b"--say", b"hi"])
     assert code == 1 and "not a directory" in out
+
+
+def test_a_bundle_path_too_long_for_the_file_system_is_one_line(tmp_path: Path) -> None:
+    code, out = _npcchat([b"talk", b"--bundle", b"x" * 5000, b"--say", b"hi"])
+    assert code == 1 and "cannot read" in out and len(out.strip().splitlines()) <= 3

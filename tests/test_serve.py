@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -58,7 +59,7 @@ def _config(temperature: float = 0.7) -> npcchat.Config:
 @pytest.fixture()
 def serve(tmp_path: Path) -> Iterator[Any]:
     """Start servers on the demo bundle (or another) for one test; all stop at its end."""
-    started: list[tuple[uvicorn.Server, threading.Thread, npcchat.Runtime]] = []
+    started: list[tuple[uvicorn.Server, threading.Thread, SessionStore]] = []
 
     def start(
         *,
@@ -73,7 +74,7 @@ def serve(tmp_path: Path) -> Iterator[Any]:
         root = tmp_path / f"sessions{len(started)}"
         store = SessionStore(rt, npc_registry(npcs, bundle is None), root)
         rt.start_batching(waiting)
-        app = create_app(rt, store, Settings(**settings))
+        app = create_app(rt, store, Settings(**settings), npcs_dir=npcs)
         port = _free_port()
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
         thread = threading.Thread(target=server.run, daemon=True)
@@ -82,14 +83,14 @@ def serve(tmp_path: Path) -> Iterator[Any]:
         while not server.started and time.monotonic() < deadline:
             time.sleep(0.02)
         assert server.started
-        started.append((server, thread, rt))
+        started.append((server, thread, store))
         return Server(f"http://127.0.0.1:{port}", rt, root)
 
     yield start
-    for server, thread, rt in started:
+    for server, thread, store in started:
         server.should_exit = True
         thread.join(10)
-        rt.close()
+        store.runtime.close()  # the one serving now (a reload closed the first)
 
 
 def _turn(client: httpx.Client, player: str, text: str, **extra: Any) -> httpx.Response:
@@ -552,3 +553,98 @@ def test_the_docs_page_works_offline(serve: Any) -> None:
         js = c.get("/docs/assets/swagger-ui-bundle.js")
         assert "javascript" in js.headers["content-type"] and len(js.content) > 100_000
         assert c.get("/redoc").status_code == 404  # no offline ReDoc: off, never blank
+
+
+def test_a_reload_under_load_fails_no_turn_and_each_turn_has_one_bundle(
+    serve: Any, bundle_q4: Path
+) -> None:
+    """Players keep talking while the demo bundle is swapped for another: every turn is
+    answered (200) by exactly one bundle, the old one's first, the new one's after."""
+    server = serve(slots=2, waiting=16)
+    old_id = server.runtime.bundle.identity
+    answers: list[tuple[int, str, float]] = []
+    stop = threading.Event()
+
+    def player(name: str) -> None:
+        with server.client() as c:
+            while not stop.is_set():
+                r = _turn(c, name, "Hello there.", max_tokens=4)
+                meta = r.json().get("meta", {}) if r.status_code == 200 else {}
+                answers.append((r.status_code, meta.get("bundle_id", ""), time.monotonic()))
+
+    threads = [threading.Thread(target=player, args=(f"r{i}",)) for i in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(1.5)
+    with server.client() as c:
+        started = time.monotonic()
+        reloaded = c.post("/v1/admin/reload", json={"bundle": str(bundle_q4)})
+        switched = time.monotonic()
+        assert reloaded.status_code == 200, reloaded.text
+        new_id = reloaded.json()["bundle_id"]
+        assert reloaded.json()["previous_id"] == old_id and new_id != old_id
+        time.sleep(1.5)
+        stop.set()
+        for t in threads:
+            t.join(60)
+        assert c.get("/healthz").json()["bundle_id"] == new_id
+    assert answers and all(code == 200 for code, _, _ in answers), answers
+    assert {b for _, b, _ in answers} == {old_id, new_id}
+    assert all(b == new_id for _, b, at in answers if at > switched + 0.5)
+    assert any(b == old_id for _, b, at in answers if at < started)
+    print(f"reload: {reloaded.json()['seconds']:.2f} s, {len(answers)} turns, 0 failed")
+
+
+def test_a_broken_bundle_is_refused_and_the_old_one_keeps_serving(
+    serve: Any, tmp_path: Path
+) -> None:
+    server = serve()
+    old_id = server.runtime.bundle.identity
+    broken = tmp_path / "broken"
+    shutil.copytree(demo.default_bundle(), broken)
+    manifest = broken / "bundle.toml"
+    manifest.write_text(manifest.read_text().replace('quant = "', 'quant = "x', 1) + "\n[[")
+    with server.client() as c:
+        for bad in (str(broken), str(tmp_path / "nowhere")):
+            r = c.post("/v1/admin/reload", json={"bundle": bad})
+            assert r.status_code == 409, r.text
+            message = r.json()["error"]["message"]
+            assert message.startswith("reload refused") and "\n" not in message
+        assert c.get("/healthz").json()["bundle_id"] == old_id
+        assert _turn(c, "b1", "Hello.").status_code == 200
+
+
+def test_npc_files_are_reloaded_when_they_change_and_a_broken_one_keeps_its_last_good(
+    serve: Any, tmp_path: Path
+) -> None:
+    npcs = tmp_path / "npcs"
+    npcs.mkdir()
+    path = npcs / "keeper.toml"
+    shutil.copy(FIXTURES / "keeper.toml", path)
+    server = serve(npcs=npcs)
+    body = {"player_id": "w1", "npc_id": "lighthouse_keeper"}
+
+    def rude() -> dict[str, Any]:
+        with server.client() as c:
+            return c.post("/v1/turn", json={**body, "text": "You old idiot."}).json()
+
+    def health() -> dict[str, Any]:
+        with server.client() as c:
+            return c.get("/healthz").json()
+
+    def until(check: Any) -> None:
+        deadline = time.monotonic() + 20
+        while not check():
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+
+    assert rude()["text"] == "Mind your manners in my lighthouse."
+    path.write_text(path.read_text().replace("Mind your manners", "Mind your tongue"))
+    until(lambda: rude()["text"] == "Mind your tongue in my lighthouse.")  # edited
+    path.write_text(path.read_text() + "\n[flags.give_hint]\nthreshold = 2\n")  # broken
+    until(lambda: str(path) in health()["npc_errors"])
+    assert "key 'flags.give_hint.threshold'" in health()["npc_errors"][str(path)]
+    assert rude()["text"] == "Mind your tongue in my lighthouse."  # the last good version
+    path.write_text(path.read_text().replace("\n[flags.give_hint]\nthreshold = 2\n", ""))
+    until(lambda: not health()["npc_errors"])
+    assert rude()["text"] == "Mind your tongue in my lighthouse."

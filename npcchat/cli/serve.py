@@ -82,10 +82,16 @@ def serve(
         for warning in store.warnings():
             ui.warn(warning)
         rt.start_batching(queue)
-        app = create_app(rt, store, Settings(api_key, max_body, max_text))
+        app = create_app(rt, store, Settings(api_key, max_body, max_text), npcs_dir=npcs)
         where = f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
         ui.info(
             f"npcchat serve · bundle {rt.bundle.name} · {len(served)} NPCs · {slots} slots · "
             f"sessions in {root} · {where} (docs at {where}/docs)"
         )
-        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)
+        try:
+            uvicorn.run(
+                app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10
+            )
+        finally:
+            if store.runtime is not rt:  # a reload's bundle: the `with` closes the first one
+                store.runtime.close()

@@ -113,8 +113,13 @@ def _checked_file(root: Path, manifest: Path, data: dict[str, Any], section: str
 
 def load(root: Path) -> Bundle:
     """Read and verify a bundle directory (or a path to its bundle.toml)."""
-    if root.is_file() and root.name == MANIFEST:
-        root = root.parent
+    try:
+        if root.is_file() and root.name == MANIFEST:
+            root = root.parent
+        root.exists()
+    except OSError as e:  # a name too long for the file system, a loop of links
+        shown = str(root) if len(str(root)) <= 200 else str(root)[:200] + "..."
+        raise BundleError(f"{shown}: cannot read ({e.strerror or e})") from None
     manifest = root / MANIFEST
     if not root.exists():
         raise BundleError(

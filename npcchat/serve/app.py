@@ -8,15 +8,17 @@ Every answer of a turn is sent only after the session file holding that turn is 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
+import signal
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
-from functools import partial
+from pathlib import Path
 from typing import Any
 
 import anyio.to_thread
@@ -42,6 +44,7 @@ from npcchat.runtime.batch import TurnCancelled
 from npcchat.serve import contract, docs
 from npcchat.serve import schemas as S
 from npcchat.serve.metrics import CONTENT_TYPE, Metrics
+from npcchat.serve.reload import Reloader, ReloadRefused, watch_npcs
 from npcchat.serve.store import NotFound, SessionStore
 from npcchat.sessions import session as session_mod
 from npcchat.sessions.session import Session
@@ -95,6 +98,8 @@ def _api_error(e: NpcchatError) -> ApiError:
         return ApiError(499, "cancelled", e.message)
     if isinstance(e, SessionError):
         return ApiError(409, "session_unreadable", e.message)
+    if isinstance(e, ReloadRefused):
+        return ApiError(409, "reload_refused", e.message)
     if isinstance(e, ConfigError):
         return ApiError(400, "bad_request", e.message)
     return ApiError(500, "server_error", e.message)
@@ -152,16 +157,42 @@ class BodyLimit:
         await _error(413, "too_large", message)(scope, receive, send)
 
 
-def create_app(runtime: Runtime, store: SessionStore, settings: Settings) -> FastAPI:
-    """The server's routes. ``runtime`` should be batching (``start_batching``)."""
+def create_app(
+    runtime: Runtime,
+    store: SessionStore,
+    settings: Settings,
+    npcs_dir: Path | None = None,
+) -> FastAPI:
+    """The server's routes. ``runtime`` should be batching (``start_batching``); it is the
+    store's until a reload swaps it (every route reads ``store.runtime``). ``npcs_dir``:
+    NPC files watched for changes (None: none)."""
+    reloader = Reloader(store)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # each turn waits in a worker thread: room for every turn the scheduler may hold
-        load = runtime.occupancy
+        load = store.runtime.occupancy
         limiter = anyio.to_thread.current_default_thread_limiter()
         limiter.total_tokens = max(limiter.total_tokens, 2 * (load.slots + load.max_waiting) + 16)
-        yield
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(  # SIGHUP: reload the bundle from where it is
+                signal.SIGHUP, lambda: loop.create_task(reload_in_background(None))
+            )
+        watcher = asyncio.ensure_future(watch_npcs(store, npcs_dir)) if npcs_dir else None
+        try:
+            yield
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await watcher
+
+    async def reload_in_background(bundle: Path | None) -> None:
+        try:
+            await run_in_threadpool(reloader.reload, bundle)
+        except NpcchatError as e:
+            log.warning("npcchat serve: reload refused: %s", e.message)
 
     app = FastAPI(
         title="npcchat",
@@ -172,7 +203,7 @@ def create_app(runtime: Runtime, store: SessionStore, settings: Settings) -> Fas
         redoc_url=None,
     )
     docs.mount(app)
-    metrics = Metrics(lambda: runtime.occupancy)
+    metrics = Metrics(lambda: store.runtime.occupancy)
     bearer = HTTPBearer(auto_error=False)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body)
 
@@ -233,19 +264,19 @@ def create_app(runtime: Runtime, store: SessionStore, settings: Settings) -> Fas
     # -- the game's turn ------------------------------------------------------------------
     def turn_job(
         body: S.TurnIn, on_text: Callable[[str], None] | None, cancel: threading.Event | None
-    ) -> tuple[Turn, int]:
+    ) -> tuple[Turn, int, str]:
         with store.lease(body.player_id, body.npc_id) as conv:
             sampling = conv.sampling
             if body.max_tokens is not None:
                 sampling = replace(sampling, max_tokens=reply_room(body.max_tokens))
             sampling = replace(sampling, seed=body.seed)
             turn = conv.say(body.text, on_text, sampling, update=_overrides(body), cancel=cancel)
-            return turn, len(conv.session.history)
+            return turn, len(conv.session.history), conv.engine.bundle.identity
 
     def reply_room(asked: int) -> int:
         """A reply takes at most half the context: more would leave no room for a prompt,
         so it is a bound of this server, not an error of the request (see the schema)."""
-        return max(1, min(asked, runtime.config.runtime.n_ctx // 2))
+        return max(1, min(asked, store.runtime.config.runtime.n_ctx // 2))
 
     def check(body: S.TurnIn) -> None:
         if len(body.text) > settings.max_text:
@@ -291,19 +322,19 @@ def create_app(runtime: Runtime, store: SessionStore, settings: Settings) -> Fas
         this same JSON (or an ``error`` event). A client that disconnects cancels its turn."""
         check(body)
         if body.stream:
-            if runtime.occupancy.full:  # refused before the 200 of a stream is sent
+            if store.runtime.occupancy.full:  # refused before the 200 of a stream is sent
                 busy = BusyError("all slots are busy and the waiting line is full")
                 failed("turn", busy)
                 raise busy
             return StreamingResponse(stream_turn(body, request), media_type="text/event-stream")
         started = time.perf_counter()
         try:
-            result, count = await run_in_threadpool(turn_job, body, None, None)
+            result, count, bundle_id = await run_in_threadpool(turn_job, body, None, None)
         except NpcchatError as e:
             failed("turn", e)
             raise
         record("turn", result, started)
-        return _turn_out(result, body, count)
+        return _turn_out(result, body, count, bundle_id)
 
     async def stream_turn(body: S.TurnIn, request: Request) -> AsyncIterator[str]:
         loop = asyncio.get_running_loop()
@@ -330,7 +361,7 @@ def create_app(runtime: Runtime, store: SessionStore, settings: Settings) -> Fas
                 if piece:
                     yield _sse("text", {"text": piece})
             try:
-                result, count = job.result()
+                result, count, bundle_id = job.result()
             except NpcchatError as e:
                 failed("turn", e)
                 err = _api_error(e)
@@ -343,7 +374,7 @@ def create_app(runtime: Runtime, store: SessionStore, settings: Settings) -> Fas
                 yield _sse("error", {"error": {"code": "server_error", "message": message}})
                 return
             record("turn", result, started)
-            yield _sse("turn", _turn_out(result, body, count).model_dump())
+            yield _sse("turn", _turn_out(result, body, count, bundle_id).model_dump())
         finally:
             if not job.done():  # the client went away: the turn is cancelled, not committed
                 cancel.set()
@@ -385,12 +416,18 @@ def create_app(runtime: Runtime, store: SessionStore, settings: Settings) -> Fas
             lore=inp.lore,
             description=inp.description,
         )
-        cfg = runtime.config
+        cfg = store.runtime.config
         seed = cfg.sampling.seed if cfg.sampling.seed >= 0 else None
         sampling = replace(sampling_of(cfg, seed), max_tokens=reply_room(body.max_tokens))
+
+        def run() -> Turn:
+            with store.using() as rt:  # a reload closes this runtime only after the turn
+                return rt.turn(
+                    session, inp.player_utterance, context=inp.context, sampling=sampling
+                )
+
         try:
-            turn = partial(runtime.turn, context=inp.context, sampling=sampling)
-            result = await run_in_threadpool(turn, session, inp.player_utterance)
+            result = await run_in_threadpool(run)
         except NpcchatError as e:
             failed("predict_main", e)
             raise
@@ -466,15 +503,33 @@ def create_app(runtime: Runtime, store: SessionStore, settings: Settings) -> Fas
 
     @app.get("/healthz", response_model=S.Health)
     async def healthz() -> S.Health:
-        load = runtime.occupancy
+        rt = store.runtime
+        load = rt.occupancy
         return S.Health(
             status="ok",
-            bundle=runtime.bundle.name,
-            bundle_id=runtime.bundle.identity,
+            bundle=rt.bundle.name,
+            bundle_id=rt.bundle.identity,
             slots=load.slots,
             running=load.running,
             waiting=load.waiting,
+            npc_errors=dict(store.npc_errors),
         )
+
+    @app.post(
+        "/v1/admin/reload",
+        response_model=S.ReloadOut,
+        dependencies=guarded,
+        responses=contract.errors(*auth, 409, 413, 422),
+        summary="Load a new or changed bundle next to the running one and switch to it",
+    )
+    async def reload(body: S.ReloadIn | None = None) -> S.ReloadOut:
+        """The bundle (``bundle``: its directory; default: the one served, re-read) is
+        checked and loaded next to the running one; new turns start on it, turns already
+        running finish on the old one, which is then closed. A bundle that does not load
+        is refused with one line and the old one keeps serving (409). SIGHUP does the
+        same with the served directory."""
+        target = Path(body.bundle) if body is not None and body.bundle else None
+        return await run_in_threadpool(reloader.reload, target)
 
     @app.get(
         "/metrics",
@@ -520,7 +575,7 @@ def _deltas(turn: Turn) -> dict[str, float]:
     return {k: round(max(-1.0, min(1.0, v)), 4) for k, v in turn.heads.deltas.items()}
 
 
-def _turn_out(turn: Turn, body: S.TurnIn, count: int) -> S.TurnOut:
+def _turn_out(turn: Turn, body: S.TurnIn, count: int, bundle_id: str = "") -> S.TurnOut:
     t = turn.timings
     flags = turn.heads.flags
     rules = turn.rules.to_json() if turn.rules is not None else None
@@ -532,6 +587,7 @@ def _turn_out(turn: Turn, body: S.TurnIn, count: int) -> S.TurnOut:
         meta=S.TurnMeta(
             npc_id=body.npc_id,
             player_id=body.player_id,
+            bundle_id=bundle_id,
             turn=count,
             flags={
                 n: S.FlagMeta(prob=f.prob, threshold=f.threshold, blocked=f.blocked or None)

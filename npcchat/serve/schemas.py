@@ -118,6 +118,7 @@ class RulesOut(BaseModel):
 class TurnMeta(BaseModel):
     npc_id: str
     player_id: str
+    bundle_id: str = ""  # the bundle that answered (a reload switches bundles)
     turn: int  # how many turns the session holds, this one included
     flags: dict[str, FlagMeta]
     state: dict[str, Any]  # the NPC's tags after the turn
@@ -242,6 +243,24 @@ class Health(BaseModel):
     slots: int
     running: int
     waiting: int
+    npc_errors: dict[str, str] = Field(
+        default_factory=dict,
+        description="NPC files whose last change did not validate (their last good version "
+        "is served), with the error",
+    )
+
+
+class ReloadIn(Strict):
+    bundle: Annotated[str, StringConstraints(min_length=1, max_length=4096)] | None = Field(
+        default=None, description="The bundle directory to load (default: the one served)."
+    )
+
+
+class ReloadOut(BaseModel):
+    bundle: str
+    bundle_id: str
+    previous_id: str
+    seconds: float  # from the request to the new bundle serving (old one drained)
 
 
 class ErrorBody(BaseModel):

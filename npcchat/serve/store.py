@@ -37,6 +37,7 @@ class NotFound(NpcchatError):
 @dataclass
 class _Entry:
     conversation: Conversation
+    runtime: Runtime  # the bundle it runs on (a reload swaps the store's runtime)
     users: int = 0
 
 
@@ -67,6 +68,49 @@ class SessionStore:
         self.max_open = max_open
         self._open: OrderedDict[tuple[str, str], _Entry] = OrderedDict()
         self._guard = threading.Lock()
+        self._busy: dict[int, int] = {}  # id(runtime) -> requests using it right now
+        self._idle = threading.Condition(self._guard)
+        self.npc_errors: dict[str, str] = {}  # NPC file -> why its last version was refused
+
+    # -- the bundle a request runs on --------------------------------------------------------
+    @contextmanager
+    def using(self) -> Iterator[Runtime]:
+        """The current runtime, held for a request that runs on it without a session
+        (``/api/predict_main``): a reload waits for it before closing the old one."""
+        with self._guard:
+            rt = self.runtime
+            self._busy[id(rt)] = self._busy.get(id(rt), 0) + 1
+        try:
+            yield rt
+        finally:
+            self._release(rt)
+
+    def _release(self, rt: Runtime) -> None:
+        with self._guard:
+            self._busy[id(rt)] -= 1
+            if not self._busy[id(rt)]:
+                del self._busy[id(rt)]
+                self._idle.notify_all()
+
+    def swap(self, new: Runtime, timeout: float = 600.0) -> Runtime:
+        """Serve ``new`` from now on; returns the old runtime once no request uses it any
+        more (turns already running finish on it; new ones start on ``new``)."""
+        with self._guard:
+            old, self.runtime = self.runtime, new
+            for key in [k for k, e in self._open.items() if e.runtime is old and not e.users]:
+                self._open.pop(key).conversation.close()
+            self._idle.wait_for(lambda: not self._busy.get(id(old)), timeout)
+            for key in [k for k, e in self._open.items() if e.runtime is old]:
+                self._open.pop(key).conversation.close()
+        return old
+
+    def replace_npc(self, npc: npc_mod.NpcDef) -> None:
+        """A changed NPC file: its next turns use the new definition (idle conversations
+        of that NPC are reopened; a running turn finishes with the old one)."""
+        with self._guard:
+            self.npcs[npc.id] = npc
+            for key in [k for k, e in self._open.items() if k[1] == npc.id and not e.users]:
+                self._open.pop(key).conversation.close()
 
     def warnings(self) -> list[str]:
         """What the NPC files configure that this bundle lacks (said once, at start)."""
@@ -91,16 +135,22 @@ class SessionStore:
         key = (player_id, npc_id)
         with self._guard:
             entry = self._open.get(key)
+            if entry is not None and entry.users == 0 and entry.runtime is not self.runtime:
+                entry.conversation.close()  # opened on the bundle a reload replaced
+                del self._open[key]
+                entry = None
             if entry is not None and entry.users == 0 and entry.conversation.stale():
                 # another program changed the file: read its version, never overwrite it
                 entry.conversation.close()
                 del self._open[key]
                 entry = None
             if entry is None:
-                entry = _Entry(self._open_conversation(player_id, npc_id, create))
+                rt = self.runtime
+                entry = _Entry(self._open_conversation(rt, player_id, npc_id, create), rt)
                 self._open[key] = entry
             self._open.move_to_end(key)
             entry.users += 1
+            self._busy[id(entry.runtime)] = self._busy.get(id(entry.runtime), 0) + 1
         try:
             yield entry.conversation
         except SessionError as e:
@@ -114,14 +164,19 @@ class SessionStore:
             with self._guard:
                 entry.users -= 1
                 self._evict()
+            self._release(entry.runtime)
 
-    def _open_conversation(self, player_id: str, npc_id: str, create: bool) -> Conversation:
+    def _open_conversation(
+        self, rt: Runtime, player_id: str, npc_id: str, create: bool
+    ) -> Conversation:
         npc = self.npc(npc_id)
         path = self.path(player_id, npc_id)
         if not create and not (path.exists() or path.is_symlink()):
             raise NotFound(f"no session of player {player_id!r} with NPC {npc_id!r}")
         try:
-            return self.runtime.open(npc, session=path, on_warning=_ignore)
+            # the served definition (the last good version of its file), also for a session
+            # that is resumed
+            return rt.open(npc, session=path, on_warning=_ignore)
         except SessionError as e:
             raise SessionError(_recoverable(e.message, player_id, npc_id)) from None
 
