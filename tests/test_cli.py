@@ -175,7 +175,7 @@ def test_debug_env_shows_traceback(tmp_path: Path) -> None:
 
 @pytest.mark.model
 def test_repl_commands(bundle_q4: Path, tmp_path: Path) -> None:
-    saved = tmp_path / "saved.toml"
+    saved, after = tmp_path / "saved.toml", tmp_path / "after.json"
     script = "\n".join(
         [
             "/help",
@@ -190,6 +190,7 @@ def test_repl_commands(bundle_q4: Path, tmp_path: Path) -> None:
             "/retry",
             f"/save {saved}",
             "/bogus",
+            f"/save {after}",  # from now on the session file: saved.toml keeps the state above
             "/reset",
             "/state",
             "/quit",
@@ -209,6 +210,7 @@ def test_repl_commands(bundle_q4: Path, tmp_path: Path) -> None:
     assert [t.player for t in s.history] == ["hello there"]  # undo, then retry of the first line
     assert s.tags.quest_stage == "complete" and s.player_state.items == ("key", "map")
     assert s.history[0].tags_before.trust == 0.5
+    assert S.load(after).history == ()  # /reset after /save FILE was saved to FILE
 
 
 @pytest.mark.model
