@@ -324,13 +324,15 @@ class Engine:
         p.states.append(p.decoder.getstate())
         hit = gate.violation(text)
         if hit is None:
+            # release up to the last token whose text no forbidden phrase can reach back
+            # into; scanned on from the last such token (the matched text only grows), so a
+            # reply costs one normalization per token, not one per token and offset
             keep = len(gate.matched(text)) - gate.longest
-            safe = 0
-            for off in p.offsets:
-                if len(gate.matched(text[:off])) > keep:
+            while p.safe + 1 < len(p.offsets):
+                if len(gate.matched(text[: p.offsets[p.safe + 1]])) > keep:
                     break
-                safe = off
-            p.release(safe)
+                p.safe += 1
+            p.release(p.offsets[p.safe] if p.safe >= 0 else 0)
             return "ok"
         start, label = hit
         p.interventions.append(label)
@@ -349,6 +351,7 @@ class Engine:
         p.shown = min(p.shown, len(kept))
         p.decoder.setstate(p.states[j - 1] if j else (b"", 0))
         del p.tokens[j:], p.offsets[j:], p.states[j:]
+        p.safe = min(p.safe, j - 1)
         p.n = j
         if len(p.interventions) > MAX_BACKUPS:  # give up on this phrase: end the reply here
             p.pos = prompt + j
@@ -579,6 +582,7 @@ class Pending:
         self.interventions: list[str] = []
         self.choices: tuple[tuple[str, tuple[str, ...]], ...] = ()
         self.shown = 0  # characters handed to on_text
+        self.safe = -1  # index of the last token whose text is released
 
     def emit(self, text: str) -> None:
         if not self.started:  # the reply starts at its first visible character
