@@ -648,3 +648,37 @@ def test_npc_files_are_reloaded_when_they_change_and_a_broken_one_keeps_its_last
     path.write_text(path.read_text().replace("\n[flags.give_hint]\nthreshold = 2\n", ""))
     until(lambda: not health()["npc_errors"])
     assert rude()["text"] == "Mind your tongue in my lighthouse."
+
+
+def test_designer_routes_list_sessions_set_undo_and_show_an_npc(serve: Any) -> None:
+    from typing import get_args
+
+    from npcchat.conversation import SETTABLE
+    from npcchat.serve import schemas as S
+
+    keys = get_args(S.SetNumberIn.model_fields["key"].annotation) + get_args(
+        S.SetTextIn.model_fields["key"].annotation
+    )
+    assert sorted(keys) == sorted(SETTABLE)  # one list of keys
+
+    server = serve()
+    with server.client() as c:
+        assert _turn(c, "d1", "Hello there.").status_code == 200
+        assert _turn(c, "d2", "Hello there.").status_code == 200
+        listed = c.get("/v1/sessions").json()
+        assert [s["player_id"] for s in listed][:2] in (["d2", "d1"], ["d1", "d2"])
+        assert {s["npc_id"] for s in listed} == {NPC}
+        assert c.get(f"/v1/sessions?npc_id={NPC}&limit=1").json()[0]["npc_id"] == NPC
+        s = c.post(f"/v1/sessions/d1/{NPC}/set", json={"key": "trust", "value": "0.9"})
+        assert s.status_code == 200 and s.json()["tags"]["trust"] == 0.9
+        bad = c.post(f"/v1/sessions/d1/{NPC}/set", json={"key": "trust", "value": "lots"})
+        assert bad.status_code == 422 and "body.trust.value" in bad.text
+        items = c.post(f"/v1/sessions/d1/{NPC}/set", json={"key": "items", "value": "a, 바보"})
+        assert items.json()["player_state"]["items"] == ["a", "바보"]
+        undone = c.post(f"/v1/sessions/d1/{NPC}/undo")
+        assert undone.status_code == 200 and undone.json()["history"] == []
+        assert c.post(f"/v1/sessions/nobody/{NPC}/undo").status_code == 404
+        npc = c.get(f"/v1/npcs/{NPC}").json()
+        assert npc["id"] == NPC and "[flags.give_item]" in npc["text"] and npc["error"] is None
+        assert npc["rules"] >= 1 and npc["reply_checks"] >= 1 and npc["examples"] >= 5
+        assert c.get("/v1/npcs/nobody").status_code == 404

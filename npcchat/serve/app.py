@@ -41,7 +41,7 @@ from npcchat.errors import (
 )
 from npcchat.runtime import served_format
 from npcchat.runtime.batch import TurnCancelled
-from npcchat.serve import contract, docs
+from npcchat.serve import contract, designer, docs
 from npcchat.serve import schemas as S
 from npcchat.serve.metrics import CONTENT_TYPE, Metrics
 from npcchat.serve.reload import Reloader, ReloadRefused, watch_npcs
@@ -223,6 +223,7 @@ def create_app(
     guarded = [Depends(authorized)] if settings.api_key is not None else []
     auth = (401,) if settings.api_key is not None else ()
     contract.install(app, settings.max_text)
+    designer.mount(app, store, guarded, auth)
 
     @app.exception_handler(ApiError)
     async def _on_api_error(request: Request, e: ApiError) -> Response:

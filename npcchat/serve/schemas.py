@@ -7,14 +7,15 @@ starting with a dot, at most 64 characters.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from fastapi import Path
+from fastapi import Path, Query
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 Id = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
 IdPath = Annotated[str, Path(pattern=ID_PATTERN)]  # the same, as a path parameter
+IdQuery = Annotated[str | None, Query(pattern=ID_PATTERN)]  # and as an optional query one
 MAX_TEXT = 2000  # characters of one player line (the server's --max-text can lower it)
 
 
@@ -234,6 +235,60 @@ class NpcOut(BaseModel):
     location: str
     lore_entries: int
     triggers: int
+
+
+class SetNumberIn(Strict):
+    """``/set trust 0.8``: trust or relationship, a number in [0, 1] written as text."""
+
+    key: Literal["relationship", "trust"]
+    value: Annotated[
+        str,
+        StringConstraints(max_length=40, pattern=r"^\s*(?:0(?:\.[0-9]+)?|1(?:\.0+)?|\.[0-9]+)\s*$"),
+    ]
+
+
+class SetTextIn(Strict):
+    """``/set quest_stage complete``, ``/set items key,map``: any other key, as text."""
+
+    key: Literal[
+        "quest_stage",
+        "npc_mood",
+        "player_reputation",
+        "style",
+        "location",
+        "items",
+        "actions",
+        "position",
+        "lore",
+        "description",
+    ]
+    value: Annotated[str, StringConstraints(max_length=2000)]
+
+
+# A session change, as talk's ``/set KEY VALUE``: which shape ``value`` has depends on ``key``.
+SetIn = Annotated[SetNumberIn | SetTextIn, Field(discriminator="key")]
+
+
+class SessionListItem(BaseModel):
+    player_id: str
+    npc_id: str
+    updated: str  # ISO 8601, UTC
+    bytes: int
+
+
+class NpcDetail(BaseModel):
+    """An NPC as served, with its file's text and the error of the file's last change
+    (the served definition is then the last good one)."""
+
+    id: str
+    name: str
+    source: str
+    text: str
+    error: str | None
+    flags: list[str]
+    rules: int
+    reply_checks: int
+    examples: int
 
 
 class Health(BaseModel):
