@@ -656,10 +656,7 @@ def test_designer_routes_list_sessions_set_undo_and_show_an_npc(serve: Any) -> N
     from npcchat.conversation import SETTABLE
     from npcchat.serve import schemas as S
 
-    keys = get_args(S.SetNumberIn.model_fields["key"].annotation) + get_args(
-        S.SetTextIn.model_fields["key"].annotation
-    )
-    assert sorted(keys) == sorted(SETTABLE)  # one list of keys
+    assert get_args(S.SetIn.model_fields["key"].annotation) == SETTABLE  # one list of keys
 
     server = serve()
     with server.client() as c:
@@ -672,7 +669,7 @@ def test_designer_routes_list_sessions_set_undo_and_show_an_npc(serve: Any) -> N
         s = c.post(f"/v1/sessions/d1/{NPC}/set", json={"key": "trust", "value": "0.9"})
         assert s.status_code == 200 and s.json()["tags"]["trust"] == 0.9
         bad = c.post(f"/v1/sessions/d1/{NPC}/set", json={"key": "trust", "value": "lots"})
-        assert bad.status_code == 422 and "body.trust.value" in bad.text
+        assert bad.status_code == 422 and "trust takes a number in [0, 1]" in bad.text
         items = c.post(f"/v1/sessions/d1/{NPC}/set", json={"key": "items", "value": "a, 바보"})
         assert items.json()["player_state"]["items"] == ["a", "바보"]
         undone = c.post(f"/v1/sessions/d1/{NPC}/undo")

@@ -7,10 +7,18 @@ starting with a dot, at most 64 characters.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from fastapi import Path, Query
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 Id = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
@@ -237,21 +245,28 @@ class NpcOut(BaseModel):
     triggers: int
 
 
-class SetNumberIn(Strict):
-    """``/set trust 0.8``: trust or relationship, a number in [0, 1] written as text."""
-
-    key: Literal["relationship", "trust"]
-    value: Annotated[
-        str,
-        StringConstraints(max_length=40, pattern=r"^\s*(?:0(?:\.[0-9]+)?|1(?:\.0+)?|\.[0-9]+)\s*$"),
-    ]
+UNIT_TEXT = r"^\s*(?:0(?:\.[0-9]+)?|1(?:\.0+)?|\.[0-9]+)\s*$"  # a number in [0, 1], as text
+NUMERIC_KEYS = ("relationship", "trust")
 
 
-class SetTextIn(Strict):
-    """``/set quest_stage complete``, ``/set items key,map``: any other key, as text."""
+class SetIn(Strict):
+    """A session change, as talk's ``/set KEY VALUE``: ``/set trust 0.8``, ``/set items
+    key,map``. Trust and relationship take a number in [0, 1] written as text (the schema
+    says so with if/then, and the server checks it: 422)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={
+            "if": {"properties": {"key": {"enum": list(NUMERIC_KEYS)}}, "required": ["key"]},
+            "then": {"properties": {"value": {"pattern": UNIT_TEXT, "maxLength": 40}}},
+        },
+    )
 
     key: Literal[
         "quest_stage",
+        "relationship",
+        "trust",
         "npc_mood",
         "player_reputation",
         "style",
@@ -264,9 +279,13 @@ class SetTextIn(Strict):
     ]
     value: Annotated[str, StringConstraints(max_length=2000)]
 
-
-# A session change, as talk's ``/set KEY VALUE``: which shape ``value`` has depends on ``key``.
-SetIn = Annotated[SetNumberIn | SetTextIn, Field(discriminator="key")]
+    @model_validator(mode="after")
+    def _number_for_numbers(self) -> SetIn:
+        if self.key in NUMERIC_KEYS and (
+            len(self.value) > 40 or not re.match(UNIT_TEXT, self.value)
+        ):
+            raise ValueError(f"{self.key} takes a number in [0, 1]")
+        return self
 
 
 class SessionListItem(BaseModel):
