@@ -41,7 +41,7 @@ from npcchat.errors import (
 )
 from npcchat.runtime import served_format
 from npcchat.runtime.batch import TurnCancelled
-from npcchat.serve import contract, designer, docs
+from npcchat.serve import contract, designer, docs, playground
 from npcchat.serve import schemas as S
 from npcchat.serve.metrics import CONTENT_TYPE, Metrics
 from npcchat.serve.reload import Reloader, ReloadRefused, watch_npcs
@@ -203,6 +203,7 @@ def create_app(
         redoc_url=None,
     )
     docs.mount(app)
+    playground.mount(app)
     metrics = Metrics(lambda: store.runtime.occupancy)
     bearer = HTTPBearer(auto_error=False)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body)

@@ -1,0 +1,110 @@
+"""The designer's playground (``/ui``) in a real browser: Debian's Chromium driven by
+Playwright (the system browser, no browser download), against a real server on loopback.
+Screenshots land in the test's temporary directory."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = [pytest.mark.model, pytest.mark.slow]
+RULES = Path(__file__).parent / "fixtures" / "rules"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture()
+def server(tmp_path: Path) -> Iterator[str]:
+    import socket
+
+    import uvicorn
+
+    import npcchat
+    from npcchat.serve.app import Settings, create_app
+    from npcchat.serve.store import SessionStore, npc_registry
+
+    npcs = tmp_path / "npcs"
+    npcs.mkdir()
+    shutil.copy(RULES / "smith.toml", npcs / "smith.toml")
+    shutil.copy(RULES / "mother_guard.toml", npcs / "mother.toml")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rt = npcchat.load(slots=2)
+    store = SessionStore(rt, npc_registry(npcs, False), tmp_path / "sessions")
+    rt.start_batching(4)
+    app = create_app(rt, store, Settings(), npcs_dir=npcs)
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(10)
+    store.runtime.close()
+
+
+@pytest.fixture()
+def page(tmp_path: Path) -> Iterator[Any]:
+    if CHROMIUM is None:
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        yield page
+        browser.close()
+
+
+def test_a_conversation_in_the_browser(server: str, page: Any, tmp_path: Path) -> None:
+    """Three streamed turns, a state change in the panel, a fired flag, /set through the
+    page, a session reopened, a Korean line typed and rendered."""
+    page.goto(f"{server}/ui")
+    page.wait_for_selector("#npc option[value='village_blacksmith']", state="attached")
+    page.select_option("#npc", "village_blacksmith")
+    page.fill("#player", "web1")
+    for i, line in enumerate(["Hello there.", "Here is the ore you wanted.", "Anything else?"]):
+        page.fill("#line", line)
+        page.press("#line", "Enter")
+        # the streamed turn's last event has arrived: the page counts them
+        page.wait_for_function(f"document.body.dataset.turns === '{i + 1}'")
+    log = page.inner_text("#log")
+    assert "you>Hello there." in log and "We are done here, friend." in log  # a guarded reply
+    flags = page.inner_text("#flags")
+    assert "BLOCKED" in flags  # the third turn: both flags blocked by the rules
+    assert page.inner_text("#state").count("complete") == 1  # the effects: the quest advanced
+    page.screenshot(path=str(tmp_path / "playground-conversation.png"), full_page=True)
+    # /set through the page
+    page.select_option("#setkey", "trust")
+    page.fill("#setvalue", "0.9")
+    page.click("#set button")
+    page.wait_for_function("document.querySelector('#state').innerText.includes('0.90')")
+    # a fired flag on the next turn (quest_stage_change fires at threshold 0 until complete)
+    page.select_option("#npc", "mother_abandoned_factory")
+    page.fill("#player", "web2")
+    page.fill("#line", "")
+    page.focus("#line")
+    page.keyboard.insert_text("베틀 방이 어디예요?")  # what an IME commits
+    page.press("#line", "Enter")
+    page.wait_for_function("document.body.dataset.turns === '4'")
+    assert "아직 당신을" in page.inner_text("#log")
+    assert "베틀 방이 어디예요?" in page.inner_text("#log")
+    assert "BLOCKED" in page.inner_text("#flags")
+    page.screenshot(path=str(tmp_path / "playground-korean.png"), full_page=True)
+    # the session browser reopens the first conversation, turn by turn
+    page.click("#refresh")
+    page.wait_for_selector("#sessions li:has-text('web1')")
+    page.click("#sessions li:has-text('web1')")
+    page.wait_for_function("document.querySelector('#log').innerText.includes('Hello there.')")
+    assert page.inner_text("#log").count("you>") == 3
+    assert "0.90" in page.inner_text("#state")
+    assert (tmp_path / "playground-conversation.png").stat().st_size > 20_000
