@@ -108,3 +108,46 @@ def test_a_conversation_in_the_browser(server: str, page: Any, tmp_path: Path) -
     assert page.inner_text("#log").count("you>") == 3
     assert "0.90" in page.inner_text("#state")
     assert (tmp_path / "playground-conversation.png").stat().st_size > 20_000
+
+
+def test_an_eval_report_opened_in_the_page(server: str, page: Any, tmp_path: Path) -> None:
+    """A report file opened in the browser (nothing uploaded): the summary, a row per
+    scenario turn, filters, and the rows that differ from another report marked."""
+    import json
+    import subprocess
+    import sys
+
+    report = tmp_path / "a.json"
+    demo_npcs = Path(__file__).resolve().parents[1] / "npcchat" / "demo" / "npcs"
+    subprocess.run(
+        [
+            *(sys.executable, "-m", "npcchat", "eval", "--npcs", str(demo_npcs), "--examples"),
+            *("--max-tokens", "8", "--report", str(report)),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    data = json.loads(report.read_text())
+    data["scenarios"][0]["turns"][0]["reply"] = "A reply from another model."
+    data["scenarios"][1]["turns"][0]["expected"]["flags"] = {"give_item": True}  # now failing
+    other = tmp_path / "b.json"
+    other.write_text(json.dumps(data, ensure_ascii=False))
+    page.goto(f"{server}/ui")
+    page.wait_for_selector("#npc option", state="attached")
+    page.set_input_files("#report", str(other))
+    page.wait_for_function("document.querySelectorAll('#evalrows tr').length > 1")
+    rows = page.locator("#evalrows tr").count() - 1
+    assert rows == sum(len(s["turns"]) for s in data["scenarios"])
+    assert "scenarios" in page.inner_text("#summary")
+    page.check("#onlyfailed")
+    assert page.locator("#evalrows tr").count() - 1 == 1  # the one turn made to fail
+    page.uncheck("#onlyfailed")
+    page.select_option("#evalnpc", "mother_abandoned_factory")
+    assert 0 < page.locator("#evalrows tr").count() - 1 < rows
+    page.select_option("#evalnpc", "")
+    page.set_input_files("#baseline", str(report))
+    page.wait_for_selector("#evalrows tr.changed")
+    assert page.locator("#evalrows tr.changed").count() == 1
+    assert "was: " in page.inner_text("#evalrows tr.changed")
+    page.screenshot(path=str(tmp_path / "playground-eval.png"), full_page=True)

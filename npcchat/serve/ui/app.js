@@ -202,4 +202,67 @@ async function start() {
   await Promise.all([loadNpc(), refreshSessions()]);
 }
 
+// -- an eval report file, opened in the browser (nothing is uploaded) -----------------------
+const reports = { report: null, baseline: null };
+
+function turnsOf(report) {  // one row per scenario turn, with its pass or fail
+  const rows = [];
+  for (const sc of report.scenarios || []) {
+    (sc.turns || []).forEach((t, i) => {
+      const want = (t.expected && t.expected.flags) || {};
+      const fired = Object.keys(t.flags || {}).filter((n) => t.flags[n].fired);
+      const wrong = Object.entries(want).filter(([n, v]) => t.flags[n] && t.flags[n].fired !== v);
+      rows.push({ key: `${sc.id}#${i + 1}`, id: sc.id, turn: i + 1, npc: sc.npc_id || "",
+        player: t.player, reply: t.reply, fired, want, failed: wrong.length > 0,
+        flags: new Set([...fired, ...Object.keys(want)]), deltas: t.deltas || {} });
+    });
+  }
+  return rows;
+}
+
+function showReport() {
+  const rep = reports.report;
+  if (!rep) return;
+  const agg = rep.aggregates || {};
+  $("summary").textContent = `${rep.bundle ? rep.bundle.name : ""} · ${agg.scenarios} scenarios · ` +
+    `${agg.turns} turns · flag F1 macro ${agg.flag_f1_macro == null ? "–" : agg.flag_f1_macro.toFixed(3)}` +
+    (reports.baseline ? " · rows that differ from the other report are marked" : "");
+  const base = new Map(reports.baseline ? turnsOf(reports.baseline).map((r) => [r.key, r]) : []);
+  const rows = turnsOf(rep);
+  const flags = new Set(), npcs = new Set();
+  rows.forEach((r) => { r.flags.forEach((f) => flags.add(f)); npcs.add(r.npc); });
+  for (const [sel, values] of [["evalflag", flags], ["evalnpc", npcs]]) {
+    const keep = $(sel).value;
+    $(sel).replaceChildren($(sel).options[0]);
+    [...values].sort().forEach((v) => $(sel).append(new Option(v, v)));
+    $(sel).value = keep;
+  }
+  const t = $("evalrows"); t.replaceChildren();
+  row(t, ["scenario", "turn", "NPC", "player", "reply", "Δ trust", "fired", "expected", "", "other report"]);
+  for (const r of rows) {
+    if ($("onlyfailed").checked && !r.failed) continue;
+    if ($("evalflag").value && !r.flags.has($("evalflag").value)) continue;
+    if ($("evalnpc").value && r.npc !== $("evalnpc").value) continue;
+    const other = base.get(r.key);
+    const changed = other && (other.reply !== r.reply || other.fired.join() !== r.fired.join());
+    const expected = Object.entries(r.want).filter(([, v]) => v).map(([n]) => n).join(", ");
+    row(t, [r.id, String(r.turn), r.npc, r.player, r.reply,
+      r.deltas.trust == null ? "–" : r.deltas.trust.toFixed(2), r.fired.join(", ") || "–",
+      expected || (Object.keys(r.want).length ? "none" : "–"), r.failed ? "FAIL" : "pass",
+      other ? (changed ? `was: ${other.reply} [${other.fired.join(", ")}]` : "same") : ""],
+    [r.failed ? "blocked" : "", changed ? "changed" : ""].join(" ").trim());
+  }
+}
+
+for (const which of ["report", "baseline"]) {
+  $(which).onchange = async () => {
+    try {
+      const file = $(which).files[0];
+      reports[which] = file ? JSON.parse(await file.text()) : null;
+      showReport();
+    } catch (e) { showError(new Error(`${which}: not an eval report (${e.message})`)); }
+  };
+}
+for (const id of ["onlyfailed", "evalflag", "evalnpc"]) $(id).onchange = showReport;
+
 start().catch(showError);
