@@ -20,6 +20,15 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 @pytest.fixture()
 def server(tmp_path: Path) -> Iterator[str]:
+    yield from _server(tmp_path, None)
+
+
+@pytest.fixture()
+def keyed_server(tmp_path: Path) -> Iterator[str]:
+    yield from _server(tmp_path, "s3cret")
+
+
+def _server(tmp_path: Path, key: str | None) -> Iterator[str]:
     import socket
 
     import uvicorn
@@ -38,7 +47,7 @@ def server(tmp_path: Path) -> Iterator[str]:
     rt = npcchat.load(slots=2)
     store = SessionStore(rt, npc_registry(npcs, False), tmp_path / "sessions")
     rt.start_batching(4)
-    app = create_app(rt, store, Settings(), npcs_dir=npcs)
+    app = create_app(rt, store, Settings(api_key=key), npcs_dir=npcs)
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
@@ -77,6 +86,10 @@ def test_a_conversation_in_the_browser(server: str, page: Any, tmp_path: Path) -
         page.press("#line", "Enter")
         # the streamed turn's last event has arrived: the page counts them
         page.wait_for_function(f"document.body.dataset.turns === '{i + 1}'")
+        if i == 0:  # quest_stage_change fires (its file's threshold is 0) and moves the stage
+            assert "FIRED" in page.inner_text("#flags")
+            assert "in_progress" in page.inner_text("#state")
+            assert "action advance_quest()" in page.inner_text("#rules")
     log = page.inner_text("#log")
     assert "you>Hello there." in log and "We are done here, friend." in log  # a guarded reply
     flags = page.inner_text("#flags")
@@ -151,3 +164,22 @@ def test_an_eval_report_opened_in_the_page(server: str, page: Any, tmp_path: Pat
     assert page.locator("#evalrows tr.changed").count() == 1
     assert "was: " in page.inner_text("#evalrows tr.changed")
     page.screenshot(path=str(tmp_path / "playground-eval.png"), full_page=True)
+
+
+def test_the_page_asks_for_the_api_key_and_sends_it(keyed_server: str, page: Any) -> None:
+    """With --api-key the page is a client like any other: it asks once, then sends it."""
+    asked: list[str] = []
+
+    def answer(dialog: Any) -> None:
+        asked.append(dialog.message)
+        dialog.accept("s3cret")
+
+    page.on("dialog", answer)
+    page.goto(f"{keyed_server}/ui")
+    page.wait_for_selector("#npc option[value='village_blacksmith']", state="attached")
+    assert len(asked) == 1 and "API key" in asked[0]
+    page.select_option("#npc", "village_blacksmith")
+    page.fill("#line", "Hello there.")
+    page.press("#line", "Enter")
+    page.wait_for_function("document.body.dataset.turns === '1'")
+    assert page.inner_text("#error") == ""
