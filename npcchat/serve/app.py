@@ -46,7 +46,6 @@ from npcchat.serve import schemas as S
 from npcchat.serve.metrics import CONTENT_TYPE, Metrics
 from npcchat.serve.reload import Reloader, ReloadRefused, watch_npcs
 from npcchat.serve.store import NotFound, SessionStore
-from npcchat.sessions import session as session_mod
 from npcchat.sessions.session import Session
 from npcchat.types import PlayerState, Turn
 
@@ -454,11 +453,7 @@ def create_app(
     async def get_session(player_id: S.IdPath, npc_id: S.IdPath) -> dict[str, Any]:
         """The session file's content: state, player state, memories, every turn."""
 
-        def read() -> dict[str, Any]:
-            with store.lease(player_id, npc_id, create=False) as conv, conv.lock:
-                return session_mod.to_dict(conv.session)
-
-        return await run_in_threadpool(read)
+        return await run_in_threadpool(store.session_after, player_id, npc_id)
 
     @app.post(
         "/v1/sessions/{player_id}/{npc_id}/reset",

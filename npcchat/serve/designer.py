@@ -12,10 +12,10 @@ from typing import Any
 from fastapi import FastAPI, Query
 from fastapi.concurrency import run_in_threadpool
 
+from npcchat.conversation import Conversation
 from npcchat.serve import contract
 from npcchat.serve import schemas as S
 from npcchat.serve.store import SessionStore
-from npcchat.sessions import session as session_mod
 
 MAX_NPC_FILE = 1 << 20  # bytes of an NPC file shown as text
 
@@ -46,12 +46,10 @@ def mount(app: FastAPI, store: SessionStore, guarded: list[Any], auth: tuple[int
         ``items``/``actions`` (comma-separated), ``position``, ``lore`` or
         ``description``; trust and relationship take a number in [0, 1] (else 422)."""
 
-        def change() -> dict[str, Any]:
-            with store.lease(player_id, npc_id, create=False) as conv:
-                conv.set(body.key, body.value)
-                return session_mod.to_dict(conv.session)
+        def change(conv: Conversation) -> None:
+            conv.set(body.key, body.value)
 
-        return await run_in_threadpool(change)
+        return await run_in_threadpool(store.session_after, player_id, npc_id, change)
 
     @app.post(
         "/v1/sessions/{player_id}/{npc_id}/undo",
@@ -64,12 +62,10 @@ def mount(app: FastAPI, store: SessionStore, guarded: list[Any], auth: tuple[int
         """Trust and relationship (and what the NPC's rules changed) return to before the
         last turn; a session without turns is answered as it is."""
 
-        def back() -> dict[str, Any]:
-            with store.lease(player_id, npc_id, create=False) as conv:
-                conv.undo()
-                return session_mod.to_dict(conv.session)
+        def back(conv: Conversation) -> None:
+            conv.undo()
 
-        return await run_in_threadpool(back)
+        return await run_in_threadpool(store.session_after, player_id, npc_id, back)
 
     @app.get(
         "/v1/npcs/{npc_id}",

@@ -13,10 +13,11 @@ from __future__ import annotations
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from npcchat import demo
 from npcchat.api import Runtime
@@ -187,6 +188,20 @@ class SessionStore:
             return
         for key in [k for k, e in self._open.items() if e.users == 0][:excess]:
             self._open.pop(key).conversation.close()
+
+    def session_after(
+        self,
+        player_id: str,
+        npc_id: str,
+        action: Callable[[Conversation], object] | None = None,
+    ) -> dict[str, Any]:
+        """Run ``action`` on an existing session's conversation (None: only read it) and
+        return the session as its file holds it (the routes' SessionOut)."""
+        with self.lease(player_id, npc_id, create=False) as conv:
+            if action is not None:
+                action(conv)  # takes the conversation's lock itself
+            with conv.lock:
+                return session_mod.to_dict(conv.session)
 
     def reset(self, player_id: str, npc_id: str) -> dict[str, object]:
         """Back to the NPC's initial state, from the file as it is on disk now (another
