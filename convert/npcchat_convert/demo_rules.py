@@ -17,7 +17,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from npcchat.text import terms
+from npcchat.eval.metrics import token_f1
 
 from . import demo_data
 
@@ -34,23 +34,12 @@ SETS = (
 )
 
 
-def _f1(a: list[str], b: list[str]) -> float:
-    if not a or not b:
-        return 0.0
-    common = sum(min(a.count(t), b.count(t)) for t in set(a))
-    if not common:
-        return 0.0
-    p, r = common / len(a), common / len(b)
-    return 2 * p * r / (p + r)
-
-
 def kind_of(reply: str, lines: dict[str, list[str]]) -> str | None:
     """The reply kind whose line the reply is closest to (token F1 >= 0.6), or None."""
-    said = terms(reply)
     best, kind = 0.0, None
     for k, texts in lines.items():
         for text in texts:
-            score = _f1(said, terms(text))
+            score = token_f1(reply, text)
             if score > best:
                 best, kind = score, k
     return kind if best >= 0.6 else None

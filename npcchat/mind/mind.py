@@ -18,7 +18,7 @@ import numpy as np
 from npcchat.config import KnowledgeConfig
 from npcchat.mind import knowledge as K
 from npcchat.mind.embed import CachedEmbedder, Embedder, choose_embedder
-from npcchat.rules.model import State, apply
+from npcchat.rules.model import State, apply, retag
 from npcchat.runtime.engine import Engine, Guide, Guided
 from npcchat.sessions.session import Session
 from npcchat.types import ContextTurn, FlagResult, HeadsOutput, Memory, RulesOutcome, Turn
@@ -108,8 +108,7 @@ class NpcMind:
             if guard.lines:
                 used = sum(1 for t in session.history if t.rules and t.rules.guard == name)
                 return Guided(reply=guard.lines[used % len(guard.lines)])
-            changed: dict[str, object] = dict(guard.tags)
-            tags = replace(session.tags, **changed)  # type: ignore[arg-type]
+            tags = retag(session.tags, guard.tags)
             return Guided(session=replace(session, tags=tags), gate=gate, choices=choices)
 
         return decide

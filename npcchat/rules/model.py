@@ -18,6 +18,7 @@ through the NPC's mind, so one code path decides for all of them.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 
@@ -170,8 +171,7 @@ class Gate:
     def matched(self, text: str) -> str:
         return for_matching(text)
 
-    def violation(self, text: str) -> tuple[int, str] | None:
-        said = for_matching(text)
+    def violation(self, said: str) -> tuple[int, str] | None:
         found: tuple[int, str] | None = None
         for check in self.checks:
             for pattern in check.patterns:
@@ -252,6 +252,12 @@ class Rules:
         return None
 
 
+def retag(tags: Tags, changes: Iterable[tuple[str, str]]) -> Tags:
+    """``tags`` with the text tags an effect or a guard names set (validated at load)."""
+    changed: dict[str, object] = dict(changes)
+    return replace(tags, **changed)  # type: ignore[arg-type]
+
+
 def apply(
     rules: Rules, judged: Judgement, state: State, chosen: dict[str, str] | None = None
 ) -> tuple[State, tuple[Change, ...], tuple[Action, ...], tuple[str, ...]]:
@@ -274,8 +280,7 @@ def apply(
             before = str(getattr(tags, key))
             if before != value:
                 changes.append(Change("tag", key, before, value))
-                changed: dict[str, object] = {key: value}
-                tags = replace(tags, **changed)  # type: ignore[arg-type]
+                tags = retag(tags, [(key, value)])
         for item in e.take_items:
             if item in items:
                 items.remove(item)

@@ -322,12 +322,13 @@ class Engine:
         text = "".join(p.pieces)
         p.offsets.append(len(text))
         p.states.append(p.decoder.getstate())
-        hit = gate.violation(text)
+        said = gate.matched(text)  # normalized once per token, for both questions below
+        hit = gate.violation(said)
         if hit is None:
             # release up to the last token whose text no forbidden phrase can reach back
             # into; scanned on from the last such token (the matched text only grows), so a
             # reply costs one normalization per token, not one per token and offset
-            keep = len(gate.matched(text)) - gate.longest
+            keep = len(said) - gate.longest
             while p.safe + 1 < len(p.offsets):
                 if len(gate.matched(text[: p.offsets[p.safe + 1]])) > keep:
                     break
@@ -517,9 +518,9 @@ class ReplyGate(Protocol):
 
     longest: int  # characters of the longest phrase, as matched
 
-    def violation(self, text: str) -> tuple[int, str] | None:
-        """(where the first forbidden phrase starts in ``matched(text)``, the check's
-        label), or None."""
+    def violation(self, said: str) -> tuple[int, str] | None:
+        """(where the first forbidden phrase starts in ``said``, text as :meth:`matched`
+        gives it, the check's label), or None."""
         ...
 
     def matched(self, text: str) -> str:
