@@ -6,7 +6,7 @@ game-state change (trust/relationship deltas, event flags) from one llama.cpp pr
     with npcchat.load() as rt:                      # a bundle directory, or the demo
         with rt.open("village_blacksmith", session="borin.toml") as chat:
             turn = chat.say("Hello, smith.")        # an npcchat.Turn
-            print(turn.reply, turn.deltas, turn.fired, turn.to_json())
+            print(turn.reply, turn.deltas, turn.fired, turn.to_json())  # JSON text
 
 Public API (everything else is internal and may change):
 
@@ -14,9 +14,12 @@ Public API (everything else is internal and may change):
   ``evaluate()`` scenarios; ``close()`` or ``with``.
 * :class:`Conversation`: ``say(text, on_text=None)`` -> :class:`Turn`; ``stream(text)``
   -> :class:`TurnStream` (reply pieces, then ``.turn``; closing it early cancels the turn);
-  ``undo``, ``retry``, ``reset``, ``set``, ``save``, ``session``; ``close()`` or ``with``.
-* :class:`Turn`: reply, deltas, flags (:class:`FlagResult`), new state; ``to_json()`` is
-  the object ``npcchat talk --json`` prints.
+  ``undo``, ``retry``, ``reset``, ``set``, ``apply_events`` (game events: tags, stage,
+  items, actions, dated memories, the game clock), ``save``, ``session``; ``close()``.
+* :class:`Turn`: reply, deltas, flags (:class:`FlagResult`), new state; ``to_dict()`` is
+  the object ``npcchat talk --json`` prints, ``to_json()`` the same as JSON text.
+* :mod:`events`: the typed game events (``events.Stage("complete")``, ``events.Items(
+  gained=("loom_key",))``, ``events.Remember("...", day=12)``, ...).
 * :func:`load_config` / :class:`Config`, :func:`read_scenarios` / :class:`Scenario`,
   :func:`info`, and :class:`NpcchatError` (every user error; ``.hint`` says what to do).
 
@@ -38,12 +41,14 @@ if TYPE_CHECKING:
     from npcchat.errors import NpcchatError
     from npcchat.eval.scenarios import Scenario
     from npcchat.eval.scenarios import read as read_scenarios
+    from npcchat.sessions import events
     from npcchat.sessions.session import Session
     from npcchat.types import FlagResult, PlayerState, SamplingParams, Tags, Turn
 
 # name -> (module, attribute): imported on first use, so `import npcchat` (and with it the
 # CLI's start-up) does not load numpy, jinja2 or llama.cpp until they are needed.
-_EXPORTS = {
+_EXPORTS: dict[str, tuple[str, str | None]] = {
+    "events": ("npcchat.sessions.events", None),  # a module
     "load": ("npcchat.api", "load"),
     "Runtime": ("npcchat.api", "Runtime"),
     "info": ("npcchat.api", "info"),
@@ -76,6 +81,7 @@ __all__ = [
     "Turn",
     "TurnStream",
     "__version__",
+    "events",
     "info",
     "load",
     "load_config",
@@ -88,7 +94,7 @@ def __getattr__(name: str) -> Any:
         module, attr = _EXPORTS[name]
     except KeyError:
         raise AttributeError(f"module 'npcchat' has no attribute {name!r}") from None
-    value = getattr(import_module(module), attr)
+    value = import_module(module) if attr is None else getattr(import_module(module), attr)
     globals()[name] = value
     return value
 

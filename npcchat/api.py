@@ -10,7 +10,7 @@ Load a bundle once, open conversations on it, run scenarios through it::
             print(turn.reply, turn.deltas, turn.fired)
             for piece in (stream := chat.stream("Can you mend my sword?")):
                 print(piece, end="", flush=True)
-            print(stream.turn.to_json())             # what `npcchat talk --json` prints
+            print(stream.turn.to_json())             # the line `npcchat talk --json` prints
 
 Threads: a :class:`Runtime` and its conversations may be used from any thread.
 

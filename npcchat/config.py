@@ -76,6 +76,9 @@ class KnowledgeConfig:
     description_tokens: int = 80
     memory_tokens: int = 120
     memories: int = 4
+    # recall only memories of the last N game days by the session's game clock (game
+    # events set it); 0: no limit. Memories without a game day are always recalled.
+    recall_days: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -150,6 +153,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "knowledge.description_tokens": (0, 1 << 20),
     "knowledge.memory_tokens": (0, 1 << 20),
     "knowledge.memories": (0, 10_000),
+    "knowledge.recall_days": (0, 1e9),
 }
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,8 +31,10 @@ from npcchat.runtime.batch import Driver, TurnCancelled, TurnRequest
 from npcchat.runtime.engine import Engine, drive
 from npcchat.runtime.kvbook import Reuse
 from npcchat.runtime.scheduler import Scheduler
+from npcchat.sessions import events as events_mod
 from npcchat.sessions import session as session_mod
 from npcchat.sessions import snapshot
+from npcchat.sessions.events import Event, EventRecord
 from npcchat.sessions.session import Session
 from npcchat.types import (
     NUMERIC_TAGS,
@@ -386,6 +388,21 @@ class Conversation:
             self.session = set_value(self.session, key, value)
             self._set_since_turn[key] = value
             self.autosave()
+
+    def apply_events(self, given: Sequence[Event | Mapping[str, Any]]) -> EventRecord:
+        """Game events (see :mod:`npcchat.sessions.events`): typed values or their JSON
+        form, applied in order as one step and saved before this returns, as a turn is.
+        One bad event (ConfigError naming it) applies none. Returns the log entry."""
+        parsed = events_mod.parse_all(given)
+        with self.lock:
+            before = self.session
+            self.session = before.with_events(parsed)
+            try:
+                self.autosave()
+            except BaseException:
+                self.session = before  # not on disk: not applied
+                raise
+            return self.session.events[-1]
 
     def update(self, session: Session) -> None:
         """Replace the session's state (a game sending its own tags); saved at once."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Iterable
 
 # Unicode's Default_Ignorable_Code_Point (DerivedCoreProperties.txt, Unicode 15.1 and 16):
 # characters that render as nothing, so a player can slip them into a word unseen. The
@@ -84,3 +85,13 @@ def phrase_pattern(phrase: str) -> re.Pattern[str] | None:
         return None
     tail = r"" if _HANGUL.search(norm[-1]) else r"(?!\w)"  # Hangul: endings may follow
     return re.compile(rf"(?<!\w){re.escape(norm)}{tail}")
+
+
+def by_id(spec: str, ids: Iterable[str]) -> list[str]:
+    """The ids ``spec`` names: itself when it is one, else every id it is a prefix of
+    (``mother`` -> ``mother_guard``). One rule for NPC ids in every command and in serve;
+    the caller decides what none or several mean."""
+    known = list(ids)
+    if spec in known:
+        return [spec]
+    return [i for i in known if spec and i.startswith(spec)]

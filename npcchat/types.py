@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,10 +40,22 @@ class ContextTurn:
 
 @dataclass(frozen=True)
 class Memory:
-    """A long-term memory line: made by the NPC's mind, stored in the session."""
+    """A long-term memory line: made by the NPC's mind (a turn that left the context
+    window, a rule's effect) or given by the game (an event), stored in the session.
+    ``day``/``when``: the game's own time it carries (None/"": none given)."""
 
-    turn: int  # index of the turn it came from
+    turn: int  # index of the turn it came from (an event's: the turns before it)
     text: str
+    day: float | None = None  # the game's day number
+    when: str = ""  # the game's timestamp, as the game shows it
+    source: str = "turn"  # "turn", "rules" or "event"
+
+    @property
+    def line(self) -> str:
+        """The line as the prompt shows it: the game time first, when it has one."""
+        day = f"day {self.day:g}" if self.day is not None else ""
+        stamp = ", ".join(x for x in (day, self.when) if x)
+        return f"({stamp}) {self.text}" if stamp else self.text
 
 
 @dataclass(frozen=True)
@@ -65,6 +78,8 @@ class SamplingParams:
     repeat_penalty: float = 1.05
     max_tokens: int = 200
     seed: int | None = None
+    # the reply ends before the first of these texts (not included; OpenAI's ``stop``)
+    stop: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -162,7 +177,8 @@ class Timings:
 class Turn:
     """One finished NPC turn: the reply, what the heads predicted, and the new tags.
 
-    :meth:`to_json` is the object ``npcchat talk --json`` prints, one per turn.
+    :meth:`to_dict` is the object ``npcchat talk --json`` prints, one per turn, and
+    :meth:`to_json` that object as JSON text (one line, UTF-8 as is).
     """
 
     player: str
@@ -203,9 +219,15 @@ class Turn:
         """What the game should execute this turn (the NPC file's actions of fired flags)."""
         return self.rules.actions if self.rules else ()
 
-    def to_json(self) -> dict[str, Any]:
-        """``{"npc_id", "reply", "deltas", "flags", "state", "tokens", "timings_ms"}``."""
+    def to_dict(self) -> dict[str, Any]:
+        """``{"npc_id", "reply", "deltas", "flags", "state", "tokens", "timings_ms"}``
+        (plus ``stop_reason`` and ``rules`` for an NPC with rules)."""
         return {"npc_id": self.npc_id, **turn_json(self)}
+
+    def to_json(self) -> str:
+        """:meth:`to_dict` as JSON text: one line, non-ASCII (Korean) as is. Until
+        npcchat 0.2 this returned the dict; that is :meth:`to_dict` now."""
+        return json.dumps(self.to_dict(), ensure_ascii=False, allow_nan=False)
 
 
 def flags_json(flags: Mapping[str, FlagResult]) -> dict[str, dict[str, Any]]:

@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+# the `serve` fixture (a real server on a loopback port) for every test module
+pytest_plugins = ["served"]
+
 
 @pytest.fixture(autouse=True)
 def _isolated_home(

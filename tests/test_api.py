@@ -43,7 +43,8 @@ def test_a_conversation_saved_and_resumed_through_the_public_api(tmp_path: Path)
     assert isinstance(first, npcchat.Turn) and isinstance(second, npcchat.Turn)
     assert "".join(pieces).rstrip() == first.reply and first.reply
     assert "".join(streamed).rstrip() == second.reply
-    assert first.npc_id == "village_blacksmith" and first.to_json()["npc_id"] == first.npc_id
+    assert first.npc_id == "village_blacksmith" and first.to_dict()["npc_id"] == first.npc_id
+    assert json.loads(first.to_json()) == first.to_dict()
     assert set(first.flags) == set(rt.flags) and set(first.deltas) == {"trust", "relationship"}
     assert second.tags_before == first.tags_after  # the state carries from turn to turn
 
@@ -62,7 +63,7 @@ def test_say_gives_the_object_talk_json_prints(tmp_path: Path) -> None:
 
     cfg = _config(seed=11)
     with npcchat.load(config=cfg) as rt, rt.open("village_blacksmith", seed=11) as chat:
-        turns = [chat.say(line).to_json() for line in LINES[:2]]
+        turns = [chat.say(line).to_dict() for line in LINES[:2]]
     args = ["talk", "--npc", "village_blacksmith", "--json", "--temperature", "0"]
     args += ["--seed", "11", "--max-tokens", "24"]
     for line in LINES[:2]:

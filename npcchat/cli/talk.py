@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -21,7 +20,12 @@ HELP = (
     ("/retry", "redo the last turn with a new draw"),
     ("/save [FILE]", "save the session (.toml or .json)"),
     ("/reset", "back to the initial state, history cleared"),
-    ("/memory", "long-term memories (turns that left the context window)"),
+    (
+        "/event ...",
+        "a game event: /event stage complete, /event items +key -coin, "
+        "/event memory day=12 TEXT, /event time 13, /event {JSON} (/event alone: all forms)",
+    ),
+    ("/memory", "long-term memories (old turns, rules' and the game's memory lines)"),
     ("/flags", "the bundle's flags with the NPC file's names, thresholds and examples"),
     ("/help", "this list"),
     ("/quit", "leave (Ctrl-D works too)"),
@@ -119,7 +123,7 @@ def _scripted(conv: Conversation, lines: list[str], json_out: bool) -> None:
     for line in (readable(text) for text in lines):
         if json_out:
             r = conv.say(line)
-            print(json.dumps(r.to_json(), ensure_ascii=False, allow_nan=False), flush=True)
+            print(r.to_json(), flush=True)
         else:
             ui.you(line)
             ui.reply_start(conv.npc_name)
@@ -289,6 +293,14 @@ def _command(rt: Runtime, conv: Conversation, line: str) -> bool:
                 ui.info(f"saved {saved}")
         elif name == "/flags":
             ui.flag_defs(rt.flags, conv.mind.know.flags if conv.mind else {})
+        elif name == "/event":
+            from npcchat.sessions import events
+
+            if not rest:
+                ui.info(f"usage: {events.COMMAND_HELP}")
+            else:
+                record = conv.apply_events(events.parse_command(rest))
+                ui.event_changes(record.changes)
         elif name == "/memory":
             ui.memories(conv.session.memories)
         elif name == "/reset":

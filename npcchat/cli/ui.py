@@ -168,6 +168,19 @@ def state(s: Session) -> None:
         out.print(Text.assemble(("NPC items", "bold"), f" {_items(s.npc_items)}"))
     fired = f" {', '.join(s.fired_flags) or '(none)'} · {len(s.history)} turns"
     out.print(Text.assemble(("fired flags", "bold"), fired))
+    if s.game_day is not None or s.game_time:
+        day = f"day {s.game_day:g}" if s.game_day is not None else ""
+        clock = " · ".join(x for x in (day, s.game_time) if x)
+        out.print(Text.assemble(("game clock", "bold"), f" {clock}"))
+
+
+def event_changes(changes: Sequence[Any]) -> None:
+    """What a game event changed (``/event``), one line each."""
+    if not changes:
+        info("(the event changed nothing: the state already was so)")
+        return
+    for c in changes:
+        out.print(Text.assemble(("event ", "bold"), str(c)))
 
 
 def help_table(commands: Sequence[tuple[str, str]]) -> None:
@@ -504,10 +517,16 @@ def fit_summary(result: Mapping[str, Any]) -> None:
 
 def memories(items: Sequence[Any]) -> None:
     if not items:
-        info("(no memories yet: they form when old turns leave the context window)")
+        info(
+            "(no memories yet: they form when old turns leave the context window, from "
+            "the NPC's rules and from game events)"
+        )
         return
     for m in items:
-        out.print(Text(f"· {m.text}"))
+        line = Text(f"· {m.line}")
+        if m.source != "turn":
+            line.append(f"  ({m.source})", style="dim")
+        out.print(line)
 
 
 def flag_defs(flags: Sequence[str], defs: Mapping[str, Any]) -> None:

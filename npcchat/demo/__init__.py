@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from npcchat.errors import BundleError, ConfigError
+from npcchat.text import by_id
 
 DEFAULT_NPC = "village_blacksmith"  # English; the mother speaks Korean (--npc mother)
 
@@ -48,9 +49,9 @@ def npc_files() -> list[Path]:
 
 def find_npc(spec: str) -> Path:
     """A demo NPC's file by id or unique id prefix (``village`` -> village_blacksmith)."""
-    npcs = npc_files()
-    matches = [p for p in npcs if p.stem == spec] or [p for p in npcs if p.stem.startswith(spec)]
+    npcs = {p.stem: p for p in npc_files()}
+    matches = by_id(spec, npcs)
     if len(matches) == 1:
-        return matches[0]
-    names = ", ".join(p.stem for p in npcs) or "(no demo NPCs installed)"
+        return npcs[matches[0]]
+    names = ", ".join(npcs) or "(no demo NPCs installed)"
     raise ConfigError(f"NPC {spec!r}: not a file and not a demo NPC", hint=f"demo NPCs: {names}")

@@ -128,7 +128,8 @@ class Budgets:
     description_tokens: int = 80
     memory_tokens: int = 120
     memories: int = 4
-    recent_turns: int = 2  # recent exchanges that join the player's line as the query
+    recent_turns: int = 2
+    recall_days: float = 0.0  # only memories of the last N game days (0: no limit)
 
 
 def _take(ranked: Sequence[str], budget: int, count: Callable[[str], int], sep: str = " ") -> str:
@@ -189,26 +190,49 @@ def recall(
     embedder: Embedder,
     count: Callable[[str], int],
     budgets: Budgets,
+    fresh_from: int | None = None,
+    since_day: float | None = None,
 ) -> tuple[Memory, ...]:
-    """The most relevant memories within the budget, in the order they happened."""
+    """The memories of the next prompt, within the budget, in the order they happened.
+
+    First the game's events given since the last turn (``turn >= fresh_from``): the game
+    just told the NPC, so they are shown whatever the player says (newest first while the
+    budget lasts). Then the most relevant others. ``since_day``: memories dated before
+    that game day are not recalled (undated ones always may be)."""
     if not memories:
         return ()
-    vecs = embedder.embed([m.text for m in memories])
-    q = query.vector(embedder) if isinstance(query, Query) else query
-    scores = vecs @ q
-    order = [i for i in rank(q, vecs) if scores[i] > 0][: budgets.memories]
+    fresh = [
+        i
+        for i, m in enumerate(memories)
+        if fresh_from is not None and m.source == "event" and m.turn >= fresh_from
+    ]
     chosen: list[int] = []
     used = 0
-    for i in order:
-        n = count(memories[i].text)
+    for i in reversed(fresh):
+        n = count(memories[i].line)
         if used + n <= budgets.memory_tokens:
             chosen.append(i)
             used += n
+    rest = [
+        i
+        for i, m in enumerate(memories)
+        if i not in fresh and (since_day is None or m.day is None or m.day >= since_day)
+    ]
+    if rest and len(chosen) < budgets.memories:
+        vecs = embedder.embed([memories[i].text for i in rest])
+        q = query.vector(embedder) if isinstance(query, Query) else query
+        scores = vecs @ q
+        order = [rest[j] for j in rank(q, vecs) if scores[j] > 0]
+        for i in order[: budgets.memories - len(chosen)]:
+            n = count(memories[i].line)
+            if used + n <= budgets.memory_tokens:
+                chosen.append(i)
+                used += n
     return tuple(memories[i] for i in sorted(chosen))
 
 
 def memory_context(recalled: Sequence[Memory]) -> tuple[ContextTurn, ...]:
-    return tuple(ContextTurn("memory", m.text) for m in recalled)
+    return tuple(ContextTurn("memory", m.line) for m in recalled)
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,11 @@ class NpcMind:
         self.embedder = CachedEmbedder(inner)  # static lore: cached on disk by content hash
         self.memo = _Memo(inner)  # memories and queries: kept in memory for the session
         self.budgets = K.Budgets(
-            cfg.lore_tokens, cfg.description_tokens, cfg.memory_tokens, cfg.memories
+            cfg.lore_tokens,
+            cfg.description_tokens,
+            cfg.memory_tokens,
+            cfg.memories,
+            recall_days=cfg.recall_days,
         )
 
     @property
@@ -81,7 +85,17 @@ class NpcMind:
             lore = picked_lore if self.know.lore else lore
             description = picked_desc if self.know.descriptions else description
         lore = self.know.lore_block(lore)
-        recalled = K.recall(session.memories, query, self.memo, self.count, self.budgets)
+        days = self.budgets.recall_days
+        since = session.game_day - days if days and session.game_day is not None else None
+        recalled = K.recall(
+            session.memories,
+            query,
+            self.memo,
+            self.count,
+            self.budgets,
+            fresh_from=len(session.history),
+            since_day=since,
+        )
         prepared = replace(session, lore=lore, description=description)
         return Prepared(prepared, K.memory_context(recalled), recalled)
 
@@ -144,7 +158,8 @@ class NpcMind:
             )
             session = session.with_turn(result, ruled.player, ruled.npc_items)
             turn = len(session.history) - 1
-            noted = tuple(Memory(turn, line) for line in lines)
+            day, when = session.game_day, session.game_time
+            noted = tuple(Memory(turn, line, day, when, "rules") for line in lines)
             session = replace(session, memories=session.memories + noted)
         out_of_window = result.dropped_turns // 2  # two context lines per earlier turn
         if out_of_window > session.memorized:
@@ -152,6 +167,8 @@ class NpcMind:
                 K.summarize(i, session.history[i].player, session.history[i].reply)
                 for i in range(session.memorized, out_of_window)
             ]
+            if session.game_day is not None or session.game_time:  # dated by the game clock
+                new = [replace(m, day=session.game_day, when=session.game_time) for m in new]
             session = replace(
                 session, memories=session.memories + tuple(new), memorized=out_of_window
             )

@@ -298,6 +298,9 @@ class Engine:
         p.n += 1
         p.tokens.append(tok)
         p.emit(p.decoder.decode(self.model.piece(tok)))
+        if p.stops and p.stopped():
+            p.reason = "stop"
+            return False
         if p.gate is not None:
             verdict = self._checked(p, tok)
             if verdict == "redraw":  # backed up: the redrawn token goes through the same door
@@ -584,6 +587,15 @@ class Pending:
         self.choices: tuple[tuple[str, tuple[str, ...]], ...] = ()
         self.shown = 0  # characters handed to on_text
         self.safe = -1  # index of the last token whose text is released
+        # stop texts: the reply ends before the first; the text that may still begin one
+        # (up to the longest's length - 1 characters) is held back from the listener
+        self.stops = tuple(s for s in sampling.stop if s)
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+
+    @property
+    def held(self) -> bool:
+        """Text waits for :meth:`release` (a reply gate or stop texts may take it back)."""
+        return self.gate is not None or bool(self.stops)
 
     def emit(self, text: str) -> None:
         if not self.started:  # the reply starts at its first visible character
@@ -591,16 +603,31 @@ class Pending:
             self.started = bool(text)
         if text:
             self.pieces.append(text)
-            if self.on_text and self.gate is None:
+            if self.on_text and not self.held:
                 self.on_text(text)
 
+    def stopped(self) -> bool:
+        """After a token: True (the reply cut before it) when the reply now holds a stop
+        text; else the text no stop can begin in any more goes to the listener."""
+        text = "".join(self.pieces)
+        look = max(0, self.shown - self.hold)  # a stop cannot lie wholly in shown text
+        found = [i for i in (text.find(s, look) for s in self.stops) if i >= 0]
+        if found:
+            self.pieces[:] = [text[: min(found)]]
+            return True
+        if self.gate is None:
+            self.release(len(text))
+        return False
+
     def release(self, upto: int | None) -> None:
-        """With a reply gate, hand the text up to ``upto`` characters (None: all of it) to
-        the listener: the part no backing up can take back any more."""
-        if self.gate is None or not self.on_text:
+        """With a reply gate or stop texts, hand the text up to ``upto`` characters (None:
+        all of it) to the listener: the part no backing up (and no stop) can take back."""
+        if not self.held or not self.on_text:
             return
         text = "".join(self.pieces)
         end = len(text) if upto is None else upto
+        if upto is not None and self.stops:
+            end = min(end, len(text) - self.hold)
         if end > self.shown:
             self.on_text(text[self.shown : end])
             self.shown = end

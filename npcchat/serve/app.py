@@ -25,7 +25,7 @@ import anyio.to_thread
 from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -34,20 +34,19 @@ from npcchat import __version__
 from npcchat.api import Runtime, sampling_of
 from npcchat.errors import (
     BusyError,
-    ConfigError,
     NpcchatError,
     PromptError,
-    SessionError,
 )
 from npcchat.runtime import served_format
-from npcchat.runtime.batch import TurnCancelled
-from npcchat.serve import contract, designer, docs, playground
+from npcchat.serve import contract, designer, docs, errors, events, openai_compat, playground
 from npcchat.serve import schemas as S
+from npcchat.serve.errors import ApiError, api_error
 from npcchat.serve.metrics import CONTENT_TYPE, Metrics
-from npcchat.serve.reload import Reloader, ReloadRefused, watch_npcs
-from npcchat.serve.store import NotFound, SessionStore
+from npcchat.serve.reload import Reloader, watch_npcs
+from npcchat.serve.store import SessionStore
+from npcchat.serve.streaming import run_streamed
 from npcchat.sessions.session import Session
-from npcchat.types import PlayerState, Turn
+from npcchat.types import Turn
 
 log = logging.getLogger("npcchat.serve")
 
@@ -59,49 +58,8 @@ class Settings:
     max_text: int = S.MAX_TEXT  # characters of one player line
 
 
-class ApiError(Exception):
-    """An error answer: status, a short code and a one-line message."""
-
-    def __init__(
-        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.headers = status, code, message, headers
-
-
 def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Any:
-    body = {"error": {"code": code, "message": message}}
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-# the turns-by-outcome label of each error code (the rest count as "error")
-_OUTCOMES = {
-    "busy": "busy",
-    "cancelled": "cancelled",
-    "not_found": "bad_request",
-    "bad_prompt": "bad_request",
-    "bad_request": "bad_request",
-}
-
-
-def _api_error(e: NpcchatError) -> ApiError:
-    """The HTTP face of a user error."""
-    if isinstance(e, BusyError):
-        retry = str(max(1, round(e.retry_after)))
-        return ApiError(503, "busy", e.message, {"Retry-After": retry})
-    if isinstance(e, NotFound):
-        return ApiError(404, "not_found", e.message)
-    if isinstance(e, PromptError):
-        return ApiError(422, "bad_prompt", e.message)
-    if isinstance(e, TurnCancelled):
-        return ApiError(499, "cancelled", e.message)
-    if isinstance(e, SessionError):
-        return ApiError(409, "session_unreadable", e.message)
-    if isinstance(e, ReloadRefused):
-        return ApiError(409, "reload_refused", e.message)
-    if isinstance(e, ConfigError):
-        return ApiError(400, "bad_request", e.message)
-    return ApiError(500, "server_error", e.message)
+    return errors.response(status, code, message, headers)
 
 
 class BodyLimit:
@@ -153,7 +111,7 @@ class BodyLimit:
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         message = f"request body over {self.max_bytes} bytes"
-        await _error(413, "too_large", message)(scope, receive, send)
+        await errors.response(413, "too_large", message)(scope, receive, send)
 
 
 def create_app(
@@ -224,20 +182,27 @@ def create_app(
     auth = (401,) if settings.api_key is not None else ()
     contract.install(app, settings.max_text)
     designer.mount(app, store, guarded, auth)
+    events.mount(app, store, guarded, auth)
+    openai_compat.mount(app, store, metrics, guarded, auth, settings.max_text)
 
     @app.exception_handler(ApiError)
     async def _on_api_error(request: Request, e: ApiError) -> Response:
-        return _error(e.status, e.code, e.message, e.headers)  # type: ignore[no-any-return]
+        return errors.response(e.status, e.code, e.message, e.headers, e.param)  # type: ignore[no-any-return]
 
     @app.exception_handler(NpcchatError)
     async def _on_user_error(request: Request, e: NpcchatError) -> Response:
-        err = _api_error(e)
-        return _error(err.status, err.code, err.message, err.headers)  # type: ignore[no-any-return]
+        err = api_error(e)
+        return errors.response(err.status, err.code, err.message, err.headers, err.param)  # type: ignore[no-any-return]
 
     @app.exception_handler(RequestValidationError)
     async def _on_invalid(request: Request, e: RequestValidationError) -> Response:
         first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
         where = ".".join(str(p) for p in first.get("loc", ()))
+        if _openai(request):  # OpenAI answers a request that breaks the schema with 400
+            loc = [str(p) for p in first.get("loc", ())]
+            param = ".".join(loc[1:]) if loc[:1] == ["body"] else ".".join(loc) or None
+            message = f"{where}: {first.get('msg')}"
+            return errors.response(400, "invalid_request", message, param=param)  # type: ignore[no-any-return]
         if where == "body.prompt" and first.get("type") == "string_pattern_mismatch":
             try:  # the line at fault, not the whole pattern
                 served_format.parse(str(first.get("input", "")))
@@ -251,7 +216,8 @@ def create_app(
     async def _on_http(request: Request, e: HTTPException) -> Response:
         headers = getattr(e, "headers", None)
         if e.status_code == 400:  # FastAPI's answer to a body that is not JSON text at all
-            return _error(422, "invalid_request", "body: not valid JSON (UTF-8 text expected)")  # type: ignore[no-any-return]
+            status = 400 if _openai(request) else 422
+            return _error(status, "invalid_request", "body: not valid JSON (UTF-8 text expected)")  # type: ignore[no-any-return]
         if e.status_code == 405:  # every method of the path, not only the first route's
             headers = {"Allow": contract.allowed_methods(app, dict(request.scope))}
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
@@ -269,15 +235,16 @@ def create_app(
         with store.lease(body.player_id, body.npc_id) as conv:
             sampling = conv.sampling
             if body.max_tokens is not None:
-                sampling = replace(sampling, max_tokens=reply_room(body.max_tokens))
+                sampling = replace(sampling, max_tokens=store.reply_room(body.max_tokens))
             sampling = replace(sampling, seed=body.seed)
-            turn = conv.say(body.text, on_text, sampling, update=_overrides(body), cancel=cancel)
+            turn = conv.say(
+                body.text,
+                on_text,
+                sampling,
+                update=S.overrides(body.tags, body.player_state),
+                cancel=cancel,
+            )
             return turn, len(conv.session.history), conv.engine.bundle.identity
-
-    def reply_room(asked: int) -> int:
-        """A reply takes at most half the context: more would leave no room for a prompt,
-        so it is a bound of this server, not an error of the request (see the schema)."""
-        return max(1, min(asked, store.runtime.config.runtime.n_ctx // 2))
 
     def check(body: S.TurnIn) -> None:
         if len(body.text) > settings.max_text:
@@ -285,24 +252,6 @@ def create_app(
                 422, "invalid_request", f"body.text: at most {settings.max_text} characters"
             )
         store.npc(body.npc_id)  # 404 before any work
-
-    def record(endpoint: str, turn: Turn, started: float) -> None:
-        outcome = "trigger" if turn.stop_reason == "trigger" else "ok"
-        metrics.turns.labels(endpoint, outcome).inc()
-        took = time.perf_counter() - started
-        metrics.turn_seconds.labels(endpoint).observe(took)
-        # to the first token: waiting, prefill and heads (a first token may hold no text)
-        metrics.ttft_seconds.labels(endpoint).observe(took - turn.timings.generate_ms / 1e3)
-        metrics.generated.inc(turn.generated_tokens)
-        metrics.prefill.inc(turn.prefill_tokens)
-        if turn.timings.generate_ms > 0 and turn.generated_tokens:
-            metrics.decode_rate.set(turn.generated_tokens / (turn.timings.generate_ms / 1e3))
-
-    def failed(endpoint: str, e: NpcchatError) -> None:
-        """Count a failed turn by the class of its HTTP answer."""
-        code = _api_error(e).code
-        label = _OUTCOMES.get(code, "error")
-        metrics.turns.labels(endpoint, label).inc()
 
     @app.post(
         "/v1/turn",
@@ -325,71 +274,35 @@ def create_app(
         if body.stream:
             if store.runtime.occupancy.full:  # refused before the 200 of a stream is sent
                 busy = BusyError("all slots are busy and the waiting line is full")
-                failed("turn", busy)
+                metrics.failed("turn", busy)
                 raise busy
             return StreamingResponse(stream_turn(body, request), media_type="text/event-stream")
         started = time.perf_counter()
         try:
             result, count, bundle_id = await run_in_threadpool(turn_job, body, None, None)
         except NpcchatError as e:
-            failed("turn", e)
+            metrics.failed("turn", e)
             raise
-        record("turn", result, started)
+        metrics.done("turn", result, started)
         return _turn_out(result, body, count, bundle_id)
 
     async def stream_turn(body: S.TurnIn, request: Request) -> AsyncIterator[str]:
-        loop = asyncio.get_running_loop()
-        pieces: asyncio.Queue[str | None] = asyncio.Queue()
-        cancel = threading.Event()
         started = time.perf_counter()
 
-        def on_text(piece: str) -> None:
-            loop.call_soon_threadsafe(pieces.put_nowait, piece)
+        def work(on_text: Callable[[str], None], cancel: threading.Event) -> tuple[Turn, int, str]:
+            return turn_job(body, on_text, cancel)
 
-        job = asyncio.ensure_future(run_in_threadpool(turn_job, body, on_text, cancel))
-        job.add_done_callback(lambda _: pieces.put_nowait(None))
-        try:
-            while True:
-                try:
-                    piece = await asyncio.wait_for(pieces.get(), timeout=0.25)
-                except TimeoutError:
-                    piece = ""  # nothing new: look at the connection all the same
-                if piece is None:
-                    break
-                # uvicorn drops what is sent to a gone client without an error: ask
-                if await request.is_disconnected():
-                    return
-                if piece:
-                    yield _sse("text", {"text": piece})
-            try:
-                result, count, bundle_id = job.result()
-            except NpcchatError as e:
-                failed("turn", e)
-                err = _api_error(e)
-                yield _sse("error", {"error": {"code": err.code, "message": err.message}})
-                return
-            except Exception:
-                log.exception("npcchat serve: a streamed turn failed")
-                metrics.turns.labels("turn", "error").inc()
-                message = "internal error (see the server log)"
-                yield _sse("error", {"error": {"code": "server_error", "message": message}})
-                return
-            record("turn", result, started)
-            yield _sse("turn", _turn_out(result, body, count, bundle_id).model_dump())
-        finally:
-            if not job.done():  # the client went away: the turn is cancelled, not committed
-                cancel.set()
-                job.add_done_callback(lambda task: abandoned(task))
-
-    def abandoned(task: asyncio.Future[Any]) -> None:
-        """The outcome of a turn whose client left: cancelled (or finished just before)."""
-        if task.cancelled():
-            return
-        error = task.exception()
-        if isinstance(error, NpcchatError):
-            failed("turn", error)
-        elif error is None:
-            metrics.turns.labels("turn", "ok").inc()
+        async for item in run_streamed(request, work, metrics.abandoned("turn")):
+            if isinstance(item, str):
+                yield _sse("text", {"text": item})
+            elif item.result is not None:
+                result, count, bundle_id = item.result
+                metrics.done("turn", result, started)
+                yield _sse("turn", _turn_out(result, body, count, bundle_id).model_dump())
+            else:
+                assert item.error is not None
+                metrics.failed("turn", item.error)
+                yield _sse("error", _stream_error(item.error))
 
     # -- the original model server --------------------------------------------------------
     @app.post(
@@ -419,7 +332,7 @@ def create_app(
         )
         cfg = store.runtime.config
         seed = cfg.sampling.seed if cfg.sampling.seed >= 0 else None
-        sampling = replace(sampling_of(cfg, seed), max_tokens=reply_room(body.max_tokens))
+        sampling = replace(sampling_of(cfg, seed), max_tokens=store.reply_room(body.max_tokens))
 
         def run() -> Turn:
             with store.using() as rt:  # a reload closes this runtime only after the turn
@@ -430,15 +343,15 @@ def create_app(
         try:
             result = await run_in_threadpool(run)
         except NpcchatError as e:
-            failed("predict_main", e)
+            metrics.failed("predict_main", e)
             raise
-        record("predict_main", result, started)
+        metrics.done("predict_main", result, started)
         flags = result.heads.flags
         return S.PredictOut(
             session_id=body.session_id,
             npc_id=body.npc_id,
             npc_response=result.reply,
-            deltas=S.Delta(**_deltas(result)),
+            deltas=S.Delta(**S.deltas_of(result)),
             flags={n: f.prob for n, f in flags.items()},
             thresholds={n: f.threshold for n, f in flags.items()},
         )
@@ -547,42 +460,17 @@ def create_app(
     return app
 
 
-def _overrides(body: S.TurnIn) -> Callable[[Session], Session] | None:
-    """The game's tags and player state, applied to the session just before the turn."""
-    if body.tags is None and body.player_state is None:
-        return None
-    tags = body.tags.model_dump(exclude_none=True) if body.tags else {}
-    state = body.player_state.model_dump(exclude_none=True) if body.player_state else {}
-
-    def apply(s: Session) -> Session:
-        player = s.player_state
-        if state:
-            player = PlayerState(
-                items=tuple(state.get("items", player.items)),
-                actions=tuple(state.get("actions", player.actions)),
-                position=state.get("position", player.position),
-            )
-        return replace(s, tags=replace(s.tags, **tags), player_state=player)
-
-    return apply
-
-
-def _deltas(turn: Turn) -> dict[str, float]:
-    """Clamped to [-1, 1] and rounded, as the original answered."""
-    return {k: round(max(-1.0, min(1.0, v)), 4) for k, v in turn.heads.deltas.items()}
-
-
 def _turn_out(turn: Turn, body: S.TurnIn, count: int, bundle_id: str = "") -> S.TurnOut:
     t = turn.timings
     flags = turn.heads.flags
     rules = turn.rules.to_json() if turn.rules is not None else None
     return S.TurnOut(
         text=turn.reply,
-        delta=S.Delta(**_deltas(turn)),
+        delta=S.Delta(**S.deltas_of(turn)),
         flags={n: f.fired for n, f in flags.items()},
         actions=[S.ActionOut.model_validate(a.to_json()) for a in turn.actions],
         meta=S.TurnMeta(
-            npc_id=body.npc_id,
+            npc_id=turn.npc_id or body.npc_id,
             player_id=body.player_id,
             bundle_id=bundle_id,
             turn=count,
@@ -601,6 +489,20 @@ def _turn_out(turn: Turn, body: S.TurnIn, count: int, bundle_id: str = "") -> S.
             timings_ms={"prefill": t.prefill_ms, "heads": t.heads_ms, "generate": t.generate_ms},
         ),
     )
+
+
+def _openai(request: Request) -> bool:
+    """A route of the OpenAI-compatible protocol (its clients expect its statuses)."""
+    return request.url.path.startswith(("/v1/chat/", "/v1/models"))
+
+
+def _stream_error(e: BaseException) -> dict[str, Any]:
+    """The error event's body of a streamed turn that failed after its 200 was sent."""
+    if isinstance(e, NpcchatError):
+        err = api_error(e)
+        return errors.body(err.status, err.code, err.message, err.param)
+    log.error("npcchat serve: a streamed turn failed", exc_info=e)
+    return errors.body(500, "server_error", "internal error (see the server log)")
 
 
 def _sse(event: str, data: dict[str, Any]) -> str:

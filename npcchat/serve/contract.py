@@ -3,8 +3,8 @@
 
 * Security is declared only when an API key is configured (a client generated from a
   contract that demands a token the server never checks would be wrong either way).
-* Every status a route can answer is documented with the ``{"error": {"code", "message"}}``
-  body: :func:`errors`.
+* Every status a route can answer is documented with the ``{"error": {"code", "message",
+  "type", "param"}}`` body (OpenAI's error object, npcchat's code in it): :func:`errors`.
 * Limits set on the command line (``--max-text``) are the limits in the schema.
 * Links tell a stateful client (and schemathesis) that a turn creates the session the
   session routes then read, reset and delete.
@@ -24,11 +24,13 @@ from starlette.routing import Match, Route
 from npcchat.serve import schemas as S
 
 _WHY = {
-    400: "The request cannot be served as asked (`bad_request`).",
+    400: "The request cannot be served as asked (`bad_request`, `unsupported`); on the "
+    "OpenAI-compatible routes also a request that breaks the schema (`invalid_request`).",
     401: "Missing or wrong API key (`unauthorized`); the server was started with --api-key.",
-    404: "No such NPC or session (`not_found`).",
+    404: "No such NPC or session (`not_found`; `model_not_found` on the OpenAI routes).",
     409: "The session file changed or cannot be read as a session (`session_unreadable`); "
-    "the message says how to recover (reset, or DELETE to move it aside).",
+    "the message says how to recover (reset, or DELETE to move it aside). On chat "
+    "completions: the earlier messages are not the session's turns (`history_mismatch`).",
     413: "The request body is over --max-body (`too_large`).",
     422: "The request breaks the schema (`invalid_request`), or its prompt does not fit the "
     "model's context or is malformed (`bad_prompt`).",

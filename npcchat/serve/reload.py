@@ -25,13 +25,10 @@ from pathlib import Path
 from npcchat.errors import ConfigError, NpcchatError
 from npcchat.mind import npc as npc_mod
 from npcchat.serve import schemas as S
+from npcchat.serve.errors import ReloadRefused
 from npcchat.serve.store import SessionStore
 
 log = logging.getLogger("npcchat.serve")
-
-
-class ReloadRefused(NpcchatError):
-    """A reload that could not happen (HTTP 409): the old bundle keeps serving."""
 
 
 class Reloader:

@@ -8,6 +8,8 @@ starting with a dot, at most 64 characters.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Annotated, Any, Literal
 
 from fastapi import Path, Query
@@ -19,6 +21,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from npcchat.sessions.session import Session
+from npcchat.types import PlayerState, Turn
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 Id = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
@@ -105,7 +110,7 @@ class ActionOut(BaseModel):
 
 
 class ChangeOut(BaseModel):
-    kind: str  # tag, item, memory
+    kind: str  # tag, item, action, memory, time
     key: str
     from_: str = Field(alias="from")
     to: str
@@ -215,6 +220,24 @@ class SessionPlayerState(BaseModel):
 class SessionMemory(BaseModel):
     turn: int
     text: str
+    day: float | None = None  # the game day it carries
+    when: str | None = None  # the game's timestamp
+    source: str | None = None  # "rules" or "event" (absent: a turn that left the window)
+
+
+class GameClock(BaseModel):
+    day: float | None = None
+    time: str = ""
+
+
+class EventLogOut(BaseModel):
+    """One call's game events as the session logs them: before which turn, when (UTC),
+    the events and the changes they made."""
+
+    turn: int
+    time: str
+    events: list[dict[str, Any]]
+    changes: list[ChangeOut]
 
 
 class SessionOut(BaseModel):
@@ -235,6 +258,8 @@ class SessionOut(BaseModel):
     memorized: int
     memories: list[SessionMemory]
     history: list[dict[str, Any]]  # every turn: player, reply, deltas, flags, tokens, timings
+    game_clock: GameClock | None = None  # the game's clock, once an event set it
+    events: list[EventLogOut] = Field(default_factory=list)  # game events, in order
 
 
 class NpcOut(BaseModel):
@@ -338,9 +363,39 @@ class ReloadOut(BaseModel):
 
 
 class ErrorBody(BaseModel):
-    code: str
-    message: str
+    code: str  # npcchat's short code: what a game branches on
+    message: str  # one line, with what to do
+    type: str  # the OpenAI error type of the status (invalid_request_error, ...)
+    param: str | None = None  # the request field at fault, when one is
 
 
 class ErrorOut(BaseModel):
     error: ErrorBody
+
+
+# -- between the wire and npcchat's values ------------------------------------------------------
+def overrides(
+    tags: TagsIn | None, player_state: PlayerStateIn | None
+) -> Callable[[Session], Session] | None:
+    """The game's tags and player state, applied to the session just before the turn."""
+    if tags is None and player_state is None:
+        return None
+    new_tags = tags.model_dump(exclude_none=True) if tags else {}
+    state = player_state.model_dump(exclude_none=True) if player_state else {}
+
+    def apply(s: Session) -> Session:
+        player = s.player_state
+        if state:
+            player = PlayerState(
+                items=tuple(state.get("items", player.items)),
+                actions=tuple(state.get("actions", player.actions)),
+                position=state.get("position", player.position),
+            )
+        return replace(s, tags=replace(s.tags, **new_tags), player_state=player)
+
+    return apply
+
+
+def deltas_of(turn: Turn) -> dict[str, float]:
+    """Clamped to [-1, 1] and rounded, as the original answered."""
+    return {k: round(max(-1.0, min(1.0, v)), 4) for k, v in turn.heads.deltas.items()}

@@ -22,17 +22,15 @@ from typing import Any
 from npcchat import demo
 from npcchat.api import Runtime
 from npcchat.conversation import Conversation
-from npcchat.errors import ConfigError, NpcchatError, SessionError
+from npcchat.errors import ConfigError, SessionError
 from npcchat.mind import npc as npc_mod
+from npcchat.serve.errors import NotFound
 from npcchat.serve.schemas import ID_PATTERN
 from npcchat.sessions import session as session_mod
 from npcchat.sessions import snapshot
+from npcchat.text import by_id
 
 _ID = re.compile(ID_PATTERN)
-
-
-class NotFound(NpcchatError):
-    """An NPC or a session the server does not have (HTTP 404)."""
 
 
 @dataclass
@@ -113,6 +111,11 @@ class SessionStore:
             for key in [k for k, e in self._open.items() if k[1] == npc.id and not e.users]:
                 self._open.pop(key).conversation.close()
 
+    def reply_room(self, asked: int) -> int:
+        """A reply takes at most half the context: more would leave no room for a prompt,
+        so it is a bound of this server, not an error of the request (see the schema)."""
+        return max(1, min(asked, self.runtime.config.runtime.n_ctx // 2))
+
     def warnings(self) -> list[str]:
         """What the NPC files configure that this bundle lacks (said once, at start)."""
         flags = self.runtime.flags
@@ -125,14 +128,27 @@ class SessionStore:
         return self.root / npc_id / f"{player_id}.json"
 
     def npc(self, npc_id: str) -> npc_mod.NpcDef:
-        try:
-            return self.npcs[npc_id]
-        except KeyError:
-            raise NotFound(f"unknown NPC {npc_id!r}", hint="GET /v1/npcs lists them") from None
+        """The NPC an id names: its own id, or a unique prefix of one (``mother`` ->
+        ``mother_guard``), as talk and eval resolve demo NPCs."""
+        npcs = self.npcs
+        matches = by_id(npc_id, npcs)
+        if len(matches) == 1:
+            return npcs[matches[0]]
+        if matches:
+            raise NotFound(
+                f"NPC {npc_id!r} is ambiguous: {', '.join(sorted(matches))}",
+                hint="give more of the id",
+            )
+        raise NotFound(f"unknown NPC {npc_id!r}", hint="GET /v1/npcs lists them")
+
+    def canonical(self, npc_id: str) -> str:
+        """The full id of the NPC ``npc_id`` names (NotFound when none or several)."""
+        return self.npc(npc_id).id
 
     @contextmanager
     def lease(self, player_id: str, npc_id: str, create: bool = True) -> Iterator[Conversation]:
         """The conversation of (player, NPC), opened (or created) on first use."""
+        npc_id = self.canonical(npc_id)
         key = (player_id, npc_id)
         with self._guard:
             entry = self._open.get(key)
@@ -214,6 +230,7 @@ class SessionStore:
         """Remove the session file (and its KV snapshot); waits for a running turn. A file
         that cannot be read as a session is moved aside instead (``NAME.corrupt-<time>``,
         returned), so a broken session never needs shell access to clear."""
+        npc_id = self.canonical(npc_id)
         path = self.path(player_id, npc_id)
         try:
             with self.lease(player_id, npc_id, create=False) as conv, conv.lock:

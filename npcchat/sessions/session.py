@@ -12,14 +12,15 @@ import contextlib
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from npcchat.errors import SessionError, where
+from npcchat.errors import ConfigError, SessionError, where
 from npcchat.files.atomic import atomic_write, sweep
+from npcchat.sessions import events as events_mod
 from npcchat.types import (
     DELTA_NAMES,
     Action,
@@ -107,6 +108,28 @@ class Session:
     npc_items: tuple[str, ...] = ()  # what the NPC has now (rules move items)
     initial_player_state: PlayerState | None = None  # what /reset returns to
     initial_npc_items: tuple[str, ...] | None = None
+    # the game's clock (game events set it): recall can be limited to recent game days
+    game_day: float | None = None
+    game_time: str = ""
+    events: tuple[events_mod.EventRecord, ...] = ()  # game events, in the order given
+
+    def with_events(self, given: Sequence[events_mod.Event]) -> Session:
+        """The session after game events (all of them, in order; see
+        :mod:`npcchat.sessions.events`), logged before the next turn."""
+        turn = len(self.history)
+        done = events_mod.apply(
+            given, self.tags, self.player_state, self.game_day, self.game_time, turn
+        )
+        record = events_mod.EventRecord(turn, _now(), tuple(given), done.changes)
+        return replace(
+            self,
+            tags=done.tags,
+            player_state=done.player,
+            memories=self.memories + done.memories,
+            game_day=done.day,
+            game_time=done.time,
+            events=(*self.events, record),
+        )
 
     def with_turn(
         self,
@@ -144,7 +167,8 @@ class Session:
             tags = replace(before, location=self.tags.location)
             player = last.player_before
             npc_items = last.npc_items_before or ()
-        memories = tuple(m for m in self.memories if m.turn < len(rest))
+        # what the game said (events) stays: it happened in the game, not in this turn
+        memories = tuple(m for m in self.memories if m.source == "event" or m.turn < len(rest))
         return replace(
             self,
             tags=tags,
@@ -164,6 +188,9 @@ class Session:
             fired_flags=(),
             memories=(),
             memorized=0,
+            game_day=None,
+            game_time="",
+            events=(),
             player_state=self.initial_player_state or self.player_state,
             npc_items=self.npc_items if self.initial_npc_items is None else self.initial_npc_items,
         )
@@ -193,13 +220,30 @@ def to_dict(s: Session) -> dict[str, Any]:
         "npc_file": s.npc_file,
         "npc_items": list(s.npc_items),
         "memorized": s.memorized,
-        "memories": [{"turn": m.turn, "text": m.text} for m in s.memories],
+        "memories": [_memory_dict(m) for m in s.memories],
         "history": [_turn_dict(t) for t in s.history],
     }
+    if s.game_day is not None or s.game_time:
+        out["game_clock"] = {"day": s.game_day, "time": s.game_time}
+        if s.game_day is None:
+            del out["game_clock"]["day"]  # TOML has no null
+    if s.events:
+        out["events"] = [e.to_json() for e in s.events]
     if s.initial_player_state is not None:  # what /reset returns to, once rules move items
         out["initial_player_state"] = _player_dict(s.initial_player_state)
     if s.initial_npc_items is not None:
         out["initial_npc_items"] = list(s.initial_npc_items)
+    return out
+
+
+def _memory_dict(m: Memory) -> dict[str, Any]:
+    out: dict[str, Any] = {"turn": m.turn, "text": m.text}
+    if m.day is not None:
+        out["day"] = m.day
+    if m.when:
+        out["when"] = m.when
+    if m.source != "turn":
+        out["source"] = m.source
     return out
 
 
@@ -325,6 +369,42 @@ class _Reader:
             npc_items=self.strs(d, "npc_items", f"{label}.npc_items") if "npc_items" in d else (),
         )
 
+    def memory(self, m: Any, label: str) -> Memory:
+        g = self.get
+        source = g(m, "source", str, f"{label}.source") if "source" in m else "turn"
+        if source not in ("turn", "rules", "event"):
+            raise SessionError(
+                f"{where(self.path, f'{label}.source')}: expected turn, rules or event, "
+                f"got {source!r}"
+            )
+        return Memory(
+            g(m, "turn", int, f"{label}.turn", 0),
+            g(m, "text", str, f"{label}.text"),
+            day=g(m, "day", float, f"{label}.day", 0.0) if "day" in m else None,
+            when=g(m, "when", str, f"{label}.when") if "when" in m else "",
+            source=source,
+        )
+
+    def events(self, d: Any, label: str) -> events_mod.EventRecord:
+        g = self.get
+        given = g(d, "events", list, f"{label}.events")
+        try:
+            parsed = tuple(events_mod.parse(e, f"{label}.events[{i}]") for i, e in enumerate(given))
+        except ConfigError as e:
+            raise SessionError(f"{self.path}: {e.message}") from None
+        changes = tuple(
+            Change(
+                *(g(c, k, str, f"{label}.changes[{i}].{k}") for k in ("kind", "key", "from", "to"))
+            )
+            for i, c in enumerate(g(d, "changes", list, f"{label}.changes"))
+        )
+        return events_mod.EventRecord(
+            g(d, "turn", int, f"{label}.turn", 0),
+            g(d, "time", str, f"{label}.time"),
+            parsed,
+            changes,
+        )
+
     def turn(self, d: Any, label: str) -> TurnRecord:
         g = self.get
         flags_raw = g(d, "flags", dict, f"{label}.flags")
@@ -388,6 +468,7 @@ def from_dict(data: Any, path: Path) -> Session:
     ps = r.get(data, "player_state", dict, "player_state")
     bundle = r.get(data, "bundle", dict, "bundle")
     history = r.get(data, "history", list, "history")
+    clock = r.get(data, "game_clock", dict, "game_clock") if "game_clock" in data else {}
     return Session(
         npc_id=r.get(data, "npc_id", str, "npc_id"),
         tags=r.tags(r.get(data, "tags", dict, "tags"), "tags"),
@@ -411,13 +492,16 @@ def from_dict(data: Any, path: Path) -> Session:
         npc_file=r.get(data, "npc_file", str, "npc_file") if "npc_file" in data else "",
         memorized=r.get(data, "memorized", int, "memorized", 0) if "memorized" in data else 0,
         memories=tuple(
-            Memory(
-                r.get(m, "turn", int, f"memories[{i}].turn", 0),
-                r.get(m, "text", str, f"memories[{i}].text"),
-            )
+            r.memory(m, f"memories[{i}]")
             for i, m in enumerate(
                 r.get(data, "memories", list, "memories") if "memories" in data else []
             )
+        ),
+        game_day=r.get(clock, "day", float, "game_clock.day", 0.0) if "day" in clock else None,
+        game_time=r.get(clock, "time", str, "game_clock.time") if "time" in clock else "",
+        events=tuple(
+            r.events(e, f"events[{i}]")
+            for i, e in enumerate(r.get(data, "events", list, "events") if "events" in data else [])
         ),
     )
 

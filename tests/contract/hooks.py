@@ -44,3 +44,20 @@ def only_context_overflow_is_refused(ctx: Any, response: Any, case: Any) -> None
     error = (response.json() or {}).get("error", {})
     if error.get("code") != "bad_prompt" or "fit" not in error.get("message", ""):
         raise AssertionError(f"a schema-valid request was refused: {error}")
+
+
+_CHAT_REFUSALS = {"bad_messages", "unsupported", "context_length_exceeded"}
+
+
+@schemathesis.check
+def only_semantic_refusals(ctx: Any, response: Any, case: Any) -> None:
+    """The 400s a schema-valid chat completion may get: what the schema cannot say (see
+    schemathesis.toml), never a validation error of a field the schema allows."""
+    meta = getattr(case, "meta", None)
+    if meta is None or not meta.generation.mode.is_positive:
+        return
+    if case.operation.path != "/v1/chat/completions" or response.status_code != 400:
+        return
+    error = (response.json() or {}).get("error", {})
+    if error.get("code") not in _CHAT_REFUSALS:
+        raise AssertionError(f"a schema-valid chat completion was refused: {error}")
