@@ -1,9 +1,9 @@
-# Everything a developer runs. `make check` = lint + type-check + tests.
+# Everything a developer runs. `make check` = lint + type-check + docs + tests.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install dev lint format typecheck test check talk bench clean
+.PHONY: install dev lint format typecheck docs test check talk bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -27,10 +27,13 @@ format:
 typecheck:  ## mypy --strict over npcchat, npcchat_convert and npcchat_heads (pyproject.toml)
 	$(BIN)/mypy
 
+docs:  ## the documentation site (MkDocs, Material theme) into build/site; warnings fail
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
 test:
 	$(BIN)/pytest -q
 
-check: lint typecheck test
+check: lint typecheck docs test
 
 talk:
 	$(BIN)/npcchat talk

@@ -32,5 +32,5 @@ def require(extra: str, what: str) -> None:
     if gone:
         raise ConfigError(
             f"{what} needs the '{extra}' extra ({', '.join(gone)} not installed)",
-            hint=f"pip install 'npcchat[{extra}]'",
+            hint=f"from npcchat's clone: pip install '.[{extra}]'",
         )

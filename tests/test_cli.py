@@ -290,7 +290,7 @@ def test_a_missing_extra_names_the_pip_install_line(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120
     )
     assert_user_error(proc, f"{what} needs the 'convert' extra (npcchat_no_such_module")
-    assert "hint: pip install 'npcchat[convert]'" in proc.stderr
+    assert "pip install '.[convert]'" in proc.stderr
 
 
 def test_ray_without_its_extra_names_the_pip_install_line(tmp_path: Path) -> None:
@@ -304,7 +304,7 @@ def test_ray_without_its_extra_names_the_pip_install_line(tmp_path: Path) -> Non
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120
     )
     assert_user_error(proc, "--ray needs the 'ray' extra (npcchat_no_such_module")
-    assert "hint: pip install 'npcchat[ray]'" in proc.stderr
+    assert "pip install '.[ray]'" in proc.stderr
 
 
 def test_serve_refuses_to_bind_beyond_loopback_without_a_key() -> None:

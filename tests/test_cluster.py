@@ -349,3 +349,19 @@ def test_ray_address_from_the_environment_goes_through_the_same_check(tmp_path: 
     proc = _eval_process(tmp_path, "--ray", env={"RAY_ADDRESS": "127.0.0.1:\u0661\u0668"})
     out = proc.communicate(timeout=60)[0].decode()
     assert proc.returncode == 1 and "expected HOST:PORT" in out and "RAY_ADDRESS" in out
+
+
+def test_eval_ray_starts_a_local_runtime_from_the_command_line(tmp_path: Path) -> None:
+    """No cluster and no address: `npcchat eval --ray` starts Ray on this machine, runs the
+    scenario on an actor and writes the report (a Ray started by a helper thread used to
+    die with that thread, and the run hung)."""
+    import json
+
+    report = tmp_path / "r.json"
+    proc = _eval_process(tmp_path, "--ray", "--ray-actors", "1", "--report", str(report))
+    out = proc.communicate(timeout=240)[0].decode()
+    assert proc.returncode == 0, out
+    assert "Traceback" not in out and "Failed to connect to GCS" not in out
+    data = json.loads(report.read_text())
+    assert data["complete"] and len(data["scenarios"]) == 1
+    assert len(data["ray"]["workers"]) == 1

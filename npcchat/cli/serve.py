@@ -44,8 +44,9 @@ def serve(
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
     config: Annotated[Path | None, typer.Option(help="Config TOML.")] = None,
 ) -> None:
-    """Serve NPC turns over HTTP: the game's /v1/turn (JSON or SSE), /api/predict_main,
-    sessions, /healthz and /metrics; OpenAPI docs at /docs."""
+    """Serve NPC turns over HTTP: the game's /v1/turn (JSON or SSE), OpenAI's
+    /v1/chat/completions, /api/predict_main, sessions and game events, /healthz and
+    /metrics; the playground at /ui, OpenAPI docs at /docs."""
     from npcchat import extras
     from npcchat.errors import ConfigError
 

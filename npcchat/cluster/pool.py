@@ -96,14 +96,25 @@ def connect(address: str | None, deadline_s: float = CONNECT_TIMEOUT_S) -> bool:
     call joined (the caller then leaves with ``ray.shutdown``).
 
     Every address is probed first (:mod:`npcchat.cluster.address`), the environment's too.
-    ``ray.init`` then runs in a helper thread: joining a cluster has ``deadline_s`` to
+    Joining a cluster then runs ``ray.init`` in a helper thread: it has ``deadline_s`` to
     finish, and this thread keeps waiting in Python, where Ctrl-C and SIGTERM reach it
-    (inside ``ray.init`` they do not: Ray retries a head it cannot talk to for ever)."""
+    (inside ``ray.init`` they do not: Ray retries a head it cannot talk to for ever). A
+    runtime started here is started by this thread (see below)."""
     if ray.is_initialized():
         return False
     address, source = from_environment(address)
     if address and address != "auto":
         probe(address, source)
+    if not address:
+        # A Ray runtime started here belongs to the thread that starts it: Ray's processes
+        # die with their parent *thread* (PR_SET_PDEATHSIG), so a helper thread that ends
+        # after ray.init would take the cluster with it. Starting is local and quick.
+        ray.init(
+            logging_level=logging.ERROR,
+            log_to_driver=False,
+            include_dashboard=False,
+        )
+        return True
     outcome: list[BaseException | None] = []
 
     def join() -> None:
@@ -120,12 +131,10 @@ def connect(address: str | None, deadline_s: float = CONNECT_TIMEOUT_S) -> bool:
 
     worker = threading.Thread(target=join, name="npcchat-ray-init", daemon=True)
     worker.start()
-    # starting a local Ray takes its time on a small machine; joining one must be quick
-    worker.join(deadline_s if address else START_TIMEOUT_S)
+    worker.join(deadline_s)  # joining a cluster must be quick
     if not outcome:
-        where = f"{source} {address}" if address else "a local Ray runtime"
         raise ConfigError(
-            f"{where}: Ray did not connect within {deadline_s if address else START_TIMEOUT_S:g} s",
+            f"{source} {address}: Ray did not connect within {deadline_s:g} s",
             hint="is that the head node's GCS port (6379) or Ray Client port (ray://HOST:10001), "
             "and does its Ray version match this one?",
         )

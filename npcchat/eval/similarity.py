@@ -1,8 +1,9 @@
 """How close a reply is to the reference reply (eval).
 
-With the optional extra (``pip install 'npcchat[embed]'``) and a local sentence-transformers
-model (``--embed-model PATH``), the cosine of sentence embeddings (npcchat.mind.embed, offline);
-otherwise a lexical measure, bag-of-words token F1. Reports name the method used.
+With the optional extra (``pip install '.[embed]'`` in npcchat's clone) and a local
+sentence-transformers model (``--embed-model PATH``), the cosine of sentence embeddings
+(npcchat.mind.embed, offline); otherwise a lexical measure, bag-of-words token F1. Reports
+name the method used.
 """
 
 from __future__ import annotations

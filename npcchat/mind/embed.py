@@ -3,8 +3,8 @@
 * ``LexicalEmbedder`` (built in, no torch): hashed bag of word unigrams and bigrams with
   sublinear term frequency, L2-normalized; cosine of two texts = shared-word overlap.
 * ``SentenceEmbedder``: sentence-transformers from a local path or the local HF cache, when
-  the optional extra is installed (``pip install 'npcchat[embed]'``); offline mode is forced,
-  so nothing is ever downloaded unless the user sets ``allow_download``.
+  the optional extra is installed (``pip install '.[embed]'`` in npcchat's clone); offline
+  mode is forced, so nothing is ever downloaded unless the user sets ``allow_download``.
 
 Embeddings of static texts (lore, descriptions) are cached on disk under
 ``$NPCCHAT_HOME/cache/embeddings``, keyed by the embedder's name and the text's sha256.
@@ -77,7 +77,7 @@ class SentenceEmbedder:
         except ImportError:
             raise ConfigError(
                 f"embed model {model}: sentence-transformers is not installed",
-                hint="pip install 'npcchat[embed]', "
+                hint="from npcchat's clone: pip install '.[embed]', "
                 "or leave embed_model empty for the lexical ranking",
             ) from None
         try:
