@@ -64,7 +64,9 @@ NpcSpec = str | Path | npc_mod.NpcDef | None
 def sampling_of(cfg: Config, seed: int | None = None) -> SamplingParams:
     """The sampling settings of a config (``seed``: None draws per session or turn)."""
     s = cfg.sampling
-    return SamplingParams(s.temperature, s.top_p, s.repeat_penalty, s.max_tokens, seed)
+    return SamplingParams(
+        s.temperature, s.top_p, s.repeat_penalty, s.max_tokens, seed, top_k=s.top_k
+    )
 
 
 class Runtime:

@@ -61,6 +61,7 @@ class StateConfig:
 class SamplingConfig:
     temperature: float = 0.7
     top_p: float = 0.9
+    top_k: int = 50  # only the k most likely tokens may be drawn (0: every token)
     repeat_penalty: float = 1.05
     max_tokens: int = 200
     seed: int = -1  # -1: a fresh random seed per session (recorded in each turn)
@@ -146,6 +147,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "state.decimals": (0, 12),
     "sampling.temperature": (0.0, 100.0),
     "sampling.top_p": (0.0, 1.0),
+    "sampling.top_k": (0, 1 << 20),
     "sampling.repeat_penalty": (0.01, 100.0),
     "sampling.max_tokens": (1, 1 << 20),
     "sampling.seed": (-1, 2**31 - 1),
@@ -157,6 +159,11 @@ RANGES: dict[str, tuple[float, float]] = {
 }
 
 
+def _num(value: float) -> str:
+    """A bound as a reader writes it: 1048576, not 1.04858e+06."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
 def validate(cfg: Config, path: object = "config") -> None:
     """Every number finite and in its range, and the rules between keys."""
     lo_clamp, hi_clamp = cfg.state.clamp_min, cfg.state.clamp_max
@@ -166,7 +173,7 @@ def validate(cfg: Config, path: object = "config") -> None:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         if not (math.isfinite(value) and lo <= value <= hi):
-            raise ConfigError(f"{where(path, key)}: expected {lo:g}..{hi:g}, got {value}")
+            raise ConfigError(f"{where(path, key)}: expected {_num(lo)}..{_num(hi)}, got {value}")
     s, r, p = cfg.state, cfg.runtime, cfg.sampling
     if not s.clamp_min < s.clamp_max:
         raise ConfigError(f"{where(path, 'state.clamp_min')}: must be below state.clamp_max")

@@ -78,8 +78,12 @@ class SamplingParams:
     repeat_penalty: float = 1.05
     max_tokens: int = 200
     seed: int | None = None
+    # the stop texts field below; top_k: only the k most likely tokens may be drawn (0:
+    # all). 50 is what the original's transformers generate() used, and it spares top-p
+    # a sort of the whole vocabulary (151,936 tokens for Qwen2) at every token
     # the reply ends before the first of these texts (not included; OpenAI's ``stop``)
     stop: tuple[str, ...] = ()
+    top_k: int = 50
 
 
 @dataclass(frozen=True)

@@ -365,6 +365,7 @@ def test_the_openapi_schema_is_the_contract(serve: Any) -> None:
         "player_state",
         "max_tokens",
         "seed",
+        "top_k",
         "stream",
     }
     assert set(schemas["TurnOut"]["properties"]) == {"text", "delta", "flags", "actions", "meta"}

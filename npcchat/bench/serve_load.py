@@ -53,6 +53,7 @@ class LoadResult:
     ttft_p95_ms: float
     latency_p50_ms: float
     latency_p95_ms: float
+    generated: int = 0  # reply tokens of all good turns
 
 
 def _pct(values: Sequence[float], q: float) -> float:
@@ -94,13 +95,17 @@ def _config_file(directory: Path) -> Path:
 class ServerProcess:
     """``npcchat serve`` as a child process on a free loopback port."""
 
-    def __init__(self, bundle: Path, work: Path, slots: int, queue: int) -> None:
+    def __init__(
+        self, bundle: Path, work: Path, slots: int, queue: int, gpu_layers: int | None = None
+    ) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "npcchat", "serve", "--bundle", str(bundle)]
         cmd += ["--npcs", str(work / "npcs"), "--sessions", str(work / "sessions")]
         cmd += ["--port", str(self.port), "--slots", str(slots), "--queue", str(queue)]
         cmd += ["--config", str(_config_file(work)), "--log-level", "warning"]
+        if gpu_layers is not None:
+            cmd += ["--gpu-layers", str(gpu_layers)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self._wait()
 
@@ -157,11 +162,12 @@ def _player(url: str, player: str, turns: int, tokens: int, out: list[Any]) -> N
             done = time.perf_counter()
             ok = r.status_code == 200 and final is not None and final[0] == "turn"
             if not ok or final is None:
-                out.append((False, 0.0, done - t0))
+                out.append((False, 0.0, done - t0, 0))
                 continue
             # to the first token: what is left of the latency before generation started
-            generate = final[1]["meta"]["timings_ms"]["generate"] / 1e3
-            out.append((True, done - t0 - generate, done - t0))
+            meta = final[1]["meta"]
+            generate = meta["timings_ms"]["generate"] / 1e3
+            out.append((True, done - t0 - generate, done - t0, meta["tokens"]["generated"]))
 
 
 def closed_loop(url: str, players: int, turns: int, tokens: int, tag: str) -> LoadResult:
@@ -176,7 +182,11 @@ def closed_loop(url: str, players: int, turns: int, tokens: int, tag: str) -> Lo
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - t0
+    return summarize(players, records, time.perf_counter() - t0)
+
+
+def summarize(players: int, records: Sequence[Any], wall: float) -> LoadResult:
+    """One load's figures from its turns' ``(ok, ttft_s, latency_s, generated)``."""
     good = [r for r in records if r[0]]
     return LoadResult(
         players=players,
@@ -188,6 +198,7 @@ def closed_loop(url: str, players: int, turns: int, tokens: int, tag: str) -> Lo
         ttft_p95_ms=_pct([r[1] for r in good], 95),
         latency_p50_ms=_pct([r[2] for r in good], 50),
         latency_p95_ms=_pct([r[2] for r in good], 95),
+        generated=sum(r[3] for r in good),
     )
 
 
@@ -225,13 +236,20 @@ def run(
     slots: int = 8,
     queue: int | None = None,
     rounds: int = 3,
+    peer: Path | None = None,
+    gpu_layers: int | None = None,
 ) -> dict[str, Any]:
+    """``peer``: a llama-server binary, measured after npcchat (alone on the machine) with
+    the same players (:mod:`npcchat.bench.peer`)."""
+    peer_loads: list[LoadResult] = []
+    peer_info: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="npcchat-bench-serve-") as tmp:
         work = Path(tmp)
         (work / "npcs").mkdir()
         (work / "inproc").mkdir()
-        write_npc(work / "npcs")
-        server = ServerProcess(bundle, work, slots, queue if queue is not None else max(players))
+        npc_file = write_npc(work / "npcs")
+        limit = queue if queue is not None else max(players)
+        server = ServerProcess(bundle, work, slots, limit, gpu_layers)
         try:
             local = InProcess(bundle, work, slots)
             try:
@@ -248,6 +266,9 @@ def run(
             rss = server.peak_rss_mb()
         finally:
             server.stop()
+        if peer is not None:
+            peer_loads, peer_info = _peer(peer, bundle, work, npc_file, players, turns, tokens,
+                                          slots, gpu_layers)  # fmt: skip
     by_n = {r.players: r for r in results}
     report: dict[str, Any] = {
         "bundle": str(bundle),
@@ -265,4 +286,48 @@ def run(
     if one is not None:
         for n, r in by_n.items():
             report[f"turns_per_s_{n}_over_1"] = r.turns_per_s / one.turns_per_s
+    if peer is not None:
+        report["peer"] = {**peer_info, "loads": [asdict(r) for r in peer_loads]}
+        for theirs in peer_loads:
+            ours = by_n[theirs.players]
+            n = theirs.players
+            report[f"npcchat_over_peer_turns_per_s_{n}"] = ours.turns_per_s / theirs.turns_per_s
+            report[f"npcchat_over_peer_ttft_p95_{n}"] = ours.ttft_p95_ms / theirs.ttft_p95_ms
+        if one is not None:  # the goal: TTFT p95 at the most players over TTFT p50 at one
+            most = by_n[max(by_n)]
+            report[f"ttft_p95_{most.players}_over_ttft_p50_1"] = most.ttft_p95_ms / one.ttft_p50_ms
     return report
+
+
+def _peer(
+    binary: Path,
+    bundle: Path,
+    work: Path,
+    npc_file: Path,
+    players: Sequence[int],
+    turns: int,
+    tokens: int,
+    slots: int,
+    gpu_layers: int | None,
+) -> tuple[list[LoadResult], dict[str, Any]]:
+    """The same loads against llama-server on the bundle's GGUF."""
+    import npcchat
+    from npcchat.bench import peer as peer_mod
+    from npcchat.runtime import bundle as bundle_mod
+
+    gguf = bundle_mod.load(bundle).gguf
+    n_ctx = npcchat.load_config(_config_file(work)).runtime.n_ctx
+    prompts = peer_mod.Prompts(bundle, npc_file)
+    server = peer_mod.PeerServer(binary, gguf, slots, n_ctx, gpu_layers, work / "peer.log")
+    try:
+        peer_mod.closed_loop(server.url, prompts, 1, 1, tokens)  # page the weights in
+        loads = [peer_mod.closed_loop(server.url, prompts, n, turns, tokens) for n in players]
+        info = {
+            "binary": str(binary),
+            "command": server.command,
+            "peak_rss_mb": server.peak_rss_mb(),
+            "sampling": peer_mod.SAMPLING,
+        }
+    finally:
+        server.stop()
+    return loads, info

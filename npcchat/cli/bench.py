@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -103,10 +104,21 @@ def serve(
     queue: Annotated[
         int | None, typer.Option(help="The server's --queue (default: the most players).")
     ] = None,
+    peer: Annotated[
+        Path | None,
+        typer.Option(
+            help="A llama-server binary (`make peer` builds one): the same players against it "
+            "on the bundle's GGUF, measured after npcchat, with the ratios."
+        ),
+    ] = None,
+    gpu_layers: Annotated[
+        int | None, typer.Option(help="Layers to offload to a GPU, on both sides.")
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
 ) -> None:
     """N players in closed loop against a real `npcchat serve` on loopback: turns/s,
-    p50/p95 time to first token and latency, HTTP overhead, the server's peak RSS."""
+    p50/p95 time to first token and latency, HTTP overhead, the server's peak RSS; with
+    --peer, the same against llama-server."""
     from npcchat import demo, extras
     from npcchat.bench import serve_load
     from npcchat.cli import ui
@@ -119,7 +131,18 @@ def serve(
         raise ConfigError(f"--players {players}: expected numbers like 1,4,8,16") from None
     if not counts or min(counts) < 1:
         raise ConfigError(f"--players {players}: expected numbers like 1,4,8,16")
-    report = serve_load.run(bundle or demo.default_bundle(), counts, turns, tokens, slots, queue)
+    if peer is not None and not (peer.is_file() and os.access(peer, os.X_OK)):
+        raise ConfigError(f"--peer {peer}: not an executable file", hint="make peer builds one")
+    report = serve_load.run(
+        bundle or demo.default_bundle(),
+        counts,
+        turns,
+        tokens,
+        slots,
+        queue,
+        peer=peer,
+        gpu_layers=gpu_layers,
+    )
     if json_out:
         print(json.dumps(report))
     else:

@@ -60,6 +60,10 @@ def eval_cmd(
         float, typer.Option(help="Sampling temperature (0: deterministic).")
     ] = 0.0,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    top_k: Annotated[
+        int | None,
+        typer.Option(help="With --temperature: draw from the k most likely tokens (0: all)."),
+    ] = None,
     max_tokens: Annotated[int | None, typer.Option(help="Most reply tokens per turn.")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads.")] = None,
     ctx: Annotated[int | None, typer.Option(help="Context size per scenario, in tokens.")] = None,
@@ -115,6 +119,7 @@ def eval_cmd(
         config,
         temperature=temperature,
         seed=seed,
+        top_k=top_k,
         max_tokens=max_tokens,
         threads=threads,
         ctx=ctx,
@@ -215,6 +220,9 @@ def _run(cfg: Config, run: Run) -> None:
         "examples": run.examples,
         "parallel": run.parallel,
         "temperature": s.temperature,
+        "top_p": s.top_p,
+        "top_k": s.top_k,
+        "repeat_penalty": s.repeat_penalty,
         "seed": s.seed,
         "max_tokens": s.max_tokens,
         "n_ctx": cfg.runtime.n_ctx,

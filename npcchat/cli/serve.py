@@ -41,6 +41,10 @@ def serve(
     ctx: Annotated[int | None, typer.Option(help="Context size per slot, in tokens.")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads.")] = None,
     gpu_layers: Annotated[int | None, typer.Option(help="Layers to offload to a GPU.")] = None,
+    top_k: Annotated[
+        int | None,
+        typer.Option(help="Draw from the k most likely tokens (0: all; default 50)."),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
     config: Annotated[Path | None, typer.Option(help="Config TOML.")] = None,
 ) -> None:
@@ -75,7 +79,7 @@ def serve(
     from npcchat.serve.app import Settings, create_app
     from npcchat.serve.store import SessionStore, npc_registry
 
-    cfg = common.build_config(config, threads=threads, gpu_layers=gpu_layers, ctx=ctx)
+    cfg = common.build_config(config, threads=threads, gpu_layers=gpu_layers, ctx=ctx, top_k=top_k)
     root = sessions or home() / "sessions"
     with npcchat.load(bundle, config=cfg, slots=slots) as rt:
         served = npc_registry(npcs, demo.is_demo_bundle(rt.bundle.root))

@@ -56,6 +56,9 @@ def talk(
         float | None, typer.Option(help="Sampling temperature (0: greedy).")
     ] = None,
     top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass.")] = None,
+    top_k: Annotated[
+        int | None, typer.Option(help="Draw from the k most likely tokens (0: all; default 50).")
+    ] = None,
     max_tokens: Annotated[int | None, typer.Option(help="Most reply tokens per turn.")] = None,
     seed: Annotated[
         int | None, typer.Option(help="Sampling seed (default: new per session).")
@@ -82,6 +85,7 @@ def talk(
         config,
         temperature=temperature,
         top_p=top_p,
+        top_k=top_k,
         max_tokens=max_tokens,
         seed=seed,
         repeat_penalty=repeat_penalty,

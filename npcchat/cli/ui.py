@@ -238,15 +238,25 @@ def info_table(data: Mapping[str, Any]) -> None:
 
 
 def serve_bench(report: Mapping[str, Any]) -> None:
-    """``npcchat bench serve``: one row per player count, then the ratios."""
-    table = Table(
-        title=f"npcchat bench serve · {report['slots']} slots · {report['reply_tokens']} tokens",
-        title_justify="left",
-    )
+    """``npcchat bench serve``: one row per player count (npcchat, then the peer), then the
+    ratios."""
+    title = f"npcchat bench serve · {report['slots']} slots · {report['reply_tokens']} tokens"
+    _load_table(f"{title} · npcchat serve", report["loads"])
+    peer = report.get("peer")
+    if peer:
+        _load_table(f"{title} · llama-server ({peer['binary']})", peer["loads"])
+    keys = ("turns_per_s_", "http_", "server_", "npcchat_over_peer_", "ttft_p95_")
+    extra = {k: v for k, v in report.items() if k.startswith(keys)}
+    kv_table("ratios", extra)
+
+
+def _load_table(title: str, loads: Sequence[Mapping[str, Any]]) -> None:
+    table = Table(title=title, title_justify="left")
     for col in ("players", "turns/s", "TTFT p50", "TTFT p95", "latency p50", "latency p95"):
         table.add_column(col, justify="right")
+    table.add_column("tokens", justify="right")
     table.add_column("errors", justify="right")
-    for r in report["loads"]:
+    for r in loads:
         table.add_row(
             str(r["players"]),
             f"{r['turns_per_s']:.3f}",
@@ -254,11 +264,10 @@ def serve_bench(report: Mapping[str, Any]) -> None:
             f"{r['ttft_p95_ms']:.0f} ms",
             f"{r['latency_p50_ms']:.0f} ms",
             f"{r['latency_p95_ms']:.0f} ms",
+            str(r.get("generated", "")),
             str(r["errors"]),
         )
     out.print(table)
-    extra = {k: v for k, v in report.items() if k.startswith(("turns_per_s_", "http_", "server_"))}
-    kv_table("ratios", extra)
 
 
 class StageProgress:

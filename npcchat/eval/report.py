@@ -295,7 +295,17 @@ def rules_summary(results: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 # settings that change results: a report resumed with other ones would mix two runs
-RESULT_SETTINGS = ("temperature", "seed", "max_tokens", "n_ctx", "similarity", "knowledge_ranking")
+RESULT_SETTINGS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "repeat_penalty",
+    "seed",
+    "max_tokens",
+    "n_ctx",
+    "similarity",
+    "knowledge_ranking",
+)
 
 
 def check_resumable(

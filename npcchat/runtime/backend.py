@@ -362,7 +362,10 @@ class Model:
         return int(ll.llama_state_seq_set_data(self._ctx, buf, len(data), seq)) > 0
 
     def new_sampler(self, params: SamplingParams, seed: int, seq: int = 0) -> None:
-        """Build ``seq``'s sampling chain (HF order: penalties, temperature, top-p, draw)."""
+        """Build ``seq``'s sampling chain in transformers' order (the original's): repetition
+        penalty, temperature, top-k, top-p, draw. Top-k first keeps top-p from sorting the
+        whole vocabulary at every token; the set it keeps is the same whatever the
+        temperature (scaling does not change the order)."""
         old = self._samplers.pop(seq, None)
         if old is not None:
             ll.llama_sampler_free(old)
@@ -376,6 +379,8 @@ class Model:
             ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_greedy())
         else:
             ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_temp(params.temperature))
+            if 0 < params.top_k < self.n_vocab:
+                ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_k(params.top_k))
             ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_p(params.top_p, 1))
             ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_dist(seed & 0xFFFFFFFF))
         self._samplers[seq] = chain

@@ -237,6 +237,8 @@ def create_app(
             if body.max_tokens is not None:
                 sampling = replace(sampling, max_tokens=store.reply_room(body.max_tokens))
             sampling = replace(sampling, seed=body.seed)
+            if body.top_k is not None:
+                sampling = replace(sampling, top_k=body.top_k)
             turn = conv.say(
                 body.text,
                 on_text,

@@ -17,8 +17,9 @@ How the protocol maps onto npcchat (docs/game/openai.md says the same for users)
 * The last message is the player's line (role ``user``). ``system``/``developer``
   messages are ignored: the NPC file is the persona, and the prompt is the bundle's own.
 * ``temperature``, ``top_p``, ``max_tokens``/``max_completion_tokens``, ``seed`` and
-  ``stop`` are honoured; ``n`` must be 1. Every other field (penalties, ``logit_bias``,
-  ``logprobs``, ``tools``, ``response_format``...) is accepted and ignored.
+  ``stop`` are honoured, and ``top_k`` (llama-server's extension); ``n`` must be 1. Every
+  other field (penalties, ``logit_bias``, ``logprobs``, ``tools``, ``response_format``...)
+  is accepted and ignored.
 * Besides the standard fields, the answer carries ``npc``: deltas, flags (probability,
   threshold, fired, blocked), actions with their parameters, the new state. A stream
   carries it in its last chunk, which has an empty delta and the finish reason, so a
@@ -133,14 +134,19 @@ class ChatIn(BaseModel):
         default=None, description="Any integer; the sampler uses it modulo 2^31."
     )
     stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOPS)] | None = None
+    top_k: Annotated[int, Field(strict=False, ge=0, le=1 << 20)] | None = Field(
+        default=None,
+        description="Not OpenAI's (llama-server's extension): draw from the k most likely "
+        "tokens (0: all; default: the server's).",
+    )
     n: Annotated[int, Field(strict=False, ge=1, le=1)] | None = Field(
         default=None, description="Only 1 (one reply per turn)."
     )
     npc: NpcOverrides | None = None
 
-    _ints = field_validator("max_tokens", "max_completion_tokens", "seed", "n", mode="before")(
-        S._no_text_or_bool
-    )
+    _ints = field_validator(
+        "max_tokens", "max_completion_tokens", "seed", "n", "top_k", mode="before"
+    )(S._no_text_or_bool)
 
 
 # -- answers -----------------------------------------------------------------------------------
@@ -312,7 +318,7 @@ def mount(
                 busy = BusyError("all slots are busy and the waiting line is full")
                 metrics.failed(ENDPOINT, busy)
                 raise busy
-            if player is not None:  # a chat that differs from the session: 409, not a 200
+            if player is not None and earlier:  # a chat that differs: 409, not a 200
                 await run_in_threadpool(call.precheck)
             return StreamingResponse(
                 _stream(call, request, metrics, body), media_type="text/event-stream"
@@ -410,6 +416,8 @@ class _Call:
         s = base
         if b.temperature is not None:
             s = replace(s, temperature=b.temperature)
+        if b.top_k is not None:
+            s = replace(s, top_k=b.top_k)
         if b.top_p is not None:  # 0 keeps only the most likely token: greedy
             s = replace(s, top_p=b.top_p) if b.top_p > 0 else replace(s, temperature=0.0)
         asked = b.max_completion_tokens or b.max_tokens

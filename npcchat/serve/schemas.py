@@ -83,9 +83,13 @@ class TurnIn(Strict):
         description="Most reply tokens (at most half the server's context size).",
     )
     seed: Annotated[int, Field(strict=False, ge=0, le=2**31 - 1)] | None = None
+    top_k: Annotated[int, Field(strict=False, ge=0, le=1 << 20)] | None = Field(
+        default=None,
+        description="Draw from the k most likely tokens (0: all; default: the server's).",
+    )
     stream: bool = False
 
-    _ints = field_validator("max_tokens", "seed", mode="before")(_no_text_or_bool)
+    _ints = field_validator("max_tokens", "seed", "top_k", mode="before")(_no_text_or_bool)
 
 
 class Delta(BaseModel):

@@ -1,0 +1,175 @@
+"""The peer of ``npcchat bench serve --peer PATH``: the same players, prompts and token counts
+against a ``llama-server`` started on loopback, so npcchat's serving speed is measured
+beside llama.cpp's own server in one run, on one GGUF.
+
+What is the same on both sides: the GGUF (the bundle's), the slots, each player's lines and
+closed loop, the prompt (rendered by npcchat's template for the bench NPC, with the player's
+history growing by the peer's own replies, scaffold tags parsed as control tokens), the
+reply tokens per turn (``ignore_eos``: every turn generates all of them), and the sampler
+(repetition penalty 1.05 over 64 tokens, temperature 0.7, top-k 50, top-p 0.9, in that
+order, no min-p). Time to first token is measured as on npcchat's side: the latency minus
+the generation time the server reports. What is not: llama-server keeps its own defaults
+for the rest (batch sizes, flash attention), and its prompt cache reuses a slot's prefix as
+npcchat's prefix reuse does. ``make peer`` builds a llama-server from the llama.cpp that
+the installed llama-cpp-python vendors; llama-server is not a dependency of npcchat.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from npcchat.bench.serve_load import LINES, LoadResult, _free_port, summarize
+
+SAMPLING = {
+    "temperature": 0.7,
+    "top_k": 50,
+    "top_p": 0.9,
+    "min_p": 0.0,
+    "typical_p": 1.0,
+    "repeat_penalty": 1.05,
+    "repeat_last_n": 64,
+    "samplers": ["penalties", "temperature", "top_k", "top_p"],
+}
+
+
+class Prompts:
+    """The bench NPC's prompts as npcchat renders them, for a player's history."""
+
+    def __init__(self, bundle: Path, npc_file: Path) -> None:
+        from npcchat.mind import npc as npc_mod
+        from npcchat.runtime import bundle as bundle_mod
+
+        self.template = bundle_mod.load(bundle).template
+        self.npc = npc_mod.load(npc_file)
+
+    def render(self, line: str, history: list[tuple[str, str]]) -> str:
+        from npcchat.runtime.prompt import render
+        from npcchat.types import ContextTurn, PromptInput
+
+        context: list[ContextTurn] = []
+        for said, reply in history:
+            context += [ContextTurn("player", said), ContextTurn("npc", reply)]
+        npc = self.npc
+        inp = PromptInput(
+            npc_id=npc.id,
+            tags=npc.tags,
+            player_utterance=line,
+            lore=npc.knowledge.lore_block(npc.lore),
+            description=npc.description,
+            player_state=npc.player_state,
+            context=tuple(context),
+        )
+        return render(self.template, inp).text
+
+
+class PeerServer:
+    """``llama-server`` as a child process on a free loopback port."""
+
+    def __init__(
+        self,
+        binary: Path,
+        gguf: Path,
+        slots: int,
+        n_ctx: int,
+        gpu_layers: int | None,
+        log: Path,
+    ) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(self.port)]
+        cmd += ["-np", str(slots), "-c", str(n_ctx * slots)]
+        if gpu_layers is not None:
+            cmd += ["-ngl", str(gpu_layers)]
+        self.command = cmd
+        self._log = log.open("wb")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
+        self._wait(log)
+
+    def _wait(self, log: Path) -> None:
+        import httpx
+
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                text = log.read_text(errors="replace").strip()[-800:]
+                raise RuntimeError(f"llama-server exited ({self.proc.returncode}): {text}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("llama-server did not answer /health within 300 s")
+
+    def peak_rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+
+def _player(url: str, prompts: Prompts, seed: int, turns: int, tokens: int, out: list[Any]) -> None:
+    import httpx
+
+    history: list[tuple[str, str]] = []
+    with httpx.Client(base_url=url, timeout=600) as client:
+        for i in range(turns):
+            line = LINES[i % len(LINES)]
+            body = {
+                "prompt": prompts.render(line, history),
+                "n_predict": tokens,
+                "ignore_eos": True,
+                "cache_prompt": True,
+                "stream": True,
+                "seed": seed * 1000 + i,
+                **SAMPLING,
+            }
+            t0 = time.perf_counter()
+            pieces: list[str] = []
+            final: dict[str, Any] | None = None
+            with client.stream("POST", "/completion", json=body) as r:
+                for text in r.iter_lines():
+                    if not text.startswith("data: "):
+                        continue
+                    data = json.loads(text[6:])
+                    pieces.append(data.get("content", ""))
+                    if data.get("stop"):
+                        final = data
+            done = time.perf_counter()
+            if r.status_code != 200 or final is None:
+                out.append((False, 0.0, done - t0, 0))
+                continue
+            timings = final.get("timings", {})
+            generate = float(timings.get("predicted_ms", 0.0)) / 1e3
+            generated = int(timings.get("predicted_n", final.get("tokens_predicted", 0)))
+            out.append((True, done - t0 - generate, done - t0, generated))
+            history.append((line, "".join(pieces).strip()))
+
+
+def closed_loop(url: str, prompts: Prompts, players: int, turns: int, tokens: int) -> LoadResult:
+    """The peer's counterpart of :func:`npcchat.bench.serve_load.closed_loop`."""
+    records: list[Any] = []
+    threads = [
+        threading.Thread(target=_player, args=(url, prompts, i, turns, tokens, records))
+        for i in range(players)
+    ]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return summarize(players, records, time.perf_counter() - t0)

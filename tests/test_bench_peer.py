@@ -1,0 +1,124 @@
+"""``npcchat bench serve --peer``: the same players against a llama-server, here a stub that
+speaks llama-server's /health and streamed /completion and records what it was asked, so
+the test checks the prompts (npcchat's own rendering), token counts and sampler the peer
+gets, and the report's two tables and ratios. With a real llama-server (``make peer``) the
+last test runs it too."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = [pytest.mark.model, pytest.mark.slow]
+
+STUB = r'''#!PYTHON
+"""A stand-in for llama-server: /health, and /completion streaming n_predict pieces."""
+import json, sys, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+args = sys.argv[1:]
+port = int(args[args.index("--port") + 1])
+log = open(LOGFILE, "a", encoding="utf-8")
+print(json.dumps({"argv": args}), file=log, flush=True)
+
+class H(BaseHTTPRequestHandler):
+    def log_message(self, *a):
+        pass
+    def do_GET(self):
+        body = b'{"status": "ok"}'
+        self.send_response(200 if self.path == "/health" else 404)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def do_POST(self):
+        req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        print(json.dumps(req, ensure_ascii=False), file=log, flush=True)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        n = req["n_predict"]
+        for i in range(n):
+            piece = json.dumps({"content": f" w{i}", "stop": False})
+            self.wfile.write(f"data: {piece}\n\n".encode())
+        final = {"content": "", "stop": True, "timings": {"predicted_n": n, "predicted_ms": 5.0}}
+        self.wfile.write(f"data: {json.dumps(final)}\n\n".encode())
+
+ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
+'''
+
+
+def _stub(tmp_path: Path) -> tuple[Path, Path]:
+    log = tmp_path / "peer-requests.jsonl"
+    path = tmp_path / "llama-server"
+    text = STUB.replace("PYTHON", sys.executable).replace("LOGFILE", repr(str(log)))
+    path.write_text(text, "utf-8")
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return path, log
+
+
+def _bench(tmp_path: Path, peer: Path) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "npcchat", "bench", "serve", "--players", "1,2", "--turns", "2",
+         "--tokens", "8", "--slots", "2", "--peer", str(peer), "--json"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "NPCCHAT_HOME": str(tmp_path / "home")},
+        timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return dict(json.loads(proc.stdout.splitlines()[-1]))
+
+
+def test_the_peer_gets_the_same_players_prompts_and_tokens(tmp_path: Path) -> None:
+    peer, log = _stub(tmp_path)
+    report = _bench(tmp_path, peer)
+    ours, theirs = report["loads"], report["peer"]["loads"]
+    assert [r["players"] for r in ours] == [r["players"] for r in theirs] == [1, 2]
+    assert all(r["errors"] == 0 for r in ours + theirs)
+    assert [r["turns"] for r in theirs] == [2, 4]
+    assert [r["generated"] for r in theirs] == [16, 32]  # every turn all 8 tokens
+    for n in (1, 2):
+        assert report[f"npcchat_over_peer_turns_per_s_{n}"] > 0
+    assert "ttft_p95_2_over_ttft_p50_1" in report
+    lines = [json.loads(x) for x in log.read_text("utf-8").splitlines()]
+    argv = lines[0]["argv"]
+    assert argv[argv.index("-np") + 1] == "2" and "-m" in argv
+    requests = lines[1:]
+    assert len(requests) == 1 + 2 + 4  # the warm-up, then one and two players, two turns
+    for req in requests:
+        assert req["n_predict"] == 8 and req["ignore_eos"] and req["cache_prompt"]
+        assert req["samplers"] == ["penalties", "temperature", "top_k", "top_p"]
+        assert req["top_k"] == 50 and req["min_p"] == 0.0
+        prompt = req["prompt"]
+        assert "NPC_ID=bench_captain" in prompt and prompt.rstrip().endswith("<NPC>")
+    # a player's second prompt holds its first line and the peer's own reply
+    second = [r["prompt"] for r in requests if "w7" in r["prompt"]]
+    assert second and "player: Hello there." in second[0]
+
+
+def test_a_peer_that_is_not_a_program_is_one_line(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "npcchat", "bench", "serve", "--peer", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "NPCCHAT_HOME": str(tmp_path / "home")},
+        timeout=60,
+    )
+    assert proc.returncode == 1 and "not an executable file" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+REAL = Path(os.environ.get("NPCCHAT_PEER", "build/peer/build/bin/llama-server"))
+
+
+@pytest.mark.skipif(not REAL.is_file(), reason="needs llama-server: `make peer` builds it")
+def test_a_real_llama_server_as_the_peer(tmp_path: Path) -> None:
+    report = _bench(tmp_path, REAL.resolve())
+    assert all(r["errors"] == 0 and r["turns"] for r in report["peer"]["loads"])
