@@ -141,16 +141,25 @@ def _player(url: str, prompts: Prompts, seed: int, turns: int, tokens: int, out:
             t0 = time.perf_counter()
             pieces: list[str] = []
             final: dict[str, Any] | None = None
-            with client.stream("POST", "/completion", json=body) as r:
-                for text in r.iter_lines():
-                    if not text.startswith("data: "):
-                        continue
-                    data = json.loads(text[6:])
-                    pieces.append(data.get("content", ""))
-                    if data.get("stop"):
-                        final = data
+            status = 0
+            try:
+                # a new connection per turn: llama-server ends a streamed answer by closing
+                # its connection, and a reused one fails at the next request
+                with client.stream(
+                    "POST", "/completion", json=body, headers={"Connection": "close"}
+                ) as r:
+                    status = r.status_code
+                    for text in r.iter_lines():
+                        if not text.startswith("data: "):
+                            continue
+                        data = json.loads(text[6:])
+                        pieces.append(data.get("content", ""))
+                        if data.get("stop"):
+                            final = data
+            except httpx.HTTPError:
+                final = None
             done = time.perf_counter()
-            if r.status_code != 200 or final is None:
+            if status != 200 or final is None:
                 out.append((False, 0.0, done - t0, 0))
                 continue
             timings = final.get("timings", {})

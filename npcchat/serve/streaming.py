@@ -18,6 +18,7 @@ from fastapi.concurrency import run_in_threadpool
 T = TypeVar("T")
 
 Work = Callable[[Callable[[str], None], threading.Event], T]
+DISCONNECT_CHECK_S = 0.25  # how soon a client that went away cancels its turn
 
 
 @dataclass(frozen=True)
@@ -45,19 +46,31 @@ async def run_streamed(
 
     job = asyncio.ensure_future(run_in_threadpool(work, on_text, cancel))
     job.add_done_callback(lambda _: pieces.put_nowait(None))
+    checked = loop.time()
     try:
-        while True:
+        ended = False
+        while not ended:
             try:
-                piece = await asyncio.wait_for(pieces.get(), timeout=0.25)
+                piece = await asyncio.wait_for(pieces.get(), timeout=DISCONNECT_CHECK_S)
             except TimeoutError:
                 piece = ""  # nothing new: look at the connection all the same
-            if piece is None:
-                break
-            # uvicorn drops what is sent to a gone client without an error: ask
-            if await request.is_disconnected():
-                return
-            if piece:
-                yield piece
+            # what arrived meanwhile goes out as one event: a busy server sends fewer,
+            # larger events instead of falling behind its own tokens
+            batch = [piece]
+            while piece is not None and not pieces.empty():
+                piece = pieces.get_nowait()
+                batch.append(piece)
+            ended = batch[-1] is None
+            text = "".join(p for p in batch if p)
+            # uvicorn drops what is sent to a gone client without an error: ask, at most
+            # every DISCONNECT_CHECK_S (asking costs a receive on every token otherwise)
+            now = loop.time()
+            if not ended and (now - checked >= DISCONNECT_CHECK_S or not text):
+                checked = now
+                if await request.is_disconnected():
+                    return
+            if text:
+                yield text
         try:
             result = job.result()
         except Exception as e:
