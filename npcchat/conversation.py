@@ -394,6 +394,7 @@ class Conversation:
         form, applied in order as one step and saved before this returns, as a turn is.
         One bad event (ConfigError naming it) applies none. Returns the log entry."""
         parsed = events_mod.parse_all(given)
+        self._check_memories(parsed)
         with self.lock:
             before = self.session
             self.session = before.with_events(parsed)
@@ -403,6 +404,21 @@ class Conversation:
                 self.session = before  # not on disk: not applied
                 raise
             return self.session.events[-1]
+
+    def _check_memories(self, parsed: Sequence[Event]) -> None:
+        """A memory line longer than the memory budget could never be shown (ConfigError
+        naming it): the budget is in tokens, so it is counted with the model's tokenizer."""
+        if self.mind is None:
+            return
+        budget = self.mind.budgets.memory_tokens
+        for i, e in enumerate(parsed):
+            if isinstance(e, events_mod.Remember):
+                n = self.mind.count(e.text)
+                if n > budget:
+                    raise ConfigError(
+                        f"events[{i}].text: {n} tokens, over the memory budget of {budget}",
+                        hint="shorten the line, or raise [knowledge] memory_tokens",
+                    )
 
     def update(self, session: Session) -> None:
         """Replace the session's state (a game sending its own tags); saved at once."""

@@ -131,7 +131,7 @@ class Change:
 
     def __str__(self) -> str:
         if self.kind == "memory":
-            return f"memory: {self.after}"
+            return f"memory: {self.after}" if self.after else f"memory forgotten: {self.before}"
         return f"{self.key}: {self.before or '-'} -> {self.after or '-'}"
 
 

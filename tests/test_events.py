@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -325,3 +326,74 @@ def test_the_events_route_applies_saves_and_refuses_like_the_api(serve: Any) -> 
             == 404
         )
     assert len(session_mod.load(server.sessions / NPC / "p1.json").events) == 2
+
+
+def _turned(s: session_mod.Session) -> session_mod.Session:
+    """``s`` after one turn whose rules moved items (so /undo takes the whole state back)."""
+    from npcchat.types import FlagResult
+
+    record = session_mod.TurnRecord(
+        player="Here is the ore.",
+        reply="Take the sword.",
+        deltas={"trust": 0.1, "relationship": 0.0},
+        flags={"give_item": FlagResult(0.9, 0.5, True)},
+        tags_before=s.tags,
+        prompt_tokens=10,
+        generated_tokens=3,
+        dropped_turns=0,
+        stop_reason="eos",
+        seed=0,
+        prefill_tokens=10,
+        timings_ms={"prefill": 1.0, "heads": 0.1, "generate": 1.0},
+        time="2026-01-01T00:00:00+00:00",
+        player_before=s.player_state,
+        npc_items_before=s.npc_items,
+    )
+    after = replace(s.tags, trust=0.6, quest_stage="in_progress")
+    return replace(
+        s,
+        tags=after,
+        history=(*s.history, record),
+        player_state=PlayerState(items=("sword",)),
+        npc_items=(),
+    )
+
+
+def test_undo_takes_back_the_turn_and_keeps_what_the_game_said_after_it() -> None:
+    s = _turned(_session(player_state=PlayerState(items=("ore",)), npc_items=("sword",)))
+    s = s.with_events(
+        [
+            E.SetTags((("trust", 0.9),)),
+            E.Stage("complete"),
+            E.Items(gained=("loom_key",)),
+            E.Remember("The mayor thanked the player", day=3),
+        ]
+    )
+    back = s.undo()
+    assert back.history == () and back.npc_items == ("sword",)  # the turn's effects went
+    # the game's word after the turn stays, made again on the state before the turn
+    assert back.tags.trust == 0.9 and back.tags.quest_stage == "complete"
+    assert back.player_state.items == ("ore", "loom_key")
+    assert [m.text for m in back.memories] == ["The mayor thanked the player"]
+    assert back.events == s.events and back.game_day == 3.0
+
+
+def test_a_session_keeps_a_bounded_number_of_the_games_memories(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(E, "MAX_EVENT_MEMORIES", 3)
+    monkeypatch.setattr(E, "MAX_LOG", 2)
+    s = _session()
+    for i in range(4):
+        s = s.with_events([E.Remember(f"note {i}")])
+    assert [m.text for m in s.memories] == ["note 1", "note 2", "note 3"]
+    assert str(s.events[-1].changes[-1]) == "memory forgotten: note 0"  # said, not silent
+    assert len(s.events) == 2  # the newest records of the log
+
+
+@pytest.mark.model
+def test_a_memory_longer_than_the_memory_budget_is_refused(tmp_path: Path) -> None:
+    with npcchat.load() as rt, rt.open(NPC) as chat:
+        with pytest.raises(ConfigError, match=r"events\[1\]\.text: \d+ tokens, over the memory"):
+            chat.apply_events([E.Stage("x"), E.Remember("word " * 400)])
+        assert chat.session.events == ()

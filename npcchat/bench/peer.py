@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from npcchat.bench.serve_load import LINES, LoadResult, _free_port, summarize
+from npcchat.bench.players import LINES, LoadResult, free_port, summarize
 
 SAMPLING = {
     "temperature": 0.7,
@@ -79,7 +79,7 @@ class PeerServer:
         gpu_layers: int | None,
         log: Path,
     ) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(self.port)]
         cmd += ["-np", str(slots), "-c", str(n_ctx * slots)]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -22,45 +21,18 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-LINES = (
-    "Hello there. Have you seen anything strange around the harbour lately?",
-    "I found a broken compass on the beach. Does it mean something to you?",
-    "The fishermen talk about lights on the reef at night. What do you know?",
-    "Could you tell me more about the ship that sank last winter?",
-    "I need a way into the old lighthouse. Can you help me?",
-    "Thank you. I will come back when I know more.",
-)
+from npcchat.bench.players import LINES, LoadResult, free_port, summarize
+
 LORE = (
     "The port of Saltmere trades salt, tar and stories. Its lighthouse went dark three "
     "winters ago when the keeper vanished; since then ships steer by the chapel bell. The "
     "harbour master keeps a ledger of every wreck on the northern reef and will not show it "
     "to strangers. Smugglers use the sea caves below the cliffs at low tide. "
 )
-
-
-@dataclass(frozen=True)
-class LoadResult:
-    players: int
-    turns: int
-    errors: int
-    wall_s: float
-    turns_per_s: float
-    ttft_p50_ms: float
-    ttft_p95_ms: float
-    latency_p50_ms: float
-    latency_p95_ms: float
-    generated: int = 0  # reply tokens of all good turns
-
-
-def _pct(values: Sequence[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))] * 1e3
 
 
 def write_npc(directory: Path) -> Path:
@@ -75,12 +47,6 @@ def write_npc(directory: Path) -> Path:
         "utf-8",
     )
     return path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _config_file(directory: Path) -> Path:
@@ -98,7 +64,7 @@ class ServerProcess:
     def __init__(
         self, bundle: Path, work: Path, slots: int, queue: int, gpu_layers: int | None = None
     ) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "npcchat", "serve", "--bundle", str(bundle)]
         cmd += ["--npcs", str(work / "npcs"), "--sessions", str(work / "sessions")]
@@ -183,23 +149,6 @@ def closed_loop(url: str, players: int, turns: int, tokens: int, tag: str) -> Lo
     for t in threads:
         t.join()
     return summarize(players, records, time.perf_counter() - t0)
-
-
-def summarize(players: int, records: Sequence[Any], wall: float) -> LoadResult:
-    """One load's figures from its turns' ``(ok, ttft_s, latency_s, generated)``."""
-    good = [r for r in records if r[0]]
-    return LoadResult(
-        players=players,
-        turns=len(good),
-        errors=len(records) - len(good),
-        wall_s=wall,
-        turns_per_s=len(good) / wall,
-        ttft_p50_ms=_pct([r[1] for r in good], 50),
-        ttft_p95_ms=_pct([r[1] for r in good], 95),
-        latency_p50_ms=_pct([r[2] for r in good], 50),
-        latency_p95_ms=_pct([r[2] for r in good], 95),
-        generated=sum(r[3] for r in good),
-    )
 
 
 class InProcess:

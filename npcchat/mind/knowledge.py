@@ -213,10 +213,11 @@ def recall(
         if used + n <= budgets.memory_tokens:
             chosen.append(i)
             used += n
+    fresh_set = set(fresh)
     rest = [
         i
         for i, m in enumerate(memories)
-        if i not in fresh and (since_day is None or m.day is None or m.day >= since_day)
+        if i not in fresh_set and (since_day is None or m.day is None or m.day >= since_day)
     ]
     if rest and len(chosen) < budgets.memories:
         vecs = embedder.embed([memories[i].text for i in rest])

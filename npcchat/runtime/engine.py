@@ -298,16 +298,16 @@ class Engine:
         p.n += 1
         p.tokens.append(tok)
         p.emit(p.decoder.decode(self.model.piece(tok)))
-        if p.stops and p.stopped():
-            p.reason = "stop"
-            return False
-        if p.gate is not None:
+        if p.gate is not None:  # first: a stop text must not cut a reply the gate refuses
             verdict = self._checked(p, tok)
             if verdict == "redraw":  # backed up: the redrawn token goes through the same door
                 return self.accept(p)
             if verdict == "stop":
                 p.reason = "check"
                 return False
+        if p.stops and p.stopped():
+            p.reason = "stop"
+            return False
         if p.n >= p.sampling.max_tokens or p.pos >= self.model.n_ctx:
             p.reason = "length"
             return False
@@ -614,6 +614,7 @@ class Pending:
         found = [i for i in (text.find(s, look) for s in self.stops) if i >= 0]
         if found:
             self.pieces[:] = [text[: min(found)]]
+            self.decoder.reset()  # a character begun after the cut is not the reply's
             return True
         if self.gate is None:
             self.release(len(text))

@@ -266,7 +266,8 @@ def mount(
         summary="The NPCs, as OpenAI clients list models",
     )
     async def models() -> ModelsOut:
-        return ModelsOut(data=[model_of(n) for n in store.npcs.values()])
+        served = dict(store.npcs)  # a copy: the file watcher may add one meanwhile
+        return ModelsOut(data=[model_of(n) for n in served.values()])
 
     @app.get(
         "/v1/models/{model}",
@@ -386,11 +387,18 @@ def _text(m: ChatMessage, i: int) -> str:
 
 
 class _Result:
-    def __init__(self, turn: Turn, conv: Conversation, player: str | None, count: int) -> None:
+    """A finished turn and the session it started from (taken under the session's lock,
+    so a concurrent request's change never shows in this answer)."""
+
+    def __init__(self, turn: Turn, before: Session, conv: Conversation, player: str | None) -> None:
         self.turn = turn
         self.player = player
-        self.count = count
-        self.session = conv.session
+        self.count = len(before.history) + 1
+        rules = turn.rules
+        state = before.player_state
+        self.player_state = replace(state, items=rules.player_items) if rules else state
+        self.npc_items = rules.npc_items if rules else before.npc_items
+        self.npc_id = before.npc_id
         self.bundle_id = conv.engine.bundle.identity
 
 
@@ -464,14 +472,17 @@ class _Call:
         if self.player is not None:
             with self.store.lease(self.player, self.npc.id) as conv:
                 update = self.update
+                started: list[Session] = []
 
                 def checked(session: Session) -> Session:
                     session = self.check(session)  # under the session's lock, with the turn
-                    return update(session) if update is not None else session
+                    session = update(session) if update is not None else session
+                    started.append(session)
+                    return session
 
                 sampling = self.sampling(conv.sampling)
                 turn = conv.say(self.text, on_text, sampling, update=checked, cancel=cancel)
-                return _Result(turn, conv, self.player, len(conv.session.history))
+                return _Result(turn, started[-1], conv, self.player)
         with self.store.using() as rt:  # a reload closes this runtime only after the turn
             conv = rt.open(self.npc, on_warning=_ignore)
             conv.context = tuple(
@@ -481,8 +492,9 @@ class _Call:
             sampling = self.sampling(conv.sampling)
             if sampling.seed is None:  # the config's seed, else the session's fresh one
                 sampling = replace(sampling, seed=conv.session.seed)
+            before = self.update(conv.session) if self.update else conv.session
             turn = conv.say(self.text, on_text, sampling, update=self.update, cancel=cancel)
-            return _Result(turn, conv, None, 0)
+            return _Result(turn, before, conv, None)
 
 
 def _same(text: str) -> str:
@@ -498,11 +510,11 @@ def _finish_reason(turn: Turn) -> Literal["stop", "length"]:
 
 
 def _npc(result: _Result) -> NpcOut:
-    turn, session = result.turn, result.session
+    turn = result.turn
     flags = flags_json(turn.heads.flags)
     rules = turn.rules.to_json() if turn.rules is not None else None
     return NpcOut(
-        npc_id=turn.npc_id or session.npc_id,
+        npc_id=turn.npc_id or result.npc_id,
         player_id=result.player,
         turn=result.count if result.player is not None else None,
         deltas=S.Delta(**S.deltas_of(turn)),
@@ -511,11 +523,11 @@ def _npc(result: _Result) -> NpcOut:
         actions=[S.ActionOut.model_validate(a.to_json()) for a in turn.actions],
         state=dict(vars(turn.tags_after)),
         player_state=PlayerStateOut(
-            items=list(session.player_state.items),
-            actions=list(session.player_state.actions),
-            position=session.player_state.position,
+            items=list(result.player_state.items),
+            actions=list(result.player_state.actions),
+            position=result.player_state.position,
         ),
-        npc_items=list(session.npc_items),
+        npc_items=list(result.npc_items),
         rules=S.RulesOut.model_validate(rules) if rules is not None else None,
         stop_reason=turn.stop_reason,
         bundle_id=result.bundle_id,

@@ -130,7 +130,7 @@ class SessionStore:
     def npc(self, npc_id: str) -> npc_mod.NpcDef:
         """The NPC an id names: its own id, or a unique prefix of one (``mother`` ->
         ``mother_guard``), as talk and eval resolve demo NPCs."""
-        npcs = self.npcs
+        npcs = dict(self.npcs)  # a copy: the file watcher may add one meanwhile
         matches = by_id(npc_id, npcs)
         if len(matches) == 1:
             return npcs[matches[0]]

@@ -44,6 +44,11 @@ MAX_NAMES = 200  # items or actions named in one event
 MAX_DAY = 1e9  # a game day number (finite, not negative)
 TAG_KEYS = (*TAG_FIELDS, "location")
 KINDS = ("tags", "stage", "items", "actions", "memory", "time")
+# what one session keeps: the game's memories beyond this are forgotten oldest first (a
+# change says so), and the log keeps the newest records: events cost no model time, so
+# nothing else would bound a session a game keeps feeding
+MAX_EVENT_MEMORIES = 1000
+MAX_LOG = 1000
 
 
 @dataclass(frozen=True)

@@ -120,15 +120,25 @@ class Session:
         done = events_mod.apply(
             given, self.tags, self.player_state, self.game_day, self.game_time, turn
         )
-        record = events_mod.EventRecord(turn, _now(), tuple(given), done.changes)
+        memories = self.memories + done.memories
+        changes = done.changes
+        excess = sum(m.source == "event" for m in memories) - events_mod.MAX_EVENT_MEMORIES
+        if excess > 0:  # the oldest of the game's memories make room, and the log says so
+            gone = {i for i, m in enumerate(memories) if m.source == "event"}
+            gone = set(sorted(gone)[:excess])
+            changes += tuple(
+                Change("memory", "forgotten", memories[i].line, "") for i in sorted(gone)
+            )
+            memories = tuple(m for i, m in enumerate(memories) if i not in gone)
+        record = events_mod.EventRecord(turn, _now(), tuple(given), changes)
         return replace(
             self,
             tags=done.tags,
             player_state=done.player,
-            memories=self.memories + done.memories,
+            memories=memories,
             game_day=done.day,
             game_time=done.time,
-            events=(*self.events, record),
+            events=(*self.events, record)[-events_mod.MAX_LOG :],
         )
 
     def with_turn(
@@ -154,7 +164,8 @@ class Session:
         """Drop the last turn and take back what it changed (trust and relationship).
 
         Other tags are only changed by the designer (/set), so they stay as they are now.
-        """
+        What the game said after that turn (events) is not the turn's: its changes are made
+        again on the state the turn started from, so they stay."""
         if not self.history:
             return self
         last = self.history[-1]
@@ -167,6 +178,12 @@ class Session:
             tags = replace(before, location=self.tags.location)
             player = last.player_before
             npc_items = last.npc_items_before or ()
+        for record in self.events:
+            if record.turn >= len(self.history):  # given after the undone turn
+                again = events_mod.apply(
+                    record.events, tags, player, self.game_day, self.game_time, record.turn
+                )
+                tags, player = again.tags, again.player
         # what the game said (events) stays: it happened in the game, not in this turn
         memories = tuple(m for m in self.memories if m.source == "event" or m.turn < len(rest))
         return replace(
