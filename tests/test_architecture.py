@@ -16,6 +16,7 @@ PACKAGES = {
     "npcchat": ROOT / "npcchat",
     "npcchat_heads": ROOT / "heads" / "npcchat_heads",
     "npcchat_convert": ROOT / "convert" / "npcchat_convert",
+    "npcchat_train": ROOT / "train" / "npcchat_train",
 }
 
 # (layer, module prefixes), bottom first. A prefix names a module or a whole subpackage.
@@ -43,6 +44,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("cluster", ("npcchat.cluster",)),
     ("heads", ("npcchat_heads",)),
     ("convert", ("npcchat_convert",)),
+    ("train", ("npcchat_train",)),
     ("cli", ("npcchat.cli", "npcchat.__main__", "npcchat_heads.cli", "npcchat_convert.cli")),
 ]
 
@@ -147,13 +149,17 @@ def test_no_import_circles() -> None:
 
 
 def test_runtime_packages_never_import_the_model_side() -> None:
-    """npcchat (but its CLI) imports nothing of npcchat_convert or npcchat_heads: a game's
-    runtime install never needs them (their commands come in through entry points)."""
+    """npcchat (but its CLI) imports nothing of npcchat_convert, npcchat_heads or
+    npcchat_train: a game's runtime install never needs them (their commands come in
+    through entry points); nothing below training imports it."""
+    side = ("npcchat_convert", "npcchat_heads", "npcchat_train")
     for module, targets in _graph().items():
         if module.startswith("npcchat.") and not module.startswith("npcchat.cli"):
-            assert not {t for t in targets if t.startswith(("npcchat_convert", "npcchat_heads"))}
+            assert not {t for t in targets if t.startswith(side)}
+        if module.startswith(("npcchat_convert", "npcchat_heads")):
+            assert not {t for t in targets if t.startswith("npcchat_train")}
     cli = {t for m, ts in _graph().items() if m.startswith("npcchat.cli") for t in ts}
-    assert not {t for t in cli if t.startswith(("npcchat_convert", "npcchat_heads"))}
+    assert not {t for t in cli if t.startswith(side)}
 
 
 def _third_party_importers(name: str) -> set[str]:

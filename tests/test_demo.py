@@ -213,7 +213,7 @@ def test_unknown_demo_npc_is_a_clear_error() -> None:
 def test_token_noise_touches_only_the_players_line() -> None:
     import numpy as np
 
-    from npcchat_convert import demo_train
+    from npcchat_train import demo as demo_train
 
     x = {"ids": list(range(100)), "player": (40, 60)}
     pool = np.array([1000, 1001])

@@ -21,6 +21,7 @@ output (``toml``, ``json``, ``text``...) and are not run.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -41,8 +42,9 @@ REPO = Path(__file__).resolve().parent.parent
 PAGES = [*sorted((REPO / "docs").rglob("*.md")), REPO / "README.md"]
 RUN = ("sh", "python")
 DATA = ("toml", "json", "jsonl", "text", "jinja", "http", "")
-LINKED = ("configs", "docs", "tests", "npcchat", "convert", "heads", "pyproject.toml",
-          "Makefile", "README.md", "mkdocs.yml")  # fmt: skip
+# what a clone holds, linked into each page's working directory (not the local state)
+UNLINKED = {".git", ".venv", "build", "models", ".mypy_cache", ".pytest_cache", ".ruff_cache",
+            "__pycache__", "site"}  # fmt: skip
 _FENCE = re.compile(r"^(\s*)```(\S*)\s*$")
 _MARK = re.compile(r"^\s*<!--\s*test:\s*(\w+)\s*(.*?)\s*-->\s*$")
 
@@ -133,9 +135,9 @@ class Page:
 
     def __init__(self, page: Path, work: Path) -> None:
         self.page, self.work = page, work
-        for name in LINKED:
-            if (REPO / name).exists():
-                (work / name).symlink_to(REPO / name)
+        for entry in REPO.iterdir():
+            if entry.name not in UNLINKED and not entry.name.endswith(".egg-info"):
+                (work / entry.name).symlink_to(entry)
         self.port = _free_port()
         bin_dir = str(Path(sys.executable).parent)
         self.env = {
@@ -202,11 +204,13 @@ class Page:
 
     def close(self) -> None:
         if self.server is not None:
-            os.killpg(self.server.pid, signal.SIGTERM)
+            with contextlib.suppress(ProcessLookupError):  # it may have stopped already
+                os.killpg(self.server.pid, signal.SIGTERM)
             try:
                 self.server.wait(30)
             except subprocess.TimeoutExpired:
-                os.killpg(self.server.pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.server.pid, signal.SIGKILL)
                 self.server.wait()
             self.log.close()
             text = (self.work / "server.log").read_text(errors="replace")

@@ -271,7 +271,7 @@ def rag(
     npc: NpcDef, tags: Tags, player: PlayerState, line: str, recent: list[tuple[str, str]]
 ) -> tuple[str, str]:
     """(LORE, DESCRIPTION) as the runtime's NPC mind builds them for this turn. Every valid
-    entry is taken (the demo's entries fit the runtime's budgets; demo_train checks it with
+    entry is taken (the demo's entries fit the runtime's budgets; npcchat_train.demo checks it with
     the trained tokenizer), ranked as ``npcchat talk`` ranks them."""
     k = npc.knowledge
     lore, description = npc.lore, npc.description

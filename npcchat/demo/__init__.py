@@ -1,6 +1,6 @@
 """The demo shipped inside the package: a small bundle (``bundle/``) and five NPC files
 (``npcs/``), so ``pip install npcchat && npcchat talk`` works offline. Made by
-``python -m npcchat_convert.demo_train``.
+``python -m npcchat_train.demo``.
 """
 
 from __future__ import annotations

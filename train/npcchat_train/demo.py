@@ -1,13 +1,14 @@
 """The demo model recipe: one command from the NPC files to the bundle shipped in the package.
 
     pip install torch==2.13.0        # development only; the runtime never imports torch
-    python -m npcchat_convert.demo_train --out build/demo
+    python -m npcchat_train.demo --out build/demo
 
 Steps: synthetic records in English and Korean (``demo_data``: training frames; and three
 quality sets, written beside them and never trained on: the training frames with other
 draws, and whole held-out frames per language) -> a byte-level BPE trained on them -> a
 small Qwen2 model (hidden 256: rows allow Q4_K_M) trained in torch on the reply tokens, with
-auxiliary delta/flag heads on the `<STATE>` hidden state so it carries the game state -> HF
+the state heads on the `<STATE>` hidden state (:mod:`npcchat_train.state_heads`, the one
+implementation every training here uses) so it carries the game state -> HF
 checkpoint + `.pt` heads -> `npcchat convert` (Q4_K_M) -> `npcchat heads fit` on the
 quantized GGUF -> copied into ``npcchat/demo/bundle``. Deterministic for a seed on one
 machine (torch CPU kernels). The quality figures: ``npcchat eval build/demo/heldout_ko.jsonl``
@@ -26,12 +27,13 @@ from typing import Any
 
 import numpy as np
 
-from . import demo_data
-from .hf import Qwen2Config
-from .tiny import train_tokenizer
+from npcchat_convert import demo_data
+from npcchat_convert.hf import Qwen2Config
+from npcchat_convert.tiny import train_tokenizer
+from npcchat_train import state_heads
 
 CONFIG = Qwen2Config(256, 2, 4, 2, 512, 0, 1e-6, 1e6, 2048, True)
-REPO = Path(__file__).resolve().parents[2]  # convert/npcchat_convert/demo_train.py
+REPO = Path(__file__).resolve().parents[2]  # train/npcchat_train/demo.py
 
 
 def build_model(cfg: Qwen2Config, n_vocab: int, n_flags: int) -> Any:
@@ -115,9 +117,10 @@ def build_model(cfg: Qwen2Config, n_vocab: int, n_flags: int) -> Any:
         def __init__(self) -> None:
             super().__init__()
             self.model = Body()
-            self.delta_head = nn.Linear(cfg.hidden_size, 2)
-            self.flag_head = nn.Linear(cfg.hidden_size, n_flags)
-            self.threshold_head = nn.Linear(cfg.hidden_size, n_flags)
+            heads = state_heads.heads(cfg.hidden_size, n_flags)  # named as convert reads them
+            self.delta_head = heads.delta_head
+            self.flag_head = heads.flag_head
+            self.threshold_head = heads.threshold_head
             for p in self.parameters():
                 if p.dim() == 2:
                     nn.init.normal_(p, std=0.02)
@@ -250,17 +253,13 @@ def train(
             h = model(ids)
             scored = target != -100
             lm = F.cross_entropy(model.logits(h[scored]), target[scored])
-            hs = h[torch.arange(len(items)), torch.tensor([x["state"] for x in items])]
+            hs = state_heads.state_vectors(h, [[x["state"]] for x in items])
             delta = torch.tensor([x["delta"] for x in items])
             flags = torch.tensor([x["flags"] for x in items], dtype=torch.float32)
-            # flags are rare (a few % positive): weight positives so the state learns them
-            bce = F.binary_cross_entropy_with_logits(
-                model.flag_head(hs), flags, pos_weight=torch.full((flags.shape[1],), 4.0)
-            )
-            aux = F.mse_loss(torch.tanh(model.delta_head(hs)), delta) * 4 + bce
+            aux = state_heads.state_loss(model, hs, delta, flags)["total"]
             loss = lm + aux
             opt.zero_grad()
-            loss.backward()  # type: ignore[no-untyped-call]
+            loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
@@ -349,9 +348,8 @@ def main(argv: list[str] | None = None) -> None:
 def build_bundle(out: Path, template: str, install: Path, npcs: Path) -> None:
     """Convert, refit the heads on the quantized GGUF, install into the package."""
     from npcchat.config import Config
+    from npcchat_convert.pipeline import Options, convert
     from npcchat_heads.refit import fit_bundle
-
-    from .pipeline import Options, convert
 
     bundle = out / "bundle"
     if bundle.exists():
