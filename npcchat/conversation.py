@@ -30,6 +30,7 @@ from npcchat.mind.npc import NpcDef
 from npcchat.runtime.batch import Driver, TurnCancelled, TurnRequest
 from npcchat.runtime.engine import Engine, drive
 from npcchat.runtime.kvbook import Reuse
+from npcchat.runtime.prompt import FittedPrompt
 from npcchat.runtime.scheduler import Scheduler
 from npcchat.sessions import events as events_mod
 from npcchat.sessions import session as session_mod
@@ -241,6 +242,18 @@ class Conversation:
             affinity=self.affinity,
             guide=self.mind.guide(session) if self.mind else None,
         )
+
+    def prompt(self, text: str) -> FittedPrompt:
+        """The prompt the next turn would decode for the player's ``text``, exactly as the
+        engine fits it: ``.prompt.text`` (scaffold tags as text), ``.tokens`` (tags as
+        their control ids) and ``.dropped_turns``. The lore picked, the memories recalled
+        and the game's events show here as the model will see them. Nothing is decoded or
+        changed. (A guarded reply may be written from the same prompt with the guard's
+        tags; the state change is always this prompt's.)"""
+        with self.lock:
+            session, pinned = self._prepared(text)
+            inp = self.engine.prompt_input(session, text, pinned + self.context)
+            return self.engine.fit(inp, self.sampling.max_tokens, pinned=len(pinned))
 
     def _prepared(self, text: str) -> tuple[Session, tuple[ContextTurn, ...]]:
         """The session with this turn's lore and description, and the recalled memories

@@ -184,3 +184,18 @@ def test_batched_turns_of_many_conversations_equal_one_at_a_time() -> None:
         pieces = list(stream)
         assert "".join(pieces).rstrip() == stream.turn.reply
     assert [results[i] for i in range(4)] == [alone] * 4
+
+
+def test_the_prompt_shown_is_the_prompt_the_turn_decodes(tmp_path: Path) -> None:
+    """``Conversation.prompt`` (talk's ``/prompt``) gives the very tokens the next turn
+    decodes: lore picked, memories and the game's events included."""
+    with npcchat.load() as rt, rt.open("mother", session=tmp_path / "m.json") as chat:
+        chat.say("안녕하세요.")
+        chat.apply_events([npcchat.events.Remember("손님이 공장 문을 고쳤다", day=2)])
+        line = "따님에 대해 말해 주세요."
+        shown = chat.prompt(line)
+        assert "memory: (day 2) 손님이 공장 문을 고쳤다" in shown.prompt.text
+        assert shown.prompt.text.count("<STATE>") == 1 and line in shown.prompt.text
+        chat.say(line)
+        decoded = rt._engine.kv_tokens(0)  # the KV cache: the prompt, then the reply
+        assert tuple(decoded[: len(shown.tokens)]) == shown.tokens

@@ -17,7 +17,6 @@ import pytest
 import npcchat
 from npcchat import events as E
 from npcchat.errors import ConfigError
-from npcchat.runtime.prompt import render
 from npcchat.sessions import session as session_mod
 from npcchat.types import Memory, PlayerState, Tags
 
@@ -172,10 +171,7 @@ def test_the_session_file_keeps_events_memories_and_the_clock(tmp_path: Path, su
 
 # -- on the model ------------------------------------------------------------------------------
 def _prompt(chat: npcchat.Conversation, line: str) -> str:
-    prep = chat.mind.prepare(chat.session, line) if chat.mind else None
-    assert prep is not None
-    inp = chat.engine.prompt_input(prep.session, line, prep.pinned)
-    return render(chat.engine.bundle.template, inp).text
+    return chat.prompt(line).prompt.text  # what the next turn decodes (tests/test_api.py)
 
 
 @pytest.mark.model
@@ -251,6 +247,7 @@ def test_talk_takes_events_with_slash_event(tmp_path: Path) -> None:
             "/event",
             "/state",
             "/memory",
+            "/prompt 칼은 언제 되나요?",
             "/quit",
         ]
     )
@@ -266,9 +263,11 @@ def test_talk_takes_events_with_slash_event(tmp_path: Path) -> None:
     assert proc.returncode == 0 and "Traceback" not in out, out
     assert "event quest_stage: start -> complete" in out
     assert "event loom_key: - -> player" in out
-    assert out.count("(day 3, 장날) 대장장이가 칼을 벼렸다") == 2  # the change, then /memory
+    # the change, /memory, and the next prompt (/prompt): the game's memory is in it
+    assert out.count("(day 3, 장날) 대장장이가 칼을 벼렸다") == 3
     assert "/event: weather rain?" in out  # a form it does not know: the usage, no crash
     assert "game clock day 3" in out
+    assert "<PLAYER>칼은 언제 되나요?" in out and "tokens" in out  # /prompt: what the model reads
     saved = session_mod.load(session)
     assert saved.player_state.items[-1] == "loom_key" and saved.game_day == 3.0
     assert [len(r.events) for r in saved.events] == [1, 1, 1]

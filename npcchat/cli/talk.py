@@ -25,6 +25,7 @@ HELP = (
         "a game event: /event stage complete, /event items +key -coin, "
         "/event memory day=12 TEXT, /event time 13, /event {JSON} (/event alone: all forms)",
     ),
+    ("/prompt TEXT", "the prompt the model would read for TEXT (lore, memories, state)"),
     ("/memory", "long-term memories (old turns, rules' and the game's memory lines)"),
     ("/flags", "the bundle's flags with the NPC file's names, thresholds and examples"),
     ("/help", "this list"),
@@ -305,6 +306,12 @@ def _command(rt: Runtime, conv: Conversation, line: str) -> bool:
             else:
                 record = conv.apply_events(events.parse_command(rest))
                 ui.event_changes(record.changes)
+        elif name == "/prompt":
+            if not rest:
+                ui.info("usage: /prompt TEXT (the player's line to show the prompt for)")
+            else:
+                fitted = conv.prompt(rest)
+                ui.model_prompt(fitted.prompt.text, len(fitted.tokens), fitted.dropped_turns)
         elif name == "/memory":
             ui.memories(conv.session.memories)
         elif name == "/reset":

@@ -174,6 +174,13 @@ def state(s: Session) -> None:
         out.print(Text.assemble(("game clock", "bold"), f" {clock}"))
 
 
+def model_prompt(text: str, tokens: int, dropped: int) -> None:
+    """``/prompt``: the prompt as the model reads it (plain text: never markup)."""
+    out.print(Text(text))
+    note = f"{tokens} tokens" + (f" · {dropped} oldest turns dropped to fit" if dropped else "")
+    info(note)
+
+
 def event_changes(changes: Sequence[Any]) -> None:
     """What a game event changed (``/event``), one line each."""
     if not changes:
