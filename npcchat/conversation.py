@@ -243,6 +243,30 @@ class Conversation:
             guide=self.mind.guide(session) if self.mind else None,
         )
 
+    def scripted(
+        self,
+        text: str,
+        reply: str,
+        deltas: Mapping[str, float] | None = None,
+        fired: Sequence[str] = (),
+    ) -> Turn:
+        """Commit a turn whose reply and state change are given instead of generated (a
+        scripted scene; training's teacher forcing): the model is not run, and the NPC's
+        rules, memory and the session file take it as any turn (``stop_reason``
+        "scripted"). A line that meets a forbidden trigger gets the trigger's turn, as in
+        play. Returns the turn."""
+        with self.lock:
+            turn = self.mind.trigger(self.session, text) if self.mind else None
+            if turn is None:
+                fitted = self._fitted(text)
+                turn = self.engine.fixed_turn(
+                    self.session, text, reply, dict(deltas or {}), tuple(fired), "scripted"
+                )
+                turn = replace(
+                    turn, prompt_tokens=len(fitted.tokens), dropped_turns=fitted.dropped_turns
+                )
+            return self._commit(turn)
+
     def prompt(self, text: str) -> FittedPrompt:
         """The prompt the next turn would decode for the player's ``text``, exactly as the
         engine fits it: ``.prompt.text`` (scaffold tags as text), ``.tokens`` (tags as
@@ -251,9 +275,12 @@ class Conversation:
         changed. (A guarded reply may be written from the same prompt with the guard's
         tags; the state change is always this prompt's.)"""
         with self.lock:
-            session, pinned = self._prepared(text)
-            inp = self.engine.prompt_input(session, text, pinned + self.context)
-            return self.engine.fit(inp, self.sampling.max_tokens, pinned=len(pinned))
+            return self._fitted(text)
+
+    def _fitted(self, text: str) -> FittedPrompt:
+        session, pinned = self._prepared(text)
+        inp = self.engine.prompt_input(session, text, pinned + self.context)
+        return self.engine.fit(inp, self.sampling.max_tokens, pinned=len(pinned))
 
     def _prepared(self, text: str) -> tuple[Session, tuple[ContextTurn, ...]]:
         """The session with this turn's lore and description, and the recalled memories

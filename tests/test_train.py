@@ -77,3 +77,45 @@ def test_the_demo_recipe_trains_its_heads_through_this_module() -> None:
     source = inspect.getsource(demo.train)
     assert "state_heads.state_loss(" in source and "state_heads.state_vectors(" in source
     assert "binary_cross_entropy" not in source and "mse_loss" not in source
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.model
+def test_training_prompts_are_the_prompts_the_runtime_decodes() -> None:
+    """Each example's tokens are the tokens eval (the engine talk runs) decodes for that
+    record, NPC file applied; a multi-turn record is teacher-forced: the next prompt holds
+    the record's own reply and the state its labels and the NPC's rules give."""
+    from npcchat import demo
+    from npcchat.config import Config
+    from npcchat.eval import runner
+    from npcchat.eval.scenarios import read
+    from npcchat.eval.similarity import Similarity
+    from npcchat.mind import npc as npc_mod
+    from npcchat.runtime.engine import load_engine
+    from npcchat.types import SamplingParams
+    from npcchat_train.records import examples
+
+    scenarios, bad = read(REPO / "configs" / "scenarios" / "labelled_sample.jsonl")
+    assert not bad
+    npcs = npc_mod.load_dir(REPO / "configs" / "npcs")
+    greedy = SamplingParams(temperature=0.0, max_tokens=8, seed=0)
+    with load_engine(demo.default_bundle(), Config()) as engine:
+        for sc in scenarios[:12]:
+            (example,) = examples(engine, [sc], npcs)
+            assert example.delta is not None and example.flags is not None
+            assert set(example.flags) == set(engine.bundle.flags)  # flat or nested: all
+            runner.run(engine, [sc], greedy, Similarity(), lambda _: None, False, npcs)
+            decoded = tuple(engine.kv_tokens(0)[: len(example.tokens)])
+            assert decoded == example.tokens, sc.source
+            assert example.prompt.count("<STATE>") == 1 and sc.turns[0][0] in example.prompt
+        # teacher forcing over two turns
+        multi, _ = read(REPO / "configs" / "scenarios" / "multi_turn.jsonl")
+        sc = next(s for s in multi if len(s.turns) >= 2 and s.turns[0][1] is not None)
+        first, second = list(examples(engine, [sc], npcs))[:2]
+        said, expected = sc.turns[0]
+        assert f"player: {said}" in second.prompt
+        if expected is not None and expected.response:
+            assert f"npc: {expected.response}" in second.prompt
+        assert first.id.endswith("#1") and second.id.endswith("#2")

@@ -82,7 +82,7 @@ def _driver(
         "error": None,
     }
     flags = engine.bundle.flags
-    conv = _conversation(sc, engine, sampling, npc)
+    conv = conversation_for(sc, engine, sampling, npc)
     # "aligned" (or "off"), never "prefix": results must not depend on which scenario ran
     # before in which slot, so --parallel never changes them (npcchat.runtime.kvbook)
     conv.reuse = reuse
@@ -97,7 +97,7 @@ def _driver(
     return out
 
 
-def _conversation(
+def conversation_for(
     sc: Scenario, engine: Engine, sampling: SamplingParams, npc: tuple[NpcDef, NpcMind] | None
 ) -> Conversation:
     """The scenario's starting session: the NPC's initial state (as talk starts it) with
@@ -118,7 +118,7 @@ def _conversation(
     return Conversation(engine, session, sampling, mind=mind)
 
 
-class _Npcs:
+class Npcs:
     """The NPC of each scenario (its ``npc_file``, else the one ``--npcs`` maps its id to)
     with its mind, each file read and each mind built once per run: a mind holds no
     conversation's state, and with a sentence-embedding model it is costly to build."""
@@ -200,7 +200,7 @@ def drivers(
 ) -> Iterator[batch.Driver[dict[str, Any]]]:
     """Each scenario as a driver (for :mod:`npcchat.runtime.batch` or a scheduler)."""
     reuse: Reuse = "aligned" if share_prefix else "off"
-    found = _Npcs(engine, npcs or {}, npc_files)
+    found = Npcs(engine, npcs or {}, npc_files)
     return (_driver(sc, engine, sampling, sim, reuse, found.of(sc)) for sc in scenarios)
 
 

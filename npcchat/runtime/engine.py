@@ -475,8 +475,10 @@ class Engine:
         reply: str,
         deltas: dict[str, float],
         fired: tuple[str, ...],
+        reason: str = "trigger",
     ) -> Turn:
-        """A turn decided without the model (a forbidden trigger): fixed reply and delta."""
+        """A turn decided without the model (a forbidden trigger, a scripted turn): fixed
+        reply and delta, the named flags fired."""
         flags = {
             n: FlagResult(1.0 if n in fired else 0.0, 0.5, n in fired) for n in self.bundle.flags
         }
@@ -491,7 +493,7 @@ class Engine:
             prefill_tokens=0,
             generated_tokens=0,
             dropped_turns=0,
-            stop_reason="trigger",
+            stop_reason=reason,
             timings=Timings(0.0, 0.0, 0.0),
             seed=0,
             npc_id=session.npc_id,
