@@ -199,3 +199,30 @@ def test_the_prompt_shown_is_the_prompt_the_turn_decodes(tmp_path: Path) -> None
         chat.say(line)
         decoded = rt._engine.kv_tokens(0)  # the KV cache: the prompt, then the reply
         assert tuple(decoded[: len(shown.tokens)]) == shown.tokens
+
+
+def test_a_scripted_turn_goes_through_the_rules_and_the_session_without_the_model(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "borin.json"
+    with npcchat.load() as rt, rt.open("village_blacksmith", session=path) as chat:
+        decoded = rt._engine.model.decoded_tokens
+        turn = chat.scripted(
+            "Here is the ore.", "Fine steel for fine ore.", {"trust": 0.2}, ["give_item"]
+        )
+        assert rt._engine.model.decoded_tokens == decoded  # nothing ran through the model
+        assert turn.stop_reason == "scripted" and turn.reply == "Fine steel for fine ore."
+        assert [a.to_json() for a in turn.actions] == [
+            {
+                "name": "give_item",
+                "flag": "give_item",
+                "item": "steel_sword",
+                "received": "iron_ore",
+            }
+        ]
+        assert "steel_sword" in chat.session.player_state.items  # the rules moved the item
+        assert turn.tags_after.trust > turn.tags_before.trust
+        # a forbidden trigger gets the trigger's turn, as in play
+        assert chat.scripted("You thief!", "ignored", {}, []).stop_reason == "trigger"
+    with npcchat.load() as rt, rt.open(session=path) as again:  # saved, as every turn
+        assert [t.stop_reason for t in again.session.history] == ["scripted", "trigger"]
