@@ -552,3 +552,14 @@ def test_a_guard_with_tags_lets_the_model_answer_in_that_style(tmp_path: Path) -
     assert turn.prefill_tokens > turn.prompt_tokens  # the prompt, then its guarded variant
     assert turn.flags["give_hint"].blocked
     assert conv.session.tags.npc_mood == "grief" and conv.session.tags.style != "guarded"
+
+
+@pytest.mark.model
+def test_a_turn_decided_without_the_model_keeps_its_flags_under_the_files_thresholds() -> None:
+    """The fixture's thresholds are 0.0 (every predicted flag fires); a scripted or trigger
+    turn's flags were decided, not predicted, so the flags it does not name stay off."""
+    import npcchat
+
+    with npcchat.load() as rt, rt.open(str(RULES / "smith.toml")) as chat:
+        turn = chat.scripted("Good day.", "Good day to you.", {}, [])
+        assert turn.fired == () and turn.stop_reason == "scripted"

@@ -17,13 +17,14 @@ the installed llama-cpp-python vendors; llama-server is not a dependency of npcc
 from __future__ import annotations
 
 import json
-import subprocess
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from npcchat.bench.players import LINES, LoadResult, free_port, summarize
+from npcchat.bench import players as players_mod
+from npcchat.bench.players import LINES, ChildServer, LoadResult
+from npcchat.runtime import prompt as prompt_mod
+from npcchat.types import ContextTurn, PromptInput
 
 SAMPLING = {
     "temperature": 0.7,
@@ -48,9 +49,6 @@ class Prompts:
         self.npc = npc_mod.load(npc_file)
 
     def render(self, line: str, history: list[tuple[str, str]]) -> str:
-        from npcchat.runtime.prompt import render
-        from npcchat.types import ContextTurn, PromptInput
-
         context: list[ContextTurn] = []
         for said, reply in history:
             context += [ContextTurn("player", said), ContextTurn("npc", reply)]
@@ -64,62 +62,22 @@ class Prompts:
             player_state=npc.player_state,
             context=tuple(context),
         )
-        return render(self.template, inp).text
+        return prompt_mod.render(self.template, inp).text
 
 
-class PeerServer:
-    """``llama-server`` as a child process on a free loopback port."""
+def start_peer(
+    binary: Path, gguf: Path, slots: int, n_ctx: int, gpu_layers: int | None, log: Path
+) -> ChildServer:
+    """``llama-server`` on the GGUF, as a child process on a free loopback port."""
 
-    def __init__(
-        self,
-        binary: Path,
-        gguf: Path,
-        slots: int,
-        n_ctx: int,
-        gpu_layers: int | None,
-        log: Path,
-    ) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(self.port)]
+    def command(port: int) -> list[str]:
+        cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port)]
         cmd += ["-np", str(slots), "-c", str(n_ctx * slots)]
         if gpu_layers is not None:
             cmd += ["-ngl", str(gpu_layers)]
-        self.command = cmd
-        self._log = log.open("wb")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
-        self._wait(log)
+        return cmd
 
-    def _wait(self, log: Path) -> None:
-        import httpx
-
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                text = log.read_text(errors="replace").strip()[-800:]
-                raise RuntimeError(f"llama-server exited ({self.proc.returncode}): {text}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("llama-server did not answer /health within 300 s")
-
-    def peak_rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self._log.close()
+    return ChildServer("llama-server", command, "/health", log)
 
 
 def _player(url: str, prompts: Prompts, seed: int, turns: int, tokens: int, out: list[Any]) -> None:
@@ -171,14 +129,6 @@ def _player(url: str, prompts: Prompts, seed: int, turns: int, tokens: int, out:
 
 def closed_loop(url: str, prompts: Prompts, players: int, turns: int, tokens: int) -> LoadResult:
     """The peer's counterpart of :func:`npcchat.bench.serve_load.closed_loop`."""
-    records: list[Any] = []
-    threads = [
-        threading.Thread(target=_player, args=(url, prompts, i, turns, tokens, records))
-        for i in range(players)
-    ]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return summarize(players, records, time.perf_counter() - t0)
+    return players_mod.closed_loop(
+        players, lambda i, out: _player(url, prompts, i, turns, tokens, out)
+    )

@@ -5,8 +5,12 @@ figures, computed the same way on both sides."""
 from __future__ import annotations
 
 import socket
-from collections.abc import Sequence
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 LINES = (
@@ -44,6 +48,68 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def closed_loop(players: int, play: Callable[[int, list[Any]], None]) -> LoadResult:
+    """``players`` closed-loop players at once: ``play(i, records)`` runs player ``i``'s
+    turns, appending one ``(ok, ttft_s, latency_s, generated)`` record per turn."""
+    records: list[Any] = []
+    threads = [threading.Thread(target=play, args=(i, records)) for i in range(players)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return summarize(players, records, time.perf_counter() - t0)
+
+
+class ChildServer:
+    """A server as a child process on a free loopback port (``command(port)`` starts it),
+    ready once ``health`` answers 200; its output goes to ``log``. Both sides of ``bench
+    serve`` (npcchat serve, and llama-server as the peer) run through this."""
+
+    def __init__(
+        self, name: str, command: Callable[[int], list[str]], health: str, log: Path
+    ) -> None:
+        self.name = name
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.command = command(self.port)
+        self._log_path = log
+        self._log = log.open("wb")
+        self.proc = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT)
+        self._wait(health)
+
+    def _wait(self, health: str) -> None:
+        import httpx
+
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                text = self._log_path.read_text(errors="replace").strip()[-800:]
+                raise RuntimeError(f"{self.name} exited ({self.proc.returncode}): {text}")
+            try:
+                if httpx.get(f"{self.url}{health}", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"{self.name} did not answer {health} within 300 s")
+
+    def peak_rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
 
 
 def summarize(players: int, records: Sequence[Any], wall: float) -> LoadResult:

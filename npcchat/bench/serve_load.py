@@ -15,17 +15,16 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from npcchat.bench.players import LINES, LoadResult, free_port, summarize
+from npcchat.bench import players as players_mod
+from npcchat.bench.players import LINES, ChildServer, LoadResult
 
 LORE = (
     "The port of Saltmere trades salt, tar and stories. Its lighthouse went dark three "
@@ -58,50 +57,21 @@ def _config_file(directory: Path) -> Path:
     return path
 
 
-class ServerProcess:
-    """``npcchat serve`` as a child process on a free loopback port."""
+def start_server(
+    bundle: Path, work: Path, slots: int, queue: int, gpu_layers: int | None = None
+) -> ChildServer:
+    """``npcchat serve`` on the bench NPC, as a child process on a free loopback port."""
 
-    def __init__(
-        self, bundle: Path, work: Path, slots: int, queue: int, gpu_layers: int | None = None
-    ) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+    def command(port: int) -> list[str]:
         cmd = [sys.executable, "-m", "npcchat", "serve", "--bundle", str(bundle)]
         cmd += ["--npcs", str(work / "npcs"), "--sessions", str(work / "sessions")]
-        cmd += ["--port", str(self.port), "--slots", str(slots), "--queue", str(queue)]
+        cmd += ["--port", str(port), "--slots", str(slots), "--queue", str(queue)]
         cmd += ["--config", str(_config_file(work)), "--log-level", "warning"]
         if gpu_layers is not None:
             cmd += ["--gpu-layers", str(gpu_layers)]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        self._wait()
+        return cmd
 
-    def _wait(self) -> None:
-        import httpx
-
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
-                raise RuntimeError(f"npcchat serve exited: {err.strip()[-500:]}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.2)
-        raise RuntimeError("npcchat serve did not start within 300 s")
-
-    def peak_rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+    return ChildServer("npcchat serve", command, "/healthz", work / "serve.log")
 
 
 def _player(url: str, player: str, turns: int, tokens: int, out: list[Any]) -> None:
@@ -138,17 +108,9 @@ def _player(url: str, player: str, turns: int, tokens: int, out: list[Any]) -> N
 
 def closed_loop(url: str, players: int, turns: int, tokens: int, tag: str) -> LoadResult:
     """``players`` closed-loop players, ``turns`` turns each, all at once."""
-    records: list[Any] = []
-    threads = [
-        threading.Thread(target=_player, args=(url, f"{tag}-{i}", turns, tokens, records))
-        for i in range(players)
-    ]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return summarize(players, records, time.perf_counter() - t0)
+    return players_mod.closed_loop(
+        players, lambda i, out: _player(url, f"{tag}-{i}", turns, tokens, out)
+    )
 
 
 class InProcess:
@@ -198,7 +160,7 @@ def run(
         (work / "inproc").mkdir()
         npc_file = write_npc(work / "npcs")
         limit = queue if queue is not None else max(players)
-        server = ServerProcess(bundle, work, slots, limit, gpu_layers)
+        server = start_server(bundle, work, slots, limit, gpu_layers)
         try:
             local = InProcess(bundle, work, slots)
             try:
@@ -267,7 +229,7 @@ def _peer(
     gguf = bundle_mod.load(bundle).gguf
     n_ctx = npcchat.load_config(_config_file(work)).runtime.n_ctx
     prompts = peer_mod.Prompts(bundle, npc_file)
-    server = peer_mod.PeerServer(binary, gguf, slots, n_ctx, gpu_layers, work / "peer.log")
+    server = peer_mod.start_peer(binary, gguf, slots, n_ctx, gpu_layers, work / "peer.log")
     try:
         peer_mod.closed_loop(server.url, prompts, 1, 1, tokens)  # page the weights in
         loads = [peer_mod.closed_loop(server.url, prompts, n, turns, tokens) for n in players]

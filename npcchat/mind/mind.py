@@ -175,6 +175,8 @@ class NpcMind:
         return session, result
 
     def _overrides(self, r: Turn) -> Turn:
+        if r.stop_reason in ("trigger", "scripted"):  # decided, not predicted: nothing to
+            return r  # weigh against a threshold (0.0 would fire every flag not named)
         flags = self._override_flags(r.heads.flags)
         if flags is r.heads.flags:
             return r

@@ -58,10 +58,6 @@ class Settings:
     max_text: int = S.MAX_TEXT  # characters of one player line
 
 
-def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Any:
-    return errors.response(status, code, message, headers)
-
-
 class BodyLimit:
     """Refuse request bodies over ``max_bytes`` with 413, before the body is parsed (pure
     ASGI, so nothing reads a huge body into memory first). A declared Content-Length is
@@ -187,46 +183,48 @@ def create_app(
 
     @app.exception_handler(ApiError)
     async def _on_api_error(request: Request, e: ApiError) -> Response:
-        return errors.response(e.status, e.code, e.message, e.headers, e.param)  # type: ignore[no-any-return]
+        return errors.response(e.status, e.code, e.message, e.headers, e.param)
 
     @app.exception_handler(NpcchatError)
     async def _on_user_error(request: Request, e: NpcchatError) -> Response:
         err = api_error(e)
-        return errors.response(err.status, err.code, err.message, err.headers, err.param)  # type: ignore[no-any-return]
+        return errors.response(err.status, err.code, err.message, err.headers, err.param)
 
     @app.exception_handler(RequestValidationError)
     async def _on_invalid(request: Request, e: RequestValidationError) -> Response:
         first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
-        where = ".".join(str(p) for p in first.get("loc", ()))
+        loc = [str(p) for p in first.get("loc", ())]
+        where = ".".join(loc)
         if _openai(request):  # OpenAI answers a request that breaks the schema with 400
-            loc = [str(p) for p in first.get("loc", ())]
             param = ".".join(loc[1:]) if loc[:1] == ["body"] else ".".join(loc) or None
             message = f"{where}: {first.get('msg')}"
-            return errors.response(400, "invalid_request", message, param=param)  # type: ignore[no-any-return]
+            return errors.response(400, "invalid_request", message, param=param)
         if where == "body.prompt" and first.get("type") == "string_pattern_mismatch":
             try:  # the line at fault, not the whole pattern
                 served_format.parse(str(first.get("input", "")))
             except PromptError as bad:
-                return _error(422, "bad_prompt", bad.message)  # type: ignore[no-any-return]
+                return errors.response(422, "bad_prompt", bad.message)
             message = "not in the served format (see the schema's description)"
-            return _error(422, "bad_prompt", f"prompt: {message}")  # type: ignore[no-any-return]
-        return _error(422, "invalid_request", f"{where}: {first.get('msg')}")  # type: ignore[no-any-return]
+            return errors.response(422, "bad_prompt", f"prompt: {message}")
+        return errors.response(422, "invalid_request", f"{where}: {first.get('msg')}")
 
     @app.exception_handler(HTTPException)
     async def _on_http(request: Request, e: HTTPException) -> Response:
         headers = getattr(e, "headers", None)
         if e.status_code == 400:  # FastAPI's answer to a body that is not JSON text at all
             status = 400 if _openai(request) else 422
-            return _error(status, "invalid_request", "body: not valid JSON (UTF-8 text expected)")  # type: ignore[no-any-return]
+            return errors.response(
+                status, "invalid_request", "body: not valid JSON (UTF-8 text expected)"
+            )
         if e.status_code == 405:  # every method of the path, not only the first route's
             headers = {"Allow": contract.allowed_methods(app, dict(request.scope))}
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
-        return _error(e.status_code, code, str(e.detail), headers)  # type: ignore[no-any-return]
+        return errors.response(e.status_code, code, str(e.detail), headers)
 
     @app.exception_handler(Exception)
     async def _on_crash(request: Request, e: Exception) -> Response:
         log.exception("npcchat serve: %s %s failed", request.method, request.url.path)
-        return _error(500, "server_error", "internal error (see the server log)")  # type: ignore[no-any-return]
+        return errors.response(500, "server_error", "internal error (see the server log)")
 
     # -- the game's turn ------------------------------------------------------------------
     def turn_job(

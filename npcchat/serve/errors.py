@@ -72,7 +72,7 @@ def response(
     message: str,
     headers: dict[str, str] | None = None,
     param: str | None = None,
-) -> Any:
+) -> JSONResponse:
     return JSONResponse(body(status, code, message, param), status_code=status, headers=headers)
 
 

@@ -353,7 +353,7 @@ def _split(messages: list[ChatMessage]) -> tuple[str, list[tuple[str, str]]]:
                 param=f"messages[{i}].role",
             )
         lines.append((m.role, _text(m, i)))
-    if not lines or lines[-1][0] != "user" or messages[-1].role != "user":
+    if messages[-1].role != "user":  # then ``lines`` ends with it
         raise ApiError(
             400,
             "bad_messages",

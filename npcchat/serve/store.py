@@ -130,6 +130,9 @@ class SessionStore:
     def npc(self, npc_id: str) -> npc_mod.NpcDef:
         """The NPC an id names: its own id, or a unique prefix of one (``mother`` ->
         ``mother_guard``), as talk and eval resolve demo NPCs."""
+        found = self.npcs.get(npc_id)
+        if found is not None:  # the usual case, on every turn: no scan
+            return found
         npcs = dict(self.npcs)  # a copy: the file watcher may add one meanwhile
         matches = by_id(npc_id, npcs)
         if len(matches) == 1:

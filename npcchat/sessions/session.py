@@ -124,11 +124,9 @@ class Session:
         changes = done.changes
         excess = sum(m.source == "event" for m in memories) - events_mod.MAX_EVENT_MEMORIES
         if excess > 0:  # the oldest of the game's memories make room, and the log says so
-            gone = {i for i, m in enumerate(memories) if m.source == "event"}
-            gone = set(sorted(gone)[:excess])
-            changes += tuple(
-                Change("memory", "forgotten", memories[i].line, "") for i in sorted(gone)
-            )
+            oldest = [i for i, m in enumerate(memories) if m.source == "event"][:excess]
+            changes += tuple(Change("memory", "forgotten", memories[i].line, "") for i in oldest)
+            gone = set(oldest)
             memories = tuple(m for i, m in enumerate(memories) if i not in gone)
         record = events_mod.EventRecord(turn, _now(), tuple(given), changes)
         return replace(
