@@ -15,6 +15,7 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -1231,3 +1232,47 @@ def test_talk_with_a_bundle_directory_that_does_not_exist(tmp_path: Path) -> Non
 def test_a_bundle_path_too_long_for_the_file_system_is_one_line(tmp_path: Path) -> None:
     code, out = _npcchat([b"talk", b"--bundle", b"x" * 5000, b"--say", b"hi"])
     assert code == 1 and "cannot read" in out and len(out.strip().splitlines()) <= 3
+
+
+@pytest.mark.model
+def test_hostile_chat_completions_and_events_are_bounded_before_any_turn(serve: Any) -> None:
+    """The OpenAI route and the events route refuse what is too much or not theirs before
+    anything reaches a session or the model: one line each, no traceback, no file written."""
+    server = serve(max_body=1 << 20)
+    npc = "village_blacksmith"
+    hi = {"role": "user", "content": "hi"}
+    with server.client() as c:
+        chat = [
+            {"model": npc, "messages": [hi] * 513},  # over 512 messages
+            {"model": npc, "messages": [hi], "user": "../../etc/passwd"},  # a path as a player
+            {"model": npc, "messages": [hi], "stop": ["x" * 65]},  # a stop text over 64
+            {"model": npc, "messages": [{"role": "user", "content": [{"type": "t"}] * 65}]},
+            {"model": "x" * 65, "messages": [hi]},
+            {"model": npc, "messages": [hi], "temperature": float("inf")},
+        ]
+        for body in chat:
+            r = c.post("/v1/chat/completions", content=_json(body), headers=JSON)
+            assert r.status_code == 400, (str(body)[:80], r.text)
+            assert r.json()["error"]["code"] == "invalid_request" and "Traceback" not in r.text
+        url = f"/v1/sessions/p1/{npc}/events"
+        events = [
+            {"events": [{"type": "time", "day": 1}] * 65},
+            {"events": [{"type": "memory", "text": "x" * 2001}]},
+            {"events": [{"type": "items", "gained": ["x"] * 201}]},
+            {"events": [{"type": "time", "day": 1e300}]},
+            {"events": [{"type": "tags", "tags": {"trust": 2}}]},
+        ]
+        for body in events:
+            r = c.post(url, content=_json(body), headers=JSON)
+            assert r.status_code == 422, (str(body)[:80], r.text)
+            assert r.json()["error"]["code"] == "invalid_request"
+        assert not (server.sessions / npc / "p1.json").exists()  # nothing was started
+
+
+JSON = {"content-type": "application/json"}
+
+
+def _json(body: object) -> bytes:
+    import json
+
+    return json.dumps(body, allow_nan=True).encode()
