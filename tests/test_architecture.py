@@ -45,7 +45,16 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("heads", ("npcchat_heads",)),
     ("convert", ("npcchat_convert",)),
     ("train", ("npcchat_train",)),
-    ("cli", ("npcchat.cli", "npcchat.__main__", "npcchat_heads.cli", "npcchat_convert.cli")),
+    (
+        "cli",
+        (
+            "npcchat.cli",
+            "npcchat.__main__",
+            "npcchat_heads.cli",
+            "npcchat_convert.cli",
+            "npcchat_train.cli",
+        ),
+    ),
 ]
 
 

@@ -89,7 +89,7 @@ def check_scaffold(tokenizer: Tokenizer, template: PromptTemplate) -> None:
         )
 
 
-def _template(spec: str) -> PromptTemplate:
+def template_of(spec: str) -> PromptTemplate:
     p = Path(spec)
     return load_template(p) if p.suffix == ".jinja" or p.is_file() else builtin_template(spec)
 
@@ -133,7 +133,7 @@ def convert(opts: Options, progress: Progress | None = None) -> Report:
         from npcchat_heads import loader
 
         heads = loader.load(opts.heads, hidden)
-    template = _template(opts.template)
+    template = template_of(opts.template)
     check_scaffold(src.tokenizer, template)
     stage = opts.out.parent / f".{opts.out.name}.partial-{os.getpid()}"
     shutil.rmtree(stage, ignore_errors=True)

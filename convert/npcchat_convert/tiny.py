@@ -66,8 +66,15 @@ _CORPUS = [
 ]
 
 
-def train_tokenizer(out_dir: Path, vocab_size: int = 1200, corpus: list[str] | None = None) -> None:
-    """Train a Qwen2-style byte-level BPE and write tokenizer.json + tokenizer_config.json."""
+def train_tokenizer(
+    out_dir: Path,
+    vocab_size: int = 1200,
+    corpus: list[str] | None = None,
+    scaffold: bool = True,
+) -> None:
+    """Train a Qwen2-style byte-level BPE and write tokenizer.json + tokenizer_config.json.
+    ``scaffold=False``: without npcchat's tags, as a stock Qwen2 base has none of them."""
+    specials = SPECIAL_TOKENS if scaffold else SPECIAL_TOKENS[:3]
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     qwen2_split = (
@@ -85,7 +92,7 @@ def train_tokenizer(out_dir: Path, vocab_size: int = 1200, corpus: list[str] | N
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -94,7 +101,7 @@ def train_tokenizer(out_dir: Path, vocab_size: int = 1200, corpus: list[str] | N
     tok.save(str(out_dir / "tokenizer.json"))
     decoder = {
         str(tok.token_to_id(t)): {"content": t, "special": True, "lstrip": False, "rstrip": False}
-        for t in SPECIAL_TOKENS
+        for t in specials
     }
     (out_dir / "tokenizer_config.json").write_text(
         json.dumps(
@@ -172,8 +179,10 @@ def make_checkpoint(
     seed: int = 0,
     dtype: str = "f32",
     vocab_size: int | None = None,
+    scaffold: bool = True,
 ) -> Qwen2Config:
-    """Write a random HF-layout Qwen2 checkpoint with a locally trained tokenizer."""
+    """Write a random HF-layout Qwen2 checkpoint with a locally trained tokenizer
+    (``scaffold=False``: one that lacks npcchat's tags, as a stock base does)."""
     from dataclasses import replace
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -182,7 +191,7 @@ def make_checkpoint(
         # one does (a few chars per token), or every token count of a benchmark is inflated
         train_tokenizer(out_dir, 8000, _rich_corpus())
     else:
-        train_tokenizer(out_dir)
+        train_tokenizer(out_dir, scaffold=scaffold)
     n_tok = len(json.loads((out_dir / "tokenizer.json").read_text("utf-8"))["model"]["vocab"])
     cfg = PRESETS[preset]
     want = vocab_size or cfg.vocab_size or n_tok

@@ -395,6 +395,124 @@ class EtaProgress:
         self._p.advance(self._task)
 
 
+class TrainProgress:
+    """``npcchat train``'s display: a bar over the optimizer steps with the loss parts and
+    the ETA, the held-out scores after each epoch, and the stages around them."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.enabled = enabled
+        self._p = Progress(
+            TextColumn("train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[loss]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=err,
+            disable=not enabled,
+        )
+        self._task: Any = None
+        self._stages = StageProgress(enabled)
+
+    def __enter__(self) -> TrainProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._p.stop()
+        self._stages.__exit__()
+
+    def __call__(self, event: str, values: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        if event == "stage":
+            if self._task is not None:  # training is over: its bar stays as it ended
+                self._p.stop()
+                self._task = None
+            if "total" in values:
+                self._stages(str(values["name"]), int(values["done"]), int(values["total"]))
+            else:
+                err.print(Text(f"· {values['name']}", style="dim"))
+        elif event == "start":
+            m = values["model"]
+            err.print(
+                f"{m['trainable_parameters']:,} trainable of {m['parameters']:,} parameters, "
+                f"{m['device']}, {m['precision']}"
+                + (f", {m['vocab_added']} tokens added" if m["vocab_added"] else "")
+            )
+            self._task = self._p.add_task(
+                "train", total=values["total_steps"], completed=values["step"], loss=""
+            )
+            self._p.start()
+        elif event == "step" and self._task is not None:
+            parts = " ".join(
+                f"{k} {values[k]:.3f}"
+                for k in ("loss", "lm", "delta", "flags", "thresholds")
+                if k in values
+            )
+            self._p.update(self._task, completed=values["step"], loss=parts)
+        elif event == "epoch":
+            h = values.get("heldout")
+            line = f"epoch {values['epoch']}"
+            if h:
+                line += (
+                    f" · held out: loss {_f(h['loss']['loss'])}, lm {_f(h['loss']['lm'])}, "
+                    f"delta MAE {_f(h['delta_mae'])}, flag F1 {_f(h['flag_f1_macro'])}"
+                )
+            best = " (best)" if values["best_epoch"] == values["epoch"] else ""
+            self._p.console.print(line + best)
+
+
+def train_summary(report: Mapping[str, Any]) -> None:
+    table = Table(title=f"run: {report['out']}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("adapter", str(report["adapter"]))
+    table.add_row("heads", f"{report['heads']} ({', '.join(report['flags'])})")
+    if report["tokens_added"]:
+        table.add_row("tokens added", ", ".join(report["tokens_added"]))
+    t = report["train"]
+    table.add_row(
+        "data",
+        f"{t['examples']} examples ({t['tokens']} tokens, {t['reply_tokens']} reply tokens), "
+        f"{report['heldout_examples']} held out",
+    )
+    table.add_row("steps", f"{report['steps']} in {report['epochs']} epoch(s)")
+    tps = report["tokens_per_s"]
+    table.add_row(
+        "speed",
+        f"{report['train_seconds']:.1f} s of training" + (f", {tps:.0f} tokens/s" if tps else ""),
+    )
+    best = report["best"]
+    if best:
+        table.add_row(
+            "best epoch",
+            f"{report['best_epoch']}: held-out loss {_f(best['loss']['loss'])}, delta MAE "
+            f"{_f(best['delta_mae'])}, flag F1 macro {_f(best['flag_f1_macro'])}",
+        )
+    b = report.get("bundle")
+    if b:
+        table.add_row("bundle", str(b["path"]))
+        fit = b["heads_fit"]["held_out"]
+        table.add_row("heads refit", f"flag F1 macro (held out) {_f(fit['flag_f1_macro'])}")
+        table.add_row("first turn", str(b["smoke_turn"]["reply"])[:120])
+    for note in report["notes"][:10]:
+        table.add_row("note", str(note))
+    out.print(table)
+    if b:
+        info(f"talk to it: npcchat talk --bundle {b['path']}")
+
+
 def _f(x: Any) -> str:
     return "–" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
 

@@ -228,7 +228,6 @@ def train(
     lr: float = 3e-3,
 ) -> None:
     import torch
-    from torch.nn import functional as F
 
     torch.manual_seed(seed)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -252,7 +251,7 @@ def train(
                 )  # predict reply + EOS
             h = model(ids)
             scored = target != -100
-            lm = F.cross_entropy(model.logits(h[scored]), target[scored])
+            lm = state_heads.lm_loss(model.logits(h[scored]), target[scored])
             hs = state_heads.state_vectors(h, [[x["state"]] for x in items])
             delta = torch.tensor([x["delta"] for x in items])
             flags = torch.tensor([x["flags"] for x in items], dtype=torch.float32)

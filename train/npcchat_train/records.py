@@ -16,7 +16,7 @@ A line that meets a forbidden trigger yields no example: in play the model never
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from npcchat.eval import runner
@@ -55,12 +55,17 @@ def examples(
     engine: Engine,
     scenarios: Sequence[Scenario],
     npcs: Mapping[str, NpcDef] | None = None,
+    sampling: SamplingParams | None = None,
 ) -> Iterator[Example]:
     """Every labelled turn of ``scenarios`` as an :class:`Example`, in order, rendered by
-    ``engine`` (a loaded bundle: its template, and its tokenizer for the budgets)."""
+    ``engine`` (a loaded bundle, or :func:`npcchat_train.tokens.render_engine`: its
+    template, and its tokenizer for the budgets). ``sampling``: its ``max_tokens`` sets
+    the prompt's budget as in play (default: the engine's config)."""
+    from npcchat.api import sampling_of
+
     flags = engine.bundle.flags
     found = runner.Npcs(engine, npcs or {})
-    sampling = SamplingParams(temperature=0.0, seed=0)
+    sampling = replace(sampling or sampling_of(engine.cfg), temperature=0.0, seed=0)
     for sc in scenarios:
         conv = runner.conversation_for(sc, engine, sampling, found.of(sc))
         conv.context = sc.context

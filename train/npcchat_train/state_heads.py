@@ -66,19 +66,35 @@ def state_loss(
     """The parts of the state loss, each weighted, and ``"total"``: the delta MSE through
     tanh (what the runtime's head computes), the flags' BCE on their logits, and the
     thresholds' MSE through sigmoid where the labels carry thresholds (``thresholds``:
-    ``[batch, flags]`` with NaN where a label has none; None: no threshold loss)."""
+    ``[batch, flags]``; None: no threshold loss).
+
+    A NaN label is no label: a record without a delta, a flag a record does not name, a
+    threshold it does not give. Each part is the mean over the labels present (with every
+    label present, exactly the plain mean), and a part with no label in the batch is 0."""
     import torch
     from torch.nn import functional as F
 
     w = weights or LossWeights()
-    pos_weight = torch.full((flags.shape[1],), w.flag_pos_weight)
-    parts = {
-        "delta": F.mse_loss(torch.tanh(module.delta_head(vectors)), delta) * w.delta,
-        "flags": F.binary_cross_entropy_with_logits(
-            module.flag_head(vectors), flags, pos_weight=pos_weight
+    zero = vectors.sum() * 0.0  # keeps the graph and the device
+    parts: dict[str, Any] = {}
+    known = ~torch.isnan(delta)
+    if bool(known.any()):
+        predicted = torch.tanh(module.delta_head(vectors))
+        parts["delta"] = F.mse_loss(predicted[known], delta[known]) * w.delta
+    else:
+        parts["delta"] = zero
+    known = ~torch.isnan(flags)
+    if bool(known.any()):
+        pos_weight = torch.full((flags.shape[1],), w.flag_pos_weight, device=flags.device)
+        each = F.binary_cross_entropy_with_logits(
+            module.flag_head(vectors),
+            torch.nan_to_num(flags),
+            pos_weight=pos_weight,
+            reduction="none",
         )
-        * w.flags,
-    }
+        parts["flags"] = each[known].mean() * w.flags
+    else:
+        parts["flags"] = zero
     if thresholds is not None:
         known = ~torch.isnan(thresholds)
         if bool(known.any()):
@@ -89,3 +105,15 @@ def state_loss(
         total = total + parts["thresholds"]
     parts["total"] = total
     return parts
+
+
+def lm_loss(logits: Any, targets: Any) -> Any:
+    """The language-model loss: mean cross-entropy of the reply tokens (and the token that
+    ends the reply) only; ``targets`` is -100 at every other position (the prompt is given,
+    never learned)."""
+    from torch.nn import functional as F
+
+    scored = targets != -100
+    if not bool(scored.any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits[scored].float(), targets[scored])

@@ -1,0 +1,114 @@
+"""``npcchat train --bundle OUT``: the run's adapter and heads to a bundle that talks.
+
+The same steps a user would run by hand, in one go: ``npcchat convert`` (merge, quantize,
+verify the drift), ``npcchat heads fit`` on the quantized model (quantization moves the
+`<STATE>` vector, so the heads trained on the full-precision model are refitted on the
+vectors the shipped GGUF computes, for the training records rendered with their NPC files as
+in play), and one greedy turn of a training record through the finished bundle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from npcchat.config import Config
+from npcchat.eval.scenarios import Scenario
+from npcchat.mind.npc import NpcDef
+
+if TYPE_CHECKING:
+    from .run import TrainOptions
+
+
+def npc_states(
+    engine: Any, npcs: Mapping[str, NpcDef]
+) -> Callable[[list[Scenario], Callable[[], None]], np.ndarray]:
+    """A ``heads fit`` vector source that renders each record with its NPC file, through
+    :meth:`npcchat.Conversation.prompt` (the prompt talk decodes)."""
+    from npcchat.eval import runner
+    from npcchat.types import SamplingParams
+
+    found = runner.Npcs(engine, npcs)
+    sampling = SamplingParams(temperature=0.0, seed=0, max_tokens=engine.cfg.sampling.max_tokens)
+
+    def vectors(records: list[Scenario], tick: Callable[[], None]) -> np.ndarray:
+        rows = []
+        for sc in records:
+            conv = runner.conversation_for(sc, engine, sampling, found.of(sc))
+            conv.context = sc.context
+            rows.append(engine.state_vector(conv.prompt(sc.turns[0][0]))[0])
+            tick()
+        return np.stack(rows).astype(np.float64)
+
+    return vectors
+
+
+def make_bundle(
+    opts: TrainOptions,
+    cfg: Config,
+    flags: list[str],
+    scenarios: Sequence[Scenario],
+    npcs: Mapping[str, NpcDef],
+    progress: Callable[[str, dict[str, Any]], None] | None,
+) -> dict[str, Any]:
+    from dataclasses import asdict, replace
+
+    from npcchat.api import load
+    from npcchat.runtime.bundle import load as load_bundle
+    from npcchat.runtime.engine import Engine
+    from npcchat_convert.pipeline import Options, convert
+    from npcchat_heads.refit import fit_bundle
+
+    assert opts.bundle is not None
+
+    def stage(name: str, done: int, total: int) -> None:
+        if progress:
+            progress("stage", {"name": name, "done": done, "total": total})
+
+    report = convert(
+        Options(
+            base=opts.base,
+            out=opts.bundle,
+            adapter=opts.out / "adapter",
+            heads=opts.out / "heads",
+            quant=opts.quant,
+            template=opts.template,
+            name=opts.bundle.name,
+        ),
+        stage,
+    )
+    bundle = load_bundle(opts.bundle)
+    with Engine.load(bundle, cfg) as engine:
+        fit = fit_bundle(
+            opts.bundle,
+            list(opts.data),
+            None,
+            cfg,
+            flags_given=flags,
+            progress=lambda d, t: stage("heads fit", d, t),
+            vectors=npc_states(engine, npcs),
+        )
+    # the finished bundle talks: one greedy turn of the first record, NPC file applied
+    first = scenarios[0]
+    rt = load(opts.bundle, config=replace(cfg, sampling=replace(cfg.sampling, temperature=0.0)))
+    try:
+        turn = rt.open(_npc_of(first, npcs), seed=0).say(first.turns[0][0])
+    finally:
+        rt.close()
+    return {
+        "path": str(opts.bundle),
+        "convert": {k: v for k, v in asdict(report).items() if k != "fallbacks"},
+        "heads_fit": {k: fit[k] for k in ("records", "train", "validation", "test", "held_out")},
+        "smoke_turn": {"player": first.turns[0][0], "reply": turn.reply, "deltas": turn.deltas},
+    }
+
+
+def _npc_of(sc: Scenario, npcs: Mapping[str, NpcDef]) -> NpcDef | None:
+    from npcchat.mind import npc as npc_mod
+
+    if sc.npc_file:
+        return npc_mod.load(Path(sc.npc_file))
+    return npcs.get(sc.npc_id)

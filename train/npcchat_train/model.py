@@ -1,0 +1,311 @@
+"""The model being trained: a Hugging Face Qwen2 base with PEFT LoRA, the state heads beside
+it, and the precision and device it runs at.
+
+LoRA is set as the original notebook set it (r, alpha, dropout, target modules, per-module
+rank and alpha patterns, rsLoRA). QLoRA loads the base in 4 bits through bitsandbytes,
+which needs CUDA: anywhere else it is refused with one line before anything loads. When
+the tokenizer gained scaffold tags, the embedding matrix grows by those rows; only the new
+rows learn (the gradient of every old row is zeroed, and no weight decay touches them), and
+the whole matrix is saved with the adapter as PEFT's ``save_embedding_layers`` writes it,
+which is where ``npcchat convert`` takes a resized vocabulary from.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from npcchat.errors import ConfigError
+
+from . import state_heads
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    targets: tuple[str, ...] = (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    )
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    rslora: bool = False
+
+    def check(self) -> None:
+        if self.r < 1:
+            raise ConfigError(f"--lora-r {self.r}: expected a rank of at least 1")
+        if not self.alpha > 0:
+            raise ConfigError(f"--lora-alpha {self.alpha}: expected a positive number")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"--lora-dropout {self.dropout}: expected 0 up to (not) 1")
+        if not self.targets:
+            raise ConfigError("--lora-targets: expected at least one module name")
+
+
+def pick_device(wanted: str) -> str:
+    import torch
+
+    if wanted == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: this torch sees no CUDA device", hint="--device cpu")
+    if wanted not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {wanted}: expected auto, cpu or cuda")
+    return wanted
+
+
+def pick_precision(wanted: str, device: str) -> str:
+    """``auto``: bf16 on a GPU that has it, else fp32 (CPU training stays in fp32: bf16
+    matmuls on CPU are slower and the parity checks would lose their margin)."""
+    import torch
+
+    if wanted == "auto":
+        return "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if wanted == "bf16" and device == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("--precision bf16: this GPU has no bf16", hint="--precision fp32")
+    if wanted not in ("fp32", "bf16"):
+        raise ConfigError(f"--precision {wanted}: expected auto, fp32 or bf16")
+    return wanted
+
+
+def check_qlora(device: str) -> None:
+    """QLoRA needs CUDA and bitsandbytes; said in one line, before the base loads."""
+    import importlib.util
+
+    if device != "cuda":
+        raise ConfigError("--qlora: 4-bit bases need a CUDA GPU; this run is on the CPU")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("--qlora: bitsandbytes is not installed", hint="pip install bitsandbytes")
+
+
+def quiet() -> None:
+    """transformers' own progress bars and deprecation chatter would tear through npcchat's
+    progress display; its errors still surface as exceptions."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
+
+
+class TrainModel:
+    """Base + LoRA + state heads, on one device. :meth:`forward` gives the final hidden
+    states (after the final norm, as the runtime reads them) and the reply logits."""
+
+    def __init__(
+        self,
+        base: Path,
+        n_vocab: int,
+        n_flags: int,
+        lora: LoraSettings,
+        device: str,
+        precision: str,
+        qlora: bool,
+        seed: int,
+    ) -> None:
+        import torch
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        lora.check()
+        torch.manual_seed(seed)
+        self.device = device
+        self.precision = precision
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        kwargs: dict[str, Any] = {"dtype": dtype}
+        if qlora:
+            check_qlora(device)
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=dtype,
+            )
+            kwargs["device_map"] = {"": 0}
+        quiet()
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(base), **kwargs)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{base}: cannot load the base model ({e})") from None
+        if getattr(model.config, "model_type", None) != "qwen2":
+            raise ConfigError(
+                f"{base / 'config.json'}: model_type {model.config.model_type!r}: npcchat "
+                "trains Qwen2 models (its runtime and convert are Qwen2's)"
+            )
+        self.hidden_size = int(model.config.hidden_size)
+        self.tied = bool(model.config.tie_word_embeddings)
+        self.old_vocab = int(model.get_input_embeddings().weight.shape[0])
+        self.resized = n_vocab > self.old_vocab
+        if self.resized:
+            model.resize_token_embeddings(n_vocab, mean_resizing=False)
+            with torch.no_grad():
+                emb = model.get_input_embeddings().weight
+                emb[self.old_vocab :] = emb[: self.old_vocab].mean(dim=0)
+                if not self.tied:
+                    head = model.get_output_embeddings().weight
+                    head[self.old_vocab :] = head[: self.old_vocab].mean(dim=0)
+        if qlora:
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model)
+        config = LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=list(lora.targets),
+            rank_pattern=dict(lora.rank_pattern),
+            alpha_pattern=dict(lora.alpha_pattern),
+            use_rslora=lora.rslora,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        try:
+            self.peft = get_peft_model(model, config)
+        except ValueError as e:
+            raise ConfigError(f"--lora-targets: {e}") from None
+        self.causal = self.peft.base_model.model  # Qwen2ForCausalLM, LoRA layers inside
+        self.heads = state_heads.heads(self.hidden_size, n_flags)
+        self.embedding_params: list[Any] = []
+        if self.resized:
+            self._train_new_rows()
+        if not qlora:
+            self.peft.to(device)
+        self.heads.to(device)
+
+    def _train_new_rows(self) -> None:
+        import torch
+
+        old = self.old_vocab
+        seen: set[int] = set()
+        for module in (self.causal.get_input_embeddings(), self.causal.get_output_embeddings()):
+            p = module.weight
+            if id(p) in seen:
+                continue  # tied: one matrix
+            seen.add(id(p))
+            p.requires_grad_(True)
+
+            def keep_old_rows(grad: torch.Tensor) -> torch.Tensor:
+                grad = grad.clone()
+                grad[:old] = 0
+                return grad
+
+            p.register_hook(keep_old_rows)
+            self.embedding_params.append(p)
+
+    # -- parameters -------------------------------------------------------------------------
+    def parameter_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        emb = {id(p) for p in self.embedding_params}
+        lora = [p for p in self.peft.parameters() if p.requires_grad and id(p) not in emb]
+        groups = [
+            {"params": lora, "weight_decay": weight_decay},
+            {"params": list(self.heads.parameters()), "weight_decay": weight_decay},
+        ]
+        if self.embedding_params:
+            groups.append({"params": self.embedding_params, "weight_decay": 0.0})
+        return groups
+
+    def trainable(self) -> list[Any]:
+        return [p for g in self.parameter_groups(0.0) for p in g["params"]]
+
+    def train(self, on: bool = True) -> None:
+        self.peft.train(on)
+        self.heads.train(on)
+
+    # -- computing ----------------------------------------------------------------------------
+    def forward(self, ids: Any, mask: Any) -> Any:
+        """``[batch, time, hidden]`` final hidden states, after the final norm."""
+        out = self.causal.model(input_ids=ids, attention_mask=mask)
+        return out.last_hidden_state
+
+    def logits(self, hidden: Any) -> Any:
+        return self.causal.lm_head(hidden)
+
+    # -- saving -------------------------------------------------------------------------------
+    def save_adapter(self, out: Path) -> None:
+        """A PEFT adapter directory (safetensors), the resized embeddings with it."""
+        self.peft.save_pretrained(
+            str(out), safe_serialization=True, save_embedding_layers=self.resized
+        )
+
+    def load_adapter(self, src: Path) -> None:
+        import torch
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        state = load_file(str(src / "adapter_model.safetensors"), device=self.device)
+        result = set_peft_model_state_dict(self.peft, state)
+        missing = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k]
+        if missing:
+            raise ConfigError(f"{src}: the checkpoint does not fit this model ({missing[0]})")
+        if self.resized:
+            with torch.no_grad():
+                for key, module in (
+                    (
+                        "base_model.model.model.embed_tokens.weight",
+                        self.causal.get_input_embeddings(),
+                    ),
+                    ("base_model.model.lm_head.weight", self.causal.get_output_embeddings()),
+                ):
+                    if key in state:
+                        module.weight.copy_(state[key])
+
+    def save_heads(self, out: Path, flags: list[str]) -> None:
+        """``delta_head``/``flag_head``/``threshold_head`` as safetensors + ``flags.json``:
+        what ``npcchat convert --heads`` reads."""
+        from npcchat.files.safetensors import save
+
+        out.mkdir(parents=True, exist_ok=True)
+        for name in ("delta_head", "flag_head", "threshold_head"):
+            layer = getattr(self.heads, name)
+            save(
+                {
+                    "weight": layer.weight.detach().float().cpu().numpy(),
+                    "bias": layer.bias.detach().float().cpu().numpy(),
+                },
+                out / f"{name}.safetensors",
+            )
+        (out / "flags.json").write_text(json.dumps({"ALL_FLAGS": flags}), "utf-8")
+
+    def load_heads(self, src: Path) -> None:
+        import torch
+
+        from npcchat.files.safetensors import SafeFile
+
+        with torch.no_grad():
+            for name in ("delta_head", "flag_head", "threshold_head"):
+                f = SafeFile(src / f"{name}.safetensors")
+                layer = getattr(self.heads, name)
+                layer.weight.copy_(torch.from_numpy(f.get("weight").copy()))
+                layer.bias.copy_(torch.from_numpy(f.get("bias").copy()))
+
+    def describe(self) -> dict[str, Any]:
+        trainable = sum(p.numel() for p in self.trainable())
+        total = sum(p.numel() for p in self.peft.parameters()) + sum(
+            p.numel() for p in self.heads.parameters()
+        )
+        return {
+            "device": self.device,
+            "precision": self.precision,
+            "trainable_parameters": int(trainable),
+            "parameters": int(total),
+            "vocab_added": int(self.causal.get_input_embeddings().weight.shape[0] - self.old_vocab),
+        }
+
+
+def settings_dict(lora: LoraSettings) -> dict[str, Any]:
+    d = asdict(lora)
+    d["targets"] = list(lora.targets)
+    return d

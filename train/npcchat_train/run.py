@@ -1,0 +1,212 @@
+"""``npcchat train``: records + a Qwen2 base -> LoRA adapter + state heads (+ a bundle).
+
+The run directory holds everything a run makes and needs to continue:
+
+* ``settings.json``: the options, the data's sha256 and the tokenizer's additions; a
+  ``--resume`` with other options or other data is refused (it would not continue *this* run);
+* ``prompts.jsonl``: every training and held-out example as the runtime renders it;
+* ``adapter/`` (PEFT, the tokenizer beside it when tags were added), ``heads/``
+  (``*_head.safetensors`` + ``flags.json``): the best epoch's, exactly what
+  ``npcchat convert --adapter --heads`` reads;
+* ``checkpoint/``: the resumable state; ``log.jsonl``: each step's loss parts and each
+  epoch's held-out scores; ``report.json``: the summary;
+* with ``--bundle OUT``: the bundle (convert, quantize, heads refitted on the quantized
+  model, verified, one turn played).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from npcchat.config import Config
+from npcchat.errors import ConfigError
+
+from . import data as data_mod
+from .loop import LoopSettings
+from .model import LoraSettings, settings_dict
+
+Progress = Callable[[str, dict[str, Any]], None]  # (event, values): "step", "epoch", "stage"
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    data: tuple[Path, ...]
+    base: Path
+    out: Path
+    npcs: Path | None = None
+    examples: bool = False  # also the NPC files' own examples
+    heldout_files: tuple[Path, ...] = ()  # held-out records (else a share of --data)
+    heldout: float = 0.1
+    template: str = "served-v1"
+    flags: tuple[str, ...] | None = None
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    loop: LoopSettings = field(default_factory=LoopSettings)
+    device: str = "auto"
+    precision: str = "auto"
+    qlora: bool = False
+    resume: bool = False
+    strict: bool = True
+    bundle: Path | None = None
+    quant: str = "q4_k_m"
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What decides the run's result: a resumed run must have the same."""
+        digest = hashlib.sha256()
+        for p in (*self.data, *self.heldout_files):
+            digest.update(p.read_bytes())
+        return {
+            "data_sha256": digest.hexdigest(),
+            "base": str(self.base.resolve()),
+            "npcs": str(self.npcs.resolve()) if self.npcs else None,
+            "examples": self.examples,
+            "heldout": self.heldout,
+            "template": self.template,
+            "flags": list(self.flags) if self.flags else None,
+            "lora": settings_dict(self.lora),
+            "loop": {**asdict(self.loop), "weights": asdict(self.loop.weights)},
+            "qlora": self.qlora,
+        }
+
+
+def check_out(opts: TrainOptions) -> None:
+    out = opts.out
+    settings = out / "settings.json"
+    if opts.resume:
+        if not settings.is_file():
+            raise ConfigError(
+                f"--resume: {out} holds no run to continue", hint="start it without --resume"
+            )
+        old = json.loads(settings.read_text("utf-8"))["fingerprint"]
+        new = opts.fingerprint()
+        changed = sorted(k for k in new if new[k] != old.get(k))
+        if changed:
+            raise ConfigError(
+                f"--resume: {out} was started with other {', '.join(changed)}",
+                hint="resume with the options and data it started with, or start a new --out",
+            )
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(
+            f"--out {out}: already exists and is not empty; npcchat never overwrites a run",
+            hint="--resume continues it; or choose another --out",
+        )
+    if opts.bundle is not None and opts.bundle.exists() and any(opts.bundle.iterdir()):
+        raise ConfigError(f"--bundle {opts.bundle}: already exists and is not empty")
+
+
+def train(opts: TrainOptions, cfg: Config, progress: Progress | None = None) -> dict[str, Any]:
+    """The whole run; returns the report (also written to ``report.json``)."""
+    from npcchat.api import sampling_of
+    from npcchat_convert.hf import read_config
+    from npcchat_convert.pipeline import template_of
+
+    from . import records, tokens
+    from .loop import Trainer
+    from .model import TrainModel, pick_device, pick_precision
+
+    def tell(event: str, **values: Any) -> None:
+        if progress:
+            progress(event, values)
+
+    opts.loop.check()
+    opts.lora.check()
+    for p in (*opts.data, *opts.heldout_files):
+        if not p.is_file():
+            raise ConfigError(f"{p}: file not found", hint="give JSONL records eval reads")
+    check_out(opts)
+    device = pick_device(opts.device)
+    precision = pick_precision(opts.precision, device)
+    if opts.qlora:
+        from .model import check_qlora
+
+        check_qlora(device)
+    hf = read_config(opts.base)  # a Qwen2 directory, checked before torch loads it
+    template = template_of(opts.template)
+    tok = tokens.prepare(opts.base, template)
+    tell("stage", name="render prompts")
+    scenarios, notes = data_mod.read_records(opts.data, opts.strict)
+    npcs = data_mod.npc_files(opts.npcs)
+    if opts.examples:
+        if not npcs:
+            raise ConfigError("--examples trains on the NPC files' examples: give --npcs DIR")
+        from npcchat.eval import examples as npc_examples
+
+        scenarios += npc_examples.scenarios(npcs.values())
+    if opts.heldout_files:
+        held_sc, held_notes = data_mod.read_records(opts.heldout_files, opts.strict)
+        train_sc, notes = scenarios, notes + held_notes
+    else:
+        train_sc, held_sc = data_mod.split(scenarios, opts.heldout, opts.loop.seed)
+    flags = data_mod.flag_names([*train_sc, *held_sc], opts.flags)
+    engine = tokens.render_engine(tok, template, flags, hf.hidden_size, cfg, opts.out)
+    sampling = sampling_of(cfg, 0)
+    train_ex = list(records.examples(engine, train_sc, npcs, sampling))
+    held_ex = list(records.examples(engine, held_sc, npcs, sampling))
+    train_items = data_mod.encode(train_ex, tok, flags, sampling.max_tokens)
+    held_items = data_mod.encode(held_ex, tok, flags, sampling.max_tokens)
+    data_mod.check_labelled(train_items, "training")
+    opts.out.mkdir(parents=True, exist_ok=True)
+    if not opts.resume:
+        settings = {
+            "fingerprint": opts.fingerprint(),
+            "data": [str(p) for p in opts.data],
+            "heldout_files": [str(p) for p in opts.heldout_files],
+            "flags": list(flags),
+            "tokens_added": list(tok.added),
+            "device": device,
+            "precision": precision,
+        }
+        (opts.out / "settings.json").write_text(json.dumps(settings, indent=2), "utf-8")
+        with (opts.out / "prompts.jsonl").open("w", encoding="utf-8") as fh:
+            for split, exs in (("train", train_ex), ("heldout", held_ex)):
+                for ex in exs:
+                    fh.write(json.dumps({"split": split, **ex.to_json()}, ensure_ascii=False))
+                    fh.write("\n")
+    tell(
+        "stage",
+        name="load model",
+        train=data_mod.summary(train_items),
+        heldout=len(held_items),
+    )
+    model = TrainModel(
+        opts.base,
+        tok.n_vocab,
+        len(flags),
+        opts.lora,
+        device,
+        precision,
+        opts.qlora,
+        opts.loop.seed,
+    )
+    extra = tok.files if tok.added else {}
+    trainer = Trainer(model, train_items, held_items, flags, opts.loop, opts.out, extra)
+    if opts.resume:
+        trainer.resume()
+    tell("start", total_steps=trainer.total_steps, step=trainer.step, model=model.describe())
+    summary = trainer.run(
+        on_step=lambda r: tell("step", **r), on_epoch=lambda r: tell("epoch", **r)
+    )
+    report: dict[str, Any] = {
+        "out": str(opts.out),
+        "adapter": str(opts.out / "adapter"),
+        "heads": str(opts.out / "heads"),
+        "flags": list(flags),
+        "tokens_added": list(tok.added),
+        "train": data_mod.summary(train_items),
+        "heldout_examples": len(held_items),
+        "model": model.describe(),
+        "notes": notes,
+        **summary,
+    }
+    if opts.bundle is not None:
+        del model, trainer  # the torch model's memory, before llama.cpp loads the bundle
+        from .bundle import make_bundle
+
+        tell("stage", name="bundle")
+        report["bundle"] = make_bundle(opts, cfg, list(flags), train_sc, npcs, progress)
+    (opts.out / "report.json").write_text(json.dumps(report, indent=2, default=str), "utf-8")
+    return report
