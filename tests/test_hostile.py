@@ -1276,3 +1276,39 @@ def _json(body: object) -> bytes:
     import json
 
     return json.dumps(body, allow_nan=True).encode()
+
+
+def test_a_model_json_file_is_bounded_before_it_is_read(tmp_path: Path) -> None:
+    from npcchat.errors import ConvertError
+    from npcchat_convert import hf
+
+    root = _checkpoint(tmp_path)
+    with (root / "tokenizer.json").open("r+b") as fh:  # sparse: no real bytes written
+        fh.truncate(hf.MAX_JSON_BYTES + 1)
+    with pytest.raises(ConvertError, match="over the 64 MiB"):
+        hf.read_tokenizer(root)
+
+
+def test_training_refuses_a_tokenizer_convert_would_refuse(tmp_path: Path) -> None:
+    """A base whose tokenizer convert cannot carry is refused before any training, and a
+    scaffold tag that is a plain token of the base is named."""
+    import json
+
+    pytest.importorskip("tokenizers")
+    from npcchat.errors import ConfigError, ConvertError
+    from npcchat.runtime.prompt import builtin_template
+    from npcchat_train.tokens import prepare
+
+    root = _checkpoint(tmp_path)
+    tj = json.loads((root / "tokenizer.json").read_text())
+    (root / "tokenizer.json").write_text(
+        json.dumps({**tj, "pre_tokenizer": {"type": "Whitespace"}})
+    )
+    with pytest.raises(ConvertError, match="key 'pre_tokenizer'"):
+        prepare(root, builtin_template("served-v1"))
+    for t in tj["added_tokens"]:
+        if t["content"] == "<STATE>":
+            t["special"] = False
+    (root / "tokenizer.json").write_text(json.dumps(tj))
+    with pytest.raises(ConfigError, match="<STATE> is a plain token of this tokenizer"):
+        prepare(root, builtin_template("served-v1"))

@@ -27,6 +27,7 @@ from npcchat.eval.scenarios import Scenario, read  # noqa: E402
 from npcchat.mind import npc as npc_mod  # noqa: E402
 from npcchat.runtime.bundle import load as load_bundle  # noqa: E402
 from npcchat.runtime.engine import Engine  # noqa: E402
+from npcchat.runtime.prompt import SCAFFOLD_TAGS  # noqa: E402
 from npcchat.types import SamplingParams  # noqa: E402
 from npcchat_train import records, tokens  # noqa: E402
 from npcchat_train.loop import Interrupted, LoopSettings, predict  # noqa: E402
@@ -56,8 +57,10 @@ def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("bases")
     make_checkpoint(root / "tagged", "tiny", seed=3)
-    make_checkpoint(root / "stock", "tiny", seed=4, scaffold=False)
-    return {"tagged": root / "tagged", "stock": root / "stock"}
+    # as a real Qwen2 base: no tags, and an embedding matrix wider than the vocabulary
+    make_checkpoint(root / "stock", "tiny", seed=4, scaffold=False, vocab_size=1000)
+    make_checkpoint(root / "tight", "tiny", seed=5, scaffold=False)  # no padding rows
+    return {"tagged": root / "tagged", "stock": root / "stock", "tight": root / "tight"}
 
 
 def _options(base: Path, out: Path, **kw: Any) -> TrainOptions:
@@ -78,7 +81,9 @@ def _options(base: Path, out: Path, **kw: Any) -> TrainOptions:
 def stock_run(bases: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "stock"
     report = train(_options(bases["stock"], out), CFG)
-    assert report["tokens_added"], "the stock base lacks the tags: the run adds them"
+    assert len(report["tokens_added"]) == 7, "the stock base lacks the tags: the run adds them"
+    # the tags take padding rows of the matrix (no growth), and those rows learn
+    assert report["model"]["tokens_trained"] == 7 and report["model"]["rows_added"] == 0
     return out
 
 
@@ -105,10 +110,10 @@ def _torch_outputs(base: Path, run: Path, scenarios: list[Scenario]) -> np.ndarr
     engine = tokens.render_engine(tok, template_of("reuse-v1"), flags, 256, CFG, run)
     npcs = npc_mod.load_dir(NPCS)
     items = data.encode(list(records.examples(engine, scenarios, npcs)), tok, flags, 200)
-    model = TrainModel(base, tok.n_vocab, len(flags), LORA, "cpu", "fp32", False, 0)
+    model = TrainModel(base, tok.n_vocab, tok.added_ids, len(flags), LORA, "cpu", "fp32", False, 0)
     model.load_adapter(run / "adapter")
     model.load_heads(run / "heads")
-    vectors = torch.from_numpy(predict(model, items, 4)["vectors"]).float()
+    vectors = torch.from_numpy(predict(model, items, _loop())["vectors"]).float()
     with torch.no_grad():
         delta = torch.tanh(model.heads.delta_head(vectors))
         prob = torch.sigmoid(model.heads.flag_head(vectors))
@@ -261,13 +266,34 @@ def test_every_loss_part_is_logged_and_the_best_epoch_kept(stock_run: Path) -> N
     assert report["best_epoch"] == 1 and report["tokens_per_s"] > 0
 
 
+def _same_weights(a: Path, b: Path) -> None:
+    from safetensors.numpy import load_file
+
+    for rel in (
+        "adapter/adapter_model.safetensors",
+        "heads/flag_head.safetensors",
+        "checkpoint/adapter/adapter_model.safetensors",
+        "checkpoint/heads/delta_head.safetensors",
+    ):
+        x, y = load_file(str(a / rel)), load_file(str(b / rel))
+        assert x.keys() == y.keys()
+        for k in x:
+            assert np.array_equal(x[k], y[k]), (rel, k)
+
+
 def test_ctrl_c_then_resume_is_the_uninterrupted_run(
-    bases: dict[str, Path], tmp_path: Path
+    bases: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An interrupted run resumed with --resume ends with the very weights of a run never
-    interrupted (batch order, random state and optimizer all restored)."""
-    opts = _options(bases["tagged"], tmp_path / "whole", loop=_loop(epochs=2, batch_size=16))
-    train(opts, CFG)
+    interrupted (batch order, random state with LoRA dropout on, and optimizer restored),
+    whether Ctrl-C came after a step or while an epoch's held-out records were scored."""
+    from npcchat_train import loop
+
+    dropout = LoraSettings(r=8, alpha=16.0, dropout=0.05)
+    opts = _options(
+        bases["tagged"], tmp_path / "whole", loop=_loop(epochs=2, batch_size=16), lora=dropout
+    )
+    whole = train(opts, CFG)
 
     def stop_at_5(event: str, values: dict[str, Any]) -> None:
         if event == "step" and values["step"] == 5:
@@ -279,15 +305,77 @@ def test_ctrl_c_then_resume_is_the_uninterrupted_run(
     assert caught.value.exit_code == 130 and "--resume" in (caught.value.hint or "")
     state = json.loads((cut.out / "checkpoint" / "state.json").read_text("utf-8"))
     assert state["step"] == 5
-    report = train(replace(cut, resume=True), CFG)
-    assert report["steps"] == json.loads((opts.out / "report.json").read_text())["steps"]
-    from safetensors.numpy import load_file
+    # the second time, Ctrl-C lands in the first epoch's scoring
+    real_score, calls = loop.score, []
 
-    for rel in ("adapter/adapter_model.safetensors", "heads/flag_head.safetensors"):
-        a, b = load_file(str(opts.out / rel)), load_file(str(cut.out / rel))
-        assert a.keys() == b.keys()
-        for k in a:
-            assert np.array_equal(a[k], b[k]), (rel, k)
+    def interrupted_score(*args: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real_score(*args)
+
+    monkeypatch.setattr(loop, "score", interrupted_score)
+    with pytest.raises(Interrupted):
+        train(replace(cut, resume=True), CFG)
+    monkeypatch.setattr(loop, "score", real_score)
+    report = train(replace(cut, resume=True), CFG)
+    assert report["steps"] == whole["steps"]
+    assert [h["epoch"] for h in report["history"]] == [1, 2]
+    assert all("heldout" in h for h in report["history"])
+    assert report["best_epoch"] == whole["best_epoch"]
+    _same_weights(opts.out, cut.out)
+    steps = [json.loads(x) for x in (cut.out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps if "lm" in r] == list(range(1, whole["steps"] + 1))
+
+
+def test_a_stock_base_without_padding_grows_its_embeddings(
+    bases: dict[str, Path], tmp_path: Path
+) -> None:
+    """Tags that do not fit in the matrix make it grow; the grown matrix travels with the
+    adapter and convert takes it over (the tags are control tokens of the bundle)."""
+    from safetensors import safe_open
+
+    from npcchat_convert.pipeline import Options, convert
+
+    run = tmp_path / "run"
+    report = train(_options(bases["tight"], run, loop=_loop(max_steps=2), heldout=0.0), CFG)
+    assert report["model"]["rows_added"] == 7 and report["heldout_examples"] == 0
+    with safe_open(str(run / "adapter" / "adapter_model.safetensors"), "np") as f:
+        rows = f.get_slice("base_model.model.model.embed_tokens.weight").get_shape()[0]
+    tj = json.loads((bases["tight"] / "tokenizer.json").read_text("utf-8"))
+    base_ids = set(tj["model"]["vocab"].values()) | {t["id"] for t in tj["added_tokens"]}
+    assert rows == len(base_ids) + 7
+    bundle = tmp_path / "bundle"
+    convert(
+        Options(
+            base=bases["tight"],
+            out=bundle,
+            adapter=run / "adapter",
+            heads=run / "heads",
+            quant="f32",
+            template="reuse-v1",
+            verify=False,
+        )
+    )
+    with Engine.load(load_bundle(bundle), CFG) as engine:
+        assert engine.vocab.tags["<STATE>"] == rows - 7 + SCAFFOLD_TAGS.index("<STATE>")
+
+
+def test_the_held_out_split_is_the_same_however_the_path_is_spelled(tmp_path: Path) -> None:
+    from npcchat_train import data
+
+    a, _ = read(SAMPLE)
+    b, _ = read(Path(os.path.relpath(SAMPLE)))
+    for seed in (0, 1):
+        ha = [sc.id for sc in data.split(a, 0.2, seed)[1]]
+        hb = [sc.id for sc in data.split(b, 0.2, seed)[1]]
+        assert ha == hb and ha
+    shuffled = list(reversed(a))  # order does not matter either
+    assert {sc.id for sc in data.split(shuffled, 0.2, 0)[1]} == {
+        sc.id for sc in data.split(a, 0.2, 0)[1]
+    }
+    one, _ = data.split(a[:2], 0.99, 0)
+    assert one, "something is always left to train on"
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -353,6 +441,7 @@ def test_the_command_trains_and_writes_a_bundle_that_talks(
         (["--rank-pattern", "q_proj"], "--rank-pattern 'q_proj': expected MODULE=NUMBER"),
         (["--heldout", "1.5"], "--heldout 1.5: expected a share"),
         (["--device", "tpu"], "--device tpu: expected auto, cpu or cuda"),
+        (["--bundle", "b", "--quant", "q9"], "--quant q9: expected one of"),
     ],
 )
 def test_bad_options_are_one_line_and_nothing_is_written(
@@ -376,3 +465,33 @@ def test_bad_data_and_an_existing_run_are_refused(bases: dict[str, Path], tmp_pa
     assert (tmp_path / "run" / "mine.txt").read_text() == "keep me"
     r = _cli(str(SAMPLE), "--base", str(tmp_path), "--out", "run2", cwd=tmp_path)
     assert r.returncode == 1 and "config.json" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_data_that_cannot_make_a_bundle_or_fit_a_prompt_is_refused_before_training(
+    bases: dict[str, Path], tmp_path: Path
+) -> None:
+    r = _cli(
+        str(MULTI), "--base", str(bases["tagged"]), "--out", "run", "--bundle", "b", cwd=tmp_path
+    )
+    assert r.returncode == 1 and "at least 5 are needed" in r.stderr, r.stderr
+    assert not (tmp_path / "run").exists()
+    long = tmp_path / "long.jsonl"
+    line = {"id": "long", "npc_id": "x", "player_utterance": "word " * 3000, "delta": {"trust": 0.1, "relationship": 0.0}}
+    long.write_text(SAMPLE.read_text("utf-8") + json.dumps(line) + "\n", "utf-8")
+    r = _cli(str(long), "--base", str(bases["tagged"]), "--out", "run", cwd=tmp_path)
+    assert r.returncode == 1 and "long.jsonl:64" in r.stderr and "n_ctx" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    r = _cli(
+        str(long),
+        "--base",
+        str(bases["tagged"]),
+        "--out",
+        "run",
+        "--skip-bad-lines",
+        "--max-steps",
+        "1",
+        "--json",
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr
+    assert any("long.jsonl:64" in n for n in json.loads(r.stdout)["notes"])

@@ -53,8 +53,19 @@ class Qwen2Config:
         }
 
 
+# config.json and tokenizer_config.json are a few KB, Qwen2's tokenizer.json 7 MB: a file
+# far larger is not one of them, and is refused before it is read into memory
+MAX_JSON_BYTES = 64 << 20
+
+
 def _read_json(path: Path) -> Any:
     try:
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise ConvertError(
+                f"{path}: {size} bytes, over the {MAX_JSON_BYTES >> 20} MiB a model's JSON "
+                "file can be"
+            )
         return json.loads(path.read_text("utf-8"))
     except FileNotFoundError:
         raise ConvertError(f"{path}: file not found") from None

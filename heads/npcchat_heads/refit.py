@@ -187,14 +187,22 @@ def fit_bundle(
     strict: bool = False,
     progress: Callable[[int, int], None] | None = None,
     vectors: StateSource | None = None,
+    scenarios: list[Scenario] | None = None,
 ) -> dict[str, Any]:
     """Fit the heads of ``bundle_dir`` on ``data`` and write them (``out``: into a copy).
     ``vectors``: where the `<STATE>` vectors come from (None: an engine in this process;
-    ``npcchat heads fit --ray`` passes Ray workers, which compute the very same vectors)."""
+    ``npcchat heads fit --ray`` passes Ray workers, which compute the very same vectors).
+    ``scenarios``: the records themselves, read from ``data`` by the caller (``npcchat
+    train`` fits on the ones it trained on)."""
     from npcchat_heads.fit import FitData, fit_heads
 
     bundle = load_bundle(bundle_dir)
-    records, notes = load_records(data, strict)
+    if scenarios is None:
+        records, notes = load_records(data, strict)
+    else:  # already read (and chosen) by the caller; ``data`` names their files
+        records, notes = [sc for sc in scenarios if len(sc.turns) == 1 and sc.turns[0][1]], []
+        if not records:
+            raise ConfigError("no labelled single-turn records to fit on")
     flags = flag_names(bundle, records, flags_given)
     lab = labels(records, flags)
     done = [0]

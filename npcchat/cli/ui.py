@@ -448,7 +448,7 @@ class TrainProgress:
             err.print(
                 f"{m['trainable_parameters']:,} trainable of {m['parameters']:,} parameters, "
                 f"{m['device']}, {m['precision']}"
-                + (f", {m['vocab_added']} tokens added" if m["vocab_added"] else "")
+                + (f", {m['tokens_trained']} added tokens trained" if m["tokens_trained"] else "")
             )
             self._task = self._p.add_task(
                 "train", total=values["total_steps"], completed=values["step"], loss=""

@@ -87,6 +87,7 @@ def make_bundle(
             list(opts.data),
             None,
             cfg,
+            scenarios=list(scenarios),
             flags_given=flags,
             progress=lambda d, t: stage("heads fit", d, t),
             vectors=npc_states(engine, npcs),

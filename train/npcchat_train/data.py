@@ -11,6 +11,7 @@ the token that ends a reply, and cut where the runtime's ``max_tokens`` would cu
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,9 @@ from npcchat.text import nfc
 from .records import Example
 from .tokens import TrainTokenizer
 
-MAX_BAD_LINES_SHOWN = 3
+# ``heads fit``'s split (a fifth tested, a fifth of the rest validating) leaves nothing to
+# fit on below this
+MIN_FIT_RECORDS = 5
 
 
 @dataclass(frozen=True)
@@ -82,20 +85,30 @@ def flag_names(scenarios: Sequence[Scenario], given: Sequence[str] | None) -> tu
     return tuple(names)
 
 
+def identity(sc: Scenario) -> str:
+    """What a scenario *is*, whatever file, path spelling or line it sits on: its NPC, its
+    player lines and reference replies. Identical records share it (and so a side)."""
+    turns = [(player, e.response if e else None) for player, e in sc.turns]
+    return json.dumps([sc.npc_id, turns], ensure_ascii=False)
+
+
 def split(
     scenarios: Sequence[Scenario], fraction: float, seed: int
 ) -> tuple[list[Scenario], list[Scenario]]:
-    """(train, held out): each scenario goes by a hash of its id and the seed, so adding
-    records never moves an old one across the split."""
+    """(train, held out): each scenario goes by a hash of the seed and its
+    :func:`identity`, so the split is the same however the files are named or ordered,
+    and adding records never moves an old one across it."""
     if not 0.0 <= fraction < 1.0:
         raise ConfigError(f"--heldout {fraction}: expected a share from 0 up to (not) 1")
     train: list[Scenario] = []
     held: list[Scenario] = []
     for sc in scenarios:
-        h = hashlib.sha256(f"{seed}|{sc.id}|{sc.source}".encode()).digest()
+        h = hashlib.sha256(f"{seed}|{identity(sc)}".encode()).digest()
         (held if int.from_bytes(h[:8], "big") / 2**64 < fraction else train).append(sc)
     if fraction > 0 and not held and len(train) > 1:
         held.append(train.pop())  # a tiny set still gets a held-out record
+    if not train and len(held) > 1:
+        train.append(held.pop())  # and always something to train on
     return train, held
 
 
@@ -165,3 +178,14 @@ def npc_files(directory: Path | None) -> dict[str, NpcDef]:
     from npcchat.mind import npc as npc_mod
 
     return npc_mod.load_dir(directory)
+
+
+def fit_records(scenarios: Sequence[Scenario], examples: Sequence[Example]) -> list[Scenario]:
+    """The single-turn labelled scenarios that gave an example (not a forbidden trigger's
+    line, not skipped): what ``--bundle`` refits the heads on, as training saw them."""
+    seen = {(ex.source, ex.id) for ex in examples}
+    return [
+        sc
+        for sc in scenarios
+        if len(sc.turns) == 1 and sc.turns[0][1] is not None and (sc.source, sc.id) in seen
+    ]

@@ -15,12 +15,15 @@ function of the seed and the epoch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,6 +80,23 @@ class LoopSettings:
             raise ConfigError(f"--best-by {self.best_by}: expected one of {', '.join(BEST_BY)}")
 
 
+@contextlib.contextmanager
+def deferred_interrupt() -> Iterator[None]:
+    """Ctrl-C inside the block is held until the block ends (then raised): a step or an
+    epoch's bookkeeping is done whole. Only the main thread gets SIGINT; elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
 def batches(items: Sequence[Item], size: int, seed: int, epoch: int) -> list[list[int]]:
     """The epoch's batches (indexes into ``items``): similar lengths together (little
     padding), batches in a shuffled order; the same for the same seed and epoch."""
@@ -112,14 +132,18 @@ def collate(items: Sequence[Item], device: str) -> dict[str, Any]:
     }
 
 
-def losses(model: TrainModel, batch: dict[str, Any], s: LoopSettings) -> dict[str, Any]:
-    """Every part of the loss, weighted, and ``"loss"``, their sum."""
+def losses(
+    model: TrainModel, batch: dict[str, Any], s: LoopSettings, hidden: Any = None
+) -> dict[str, Any]:
+    """Every part of the loss, weighted, and ``"loss"``, their sum (``hidden``: the final
+    hidden states when already computed)."""
     import torch
 
     with torch.autocast(
         device_type=model.device, dtype=torch.bfloat16, enabled=model.precision == "bf16"
     ):
-        hidden = model.forward(batch["ids"], batch["mask"])
+        if hidden is None:
+            hidden = model.forward(batch["ids"], batch["mask"])
         scored = batch["target"] != -100
         lm = state_heads.lm_loss(model.logits(hidden[scored]), batch["target"][scored])
     vectors = state_heads.state_vectors(hidden.float(), batch["state"])
@@ -134,12 +158,13 @@ def losses(model: TrainModel, batch: dict[str, Any], s: LoopSettings) -> dict[st
     )
     out = {"lm": lm * s.lm_weight, **{k: v for k, v in parts.items() if k != "total"}}
     out["loss"] = out["lm"] + parts["total"]
+    out["vectors"] = vectors
     return out
 
 
-def predict(model: TrainModel, items: Sequence[Item], batch_size: int) -> dict[str, Any]:
-    """Held-out pass (no dropout, no gradient): the `<STATE>` vectors and what the heads
-    say of them, and the summed loss parts."""
+def predict(model: TrainModel, items: Sequence[Item], s: LoopSettings) -> dict[str, Any]:
+    """Held-out pass (no dropout, no gradient), one forward per batch of the training's
+    size: the `<STATE>` vectors and the loss parts, weighted as in training."""
     import torch
 
     model.train(False)
@@ -147,18 +172,11 @@ def predict(model: TrainModel, items: Sequence[Item], batch_size: int) -> dict[s
     sums: dict[str, float] = {}
     try:
         with torch.no_grad():
-            for s in range(0, len(items), batch_size):
-                chunk = items[s : s + batch_size]
-                batch = collate(chunk, model.device)
-                with torch.autocast(
-                    device_type=model.device,
-                    dtype=torch.bfloat16,
-                    enabled=model.precision == "bf16",
-                ):
-                    hidden = model.forward(batch["ids"], batch["mask"])
-                v = state_heads.state_vectors(hidden.float(), batch["state"])
-                vectors.append(v.cpu().numpy().astype(np.float64))
-                for k, val in losses(model, batch, LoopSettings()).items():
+            for start in range(0, len(items), s.batch_size):
+                chunk = items[start : start + s.batch_size]
+                parts = losses(model, collate(chunk, model.device), s)
+                vectors.append(parts.pop("vectors").cpu().numpy().astype(np.float64))
+                for k, val in parts.items():
                     sums[k] = sums.get(k, 0.0) + float(val) * len(chunk)
     finally:
         model.train(True)
@@ -181,11 +199,13 @@ def head_weights(model: TrainModel) -> Any:
     return HeadWeights(*wb("delta_head"), *wb("flag_head"), *wb("threshold_head"))
 
 
-def score(model: TrainModel, items: Sequence[Item], flags: Sequence[str]) -> dict[str, Any]:
+def score(
+    model: TrainModel, items: Sequence[Item], flags: Sequence[str], s: LoopSettings
+) -> dict[str, Any]:
     """The held-out metrics: ``heads fit``'s (eval's metric functions) and the losses."""
     from npcchat_heads.refit import Labels, held_out
 
-    pred = predict(model, items, 8)
+    pred = predict(model, items, s)
     lab = Labels(
         np.array([x.delta for x in items], dtype=np.float64).reshape(-1, 2),
         np.array([x.flags for x in items], dtype=np.float64).reshape(-1, len(flags)),
@@ -201,18 +221,23 @@ def score(model: TrainModel, items: Sequence[Item], flags: Sequence[str]) -> dic
 
 
 def better(new: dict[str, Any], old: dict[str, Any] | None, by: str) -> bool:
-    def value(m: dict[str, Any]) -> float | None:
-        if by == "loss":
+    """Whether ``new`` held-out scores beat ``old`` by ``by``; where the held-out labels
+    give no value of ``by`` (no flag with positives, no delta), by the loss."""
+
+    def value(m: dict[str, Any], key: str) -> float | None:
+        if key == "loss":
             return float(m["loss"]["loss"])
-        v = m.get(by)
+        v = m.get(key)
         if v is None:
             return None
-        return -float(v) if by == "flag_f1_macro" else float(v)
+        return -float(v) if key == "flag_f1_macro" else float(v)
 
     if old is None:
         return True
-    a, b = value(new), value(old)
-    return a is not None and (b is None or a < b)
+    a, b = value(new, by), value(old, by)
+    if a is None or b is None:
+        a, b = value(new, "loss"), value(old, "loss")
+    return a is not None and b is not None and a < b
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
@@ -326,14 +351,17 @@ class Trainer:
         _replace_dir(tmp, final)
         return final
 
-    def resume(self) -> None:
+    def resume(self) -> bool:
+        """Continue from ``checkpoint/``; False when there is none (the run stopped before
+        its first step: it starts over). Log lines written after the checkpoint (a crash
+        between two checkpoints) are dropped: those steps run again."""
         import torch
 
         src = self.run_dir / "checkpoint"
+        log = self.run_dir / "log.jsonl"
         if not (src / "state.json").is_file():
-            raise ConfigError(
-                f"{src}: no checkpoint to resume from", hint="start the run without --resume"
-            )
+            log.unlink(missing_ok=True)
+            return False
         state = json.loads((src / "state.json").read_text("utf-8"))
         self.model.load_adapter(src / "adapter")
         self.model.load_heads(src / "heads")
@@ -352,6 +380,15 @@ class Trainer:
         self.history = list(state["history"])
         self.tokens_seen = int(state["tokens_seen"])
         self.train_seconds = float(state["train_seconds"])
+        if log.is_file():
+            kept = []
+            for line in log.read_text("utf-8").splitlines():
+                r = json.loads(line)
+                epoch_record = "best_epoch" in r
+                if (r["epoch"] <= self.epoch) if epoch_record else (r["step"] <= self.step):
+                    kept.append(line)
+            log.write_text("".join(f"{k}\n" for k in kept), "utf-8")
+        return True
 
     def _keep_best(self) -> None:
         tmp_a, tmp_h = self.run_dir / ".adapter.partial", self.run_dir / ".heads.partial"
@@ -380,17 +417,17 @@ class Trainer:
         try:
             while self.epoch < self.s.epochs and self.step < self.total_steps:
                 self._epoch(on_step, on_epoch)
-                if self.step >= self.total_steps and self.batch_in_epoch:
-                    self._end_epoch(on_epoch)  # max_steps ended the epoch early
-                    break
+            if self.batch_in_epoch:  # max_steps stopped it inside an epoch: score that too
+                self._end_epoch(on_epoch)
         except KeyboardInterrupt:
-            where = self.save_checkpoint()
+            with deferred_interrupt():
+                where = self.save_checkpoint()
             raise Interrupted(
                 f"interrupted at step {self.step} of {self.total_steps}; checkpoint saved in "
                 f"{where}",
                 hint="run the same command with --resume to continue",
             ) from None
-        if self.best is None:  # no held-out set and no epoch ended: keep the last weights
+        if self.best_epoch == 0:  # no epoch ended (nothing to train on): keep what there is
             self._keep_best()
         return self.summary()
 
@@ -399,40 +436,47 @@ class Trainer:
         on_step: Callable[[dict[str, Any]], None] | None,
         on_epoch: Callable[[dict[str, Any]], None] | None,
     ) -> None:
+        """The rest of the current epoch, from ``batch_in_epoch`` (always the start of an
+        accumulation group: it only moves when an optimizer step is taken)."""
         import torch
 
         plan = batches(self.items, self.s.batch_size, self.s.seed, self.epoch)
         accum = self.s.grad_accum
-        start = self.batch_in_epoch
         parts_sum: dict[str, float] = {}
         t_step = time.perf_counter()
         tokens = 0
-        for b in range(start, len(plan)):
+        for b in range(self.batch_in_epoch, len(plan)):
             if self.step >= self.total_steps:
                 return
+            group = min(accum, len(plan) - (b // accum) * accum)  # the last one may be short
             batch = collate([self.items[i] for i in plan[b]], self.model.device)
             parts = losses(self.model, batch, self.s)
-            (parts["loss"] / accum).backward()
+            parts.pop("vectors")
+            (parts["loss"] / group).backward()
             for k, v in parts.items():
-                parts_sum[k] = parts_sum.get(k, 0.0) + float(v.detach()) / accum
+                parts_sum[k] = parts_sum.get(k, 0.0) + float(v.detach()) / group
             tokens += batch["tokens"]
-            last = b == len(plan) - 1
-            if (b + 1 - start) % accum and not last:
+            if (b + 1) % accum and b != len(plan) - 1:
                 continue
-            if self.s.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.trainable(), self.s.max_grad_norm)
-            self.opt.step()
-            self.sched.step()
-            self.opt.zero_grad(set_to_none=True)
-            self.step += 1
-            self.batch_in_epoch = b + 1
-            seconds = time.perf_counter() - t_step
-            self.train_seconds += seconds
-            self.tokens_seen += tokens
+            # an optimizer step is whole or not at all: Ctrl-C waits for its end, so a
+            # checkpoint never holds new weights with an old step count or random state
+            with deferred_interrupt():
+                if self.s.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(self.model.trainable(), self.s.max_grad_norm)
+                lr = self.sched.get_last_lr()[0]
+                self.opt.step()
+                self.sched.step()
+                self.opt.zero_grad(set_to_none=True)
+                self.step += 1
+                self.batch_in_epoch = b + 1
+                self._rng = self._rng_state()
+                seconds = time.perf_counter() - t_step
+                self.train_seconds += seconds
+                self.tokens_seen += tokens
             record = {
                 "step": self.step,
                 "epoch": self.epoch + 1,
-                "lr": self.sched.get_last_lr()[0],
+                "lr": lr,
                 **{k: round(v, 6) for k, v in parts_sum.items()},
                 "tokens": tokens,
                 "tokens_per_s": tokens / seconds if seconds > 0 else None,
@@ -442,26 +486,26 @@ class Trainer:
                 on_step({**record, "total_steps": self.total_steps})
             parts_sum, tokens = {}, 0
             t_step = time.perf_counter()
-            self._rng = self._rng_state()
         self._end_epoch(on_epoch)
 
     def _end_epoch(self, on_epoch: Callable[[dict[str, Any]], None] | None) -> None:
-        self.epoch += 1
-        self.batch_in_epoch = 0
-        record: dict[str, Any] = {"epoch": self.epoch, "step": self.step}
-        if self.held:
-            metrics = score(self.model, self.held, self.flags)
-            record["heldout"] = metrics
-            if better(metrics, self.best, self.s.best_by):
-                self.best, self.best_epoch = metrics, self.epoch
+        """Score the held-out records, keep the best, checkpoint. The scoring may be
+        interrupted (nothing has changed yet: a resume scores again); what follows it is
+        done whole."""
+        metrics = score(self.model, self.held, self.flags, self.s) if self.held else None
+        with deferred_interrupt():
+            record: dict[str, Any] = {"epoch": self.epoch + 1, "step": self.step}
+            if metrics is None or better(metrics, self.best, self.s.best_by):
                 self._keep_best()
-        else:
-            self.best_epoch = self.epoch
-            self._keep_best()
-        record["best_epoch"] = self.best_epoch
-        self.history.append(record)
-        self._log(record)
-        self.save_checkpoint()
+                self.best, self.best_epoch = metrics, self.epoch + 1
+            if metrics is not None:
+                record["heldout"] = metrics
+            record["best_epoch"] = self.best_epoch
+            self.epoch += 1
+            self.batch_in_epoch = 0
+            self.history.append(record)
+            self._log(record)
+            self.save_checkpoint()
         if on_epoch:
             on_epoch(record)
 

@@ -4,15 +4,18 @@ it, and the precision and device it runs at.
 LoRA is set as the original notebook set it (r, alpha, dropout, target modules, per-module
 rank and alpha patterns, rsLoRA). QLoRA loads the base in 4 bits through bitsandbytes,
 which needs CUDA: anywhere else it is refused with one line before anything loads. When
-the tokenizer gained scaffold tags, the embedding matrix grows by those rows; only the new
-rows learn (the gradient of every old row is zeroed, and no weight decay touches them), and
-the whole matrix is saved with the adapter as PEFT's ``save_embedding_layers`` writes it,
-which is where ``npcchat convert`` takes a resized vocabulary from.
+the tokenizer gained scaffold tags, their rows of the embedding matrix learn: rows a real
+Qwen2 base already has as padding (its matrix is wider than its vocabulary: 151,936 rows for
+about 151,665 tokens), or new rows when the matrix must grow. Only those rows learn (the
+gradient of every other row is zeroed, and no weight decay touches the matrix), and the whole
+matrix is saved with the adapter as PEFT's ``save_embedding_layers`` writes it, which is
+where ``npcchat convert`` takes the embeddings of added tokens from.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,6 +110,7 @@ class TrainModel:
         self,
         base: Path,
         n_vocab: int,
+        new_ids: Sequence[int],
         n_flags: int,
         lora: LoraSettings,
         device: str,
@@ -148,15 +152,18 @@ class TrainModel:
         self.hidden_size = int(model.config.hidden_size)
         self.tied = bool(model.config.tie_word_embeddings)
         self.old_vocab = int(model.get_input_embeddings().weight.shape[0])
-        self.resized = n_vocab > self.old_vocab
-        if self.resized:
-            model.resize_token_embeddings(n_vocab, mean_resizing=False)
+        self.new_ids = sorted(int(i) for i in new_ids)
+        rows = max(n_vocab, self.new_ids[-1] + 1) if self.new_ids else n_vocab
+        if rows > self.old_vocab:
+            model.resize_token_embeddings(rows)
+        self.resized = bool(self.new_ids)  # the embeddings travel with the adapter
+        if self.new_ids:
+            # a new tag starts as the mean of the real tokens' rows (not of padding rows)
+            real = min(self.new_ids)
             with torch.no_grad():
-                emb = model.get_input_embeddings().weight
-                emb[self.old_vocab :] = emb[: self.old_vocab].mean(dim=0)
-                if not self.tied:
-                    head = model.get_output_embeddings().weight
-                    head[self.old_vocab :] = head[: self.old_vocab].mean(dim=0)
+                for layer in (model.get_input_embeddings(), model.get_output_embeddings()):
+                    if layer is not None:
+                        layer.weight[self.new_ids] = layer.weight[:real].mean(dim=0)
         if qlora:
             from peft import prepare_model_for_kbit_training
 
@@ -188,7 +195,8 @@ class TrainModel:
     def _train_new_rows(self) -> None:
         import torch
 
-        old = self.old_vocab
+        keep = torch.ones(self.causal.get_input_embeddings().weight.shape[0], dtype=torch.bool)
+        keep[self.new_ids] = False
         seen: set[int] = set()
         for module in (self.causal.get_input_embeddings(), self.causal.get_output_embeddings()):
             p = module.weight
@@ -199,7 +207,7 @@ class TrainModel:
 
             def keep_old_rows(grad: torch.Tensor) -> torch.Tensor:
                 grad = grad.clone()
-                grad[:old] = 0
+                grad[keep.to(grad.device)] = 0
                 return grad
 
             p.register_hook(keep_old_rows)
@@ -301,7 +309,8 @@ class TrainModel:
             "precision": self.precision,
             "trainable_parameters": int(trainable),
             "parameters": int(total),
-            "vocab_added": int(self.causal.get_input_embeddings().weight.shape[0] - self.old_vocab),
+            "tokens_trained": len(self.new_ids),
+            "rows_added": int(self.causal.get_input_embeddings().weight.shape[0] - self.old_vocab),
         }
 
 

@@ -15,10 +15,11 @@ A line that meets a forbidden trigger yields no example: in play the model never
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from npcchat.errors import ConfigError, PromptError
 from npcchat.eval import runner
 from npcchat.eval.scenarios import Expected, Scenario
 from npcchat.mind.npc import NpcDef
@@ -56,11 +57,14 @@ def examples(
     scenarios: Sequence[Scenario],
     npcs: Mapping[str, NpcDef] | None = None,
     sampling: SamplingParams | None = None,
+    on_error: Callable[[Scenario, str], None] | None = None,
 ) -> Iterator[Example]:
     """Every labelled turn of ``scenarios`` as an :class:`Example`, in order, rendered by
     ``engine`` (a loaded bundle, or :func:`npcchat_train.tokens.render_engine`: its
     template, and its tokenizer for the budgets). ``sampling``: its ``max_tokens`` sets
-    the prompt's budget as in play (default: the engine's config)."""
+    the prompt's budget as in play (default: the engine's config). A turn whose prompt
+    cannot fit the context is an error naming its record, or with ``on_error`` reported
+    there and the rest of that scenario skipped."""
     from npcchat.api import sampling_of
 
     flags = engine.bundle.flags
@@ -72,7 +76,16 @@ def examples(
         for i, (player, expected) in enumerate(sc.turns):
             triggered = conv.mind.know.trigger_for(player) if conv.mind else None
             if triggered is None and expected is not None:
-                fitted = conv.prompt(player)
+                try:
+                    fitted = conv.prompt(player)
+                except PromptError as e:
+                    if on_error is None:
+                        raise ConfigError(
+                            f"{sc.source}: {e.message}",
+                            hint="shorten the record, or raise [runtime] n_ctx in --config",
+                        ) from None
+                    on_error(sc, e.message)
+                    break
                 yield Example(
                     id=sc.id if len(sc.turns) == 1 else f"{sc.id}#{i + 1}",
                     source=sc.source,

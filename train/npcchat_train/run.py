@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from npcchat.config import Config
 from npcchat.errors import ConfigError
 
@@ -99,7 +101,32 @@ def check_out(opts: TrainOptions) -> None:
 
 
 def train(opts: TrainOptions, cfg: Config, progress: Progress | None = None) -> dict[str, Any]:
-    """The whole run; returns the report (also written to ``report.json``)."""
+    """The whole run; returns the report (also written to ``report.json``). Ctrl-C during
+    training saves a checkpoint (:class:`npcchat_train.loop.Interrupted`); anywhere else it
+    ends the run with the same one-line kind of message."""
+    from .loop import Interrupted
+
+    try:
+        return _train(opts, cfg, progress)
+    except KeyboardInterrupt:
+        done = (opts.out / "report.json").is_file()
+        raise Interrupted(
+            "interrupted "
+            + (
+                f"while making the bundle; the trained adapter and heads are in {opts.out}"
+                if done
+                else "before training began; no checkpoint was written"
+            ),
+            hint=(
+                f"convert them by hand: npcchat convert --base {opts.base} --adapter "
+                f"{opts.out / 'adapter'} --heads {opts.out / 'heads'} --out BUNDLE"
+                if done
+                else None
+            ),
+        ) from None
+
+
+def _train(opts: TrainOptions, cfg: Config, progress: Progress | None) -> dict[str, Any]:
     from npcchat.api import sampling_of
     from npcchat_convert.hf import read_config
     from npcchat_convert.pipeline import template_of
@@ -117,6 +144,11 @@ def train(opts: TrainOptions, cfg: Config, progress: Progress | None = None) -> 
     for p in (*opts.data, *opts.heldout_files):
         if not p.is_file():
             raise ConfigError(f"{p}: file not found", hint="give JSONL records eval reads")
+    if opts.bundle is not None:
+        from npcchat_convert.model import QUANTS
+
+        if opts.quant not in QUANTS:
+            raise ConfigError(f"--quant {opts.quant}: expected one of {', '.join(QUANTS)}")
     check_out(opts)
     device = pick_device(opts.device)
     precision = pick_precision(opts.precision, device)
@@ -144,17 +176,51 @@ def train(opts: TrainOptions, cfg: Config, progress: Progress | None = None) -> 
     flags = data_mod.flag_names([*train_sc, *held_sc], opts.flags)
     engine = tokens.render_engine(tok, template, flags, hf.hidden_size, cfg, opts.out)
     sampling = sampling_of(cfg, 0)
-    train_ex = list(records.examples(engine, train_sc, npcs, sampling))
-    held_ex = list(records.examples(engine, held_sc, npcs, sampling))
+
+    def skipped(sc: Any, why: str) -> None:
+        notes.append(f"skipped {sc.source}: {why}")
+
+    on_error = None if opts.strict else skipped
+    train_ex = list(records.examples(engine, train_sc, npcs, sampling, on_error))
+    held_ex = list(records.examples(engine, held_sc, npcs, sampling, on_error))
     train_items = data_mod.encode(train_ex, tok, flags, sampling.max_tokens)
     held_items = data_mod.encode(held_ex, tok, flags, sampling.max_tokens)
     data_mod.check_labelled(train_items, "training")
+    fit_records = data_mod.fit_records([*train_sc, *held_sc], [*train_ex, *held_ex])
+    if opts.bundle is not None and len(fit_records) < data_mod.MIN_FIT_RECORDS:
+        raise ConfigError(
+            f"--bundle refits the heads on labelled single-turn records: the data has "
+            f"{len(fit_records)}, at least {data_mod.MIN_FIT_RECORDS} are needed",
+            hint="add single-turn records, or train without --bundle and convert by hand",
+        )
+    tell(
+        "stage",
+        name="load model",
+        train=data_mod.summary(train_items),
+        heldout=len(held_items),
+    )
+    model = TrainModel(
+        opts.base,
+        tok.n_vocab,
+        tok.added_ids,
+        len(flags),
+        opts.lora,
+        device,
+        precision,
+        opts.qlora,
+        opts.loop.seed,
+    )
+    extra = tok.files if tok.added else {}
     opts.out.mkdir(parents=True, exist_ok=True)
-    if not opts.resume:
+    trainer = Trainer(model, train_items, held_items, flags, opts.loop, opts.out, extra)
+    if not (opts.resume and trainer.resume()):
+        # written once the model is loaded: a run that never got this far left nothing
+        # behind, and one stopped before its first checkpoint restarts with --resume
         settings = {
             "fingerprint": opts.fingerprint(),
             "data": [str(p) for p in opts.data],
             "heldout_files": [str(p) for p in opts.heldout_files],
+            "heldout": sorted({ex.source for ex in held_ex}),
             "flags": list(flags),
             "tokens_added": list(tok.added),
             "device": device,
@@ -166,26 +232,6 @@ def train(opts: TrainOptions, cfg: Config, progress: Progress | None = None) -> 
                 for ex in exs:
                     fh.write(json.dumps({"split": split, **ex.to_json()}, ensure_ascii=False))
                     fh.write("\n")
-    tell(
-        "stage",
-        name="load model",
-        train=data_mod.summary(train_items),
-        heldout=len(held_items),
-    )
-    model = TrainModel(
-        opts.base,
-        tok.n_vocab,
-        len(flags),
-        opts.lora,
-        device,
-        precision,
-        opts.qlora,
-        opts.loop.seed,
-    )
-    extra = tok.files if tok.added else {}
-    trainer = Trainer(model, train_items, held_items, flags, opts.loop, opts.out, extra)
-    if opts.resume:
-        trainer.resume()
     tell("start", total_steps=trainer.total_steps, step=trainer.step, model=model.describe())
     summary = trainer.run(
         on_step=lambda r: tell("step", **r), on_epoch=lambda r: tell("epoch", **r)
@@ -202,11 +248,28 @@ def train(opts: TrainOptions, cfg: Config, progress: Progress | None = None) -> 
         "notes": notes,
         **summary,
     }
+    if device == "cuda":
+        import torch
+
+        report["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    write_report(opts.out, report)  # the training's result stands whatever --bundle does
     if opts.bundle is not None:
         del model, trainer  # the torch model's memory, before llama.cpp loads the bundle
         from .bundle import make_bundle
 
         tell("stage", name="bundle")
-        report["bundle"] = make_bundle(opts, cfg, list(flags), train_sc, npcs, progress)
-    (opts.out / "report.json").write_text(json.dumps(report, indent=2, default=str), "utf-8")
+        try:
+            report["bundle"] = make_bundle(opts, cfg, list(flags), fit_records, npcs, progress)
+        except (ValueError, np.linalg.LinAlgError) as e:  # the numpy fit of odd data
+            raise ConfigError(
+                f"--bundle {opts.bundle}: the heads refit failed ({e})",
+                hint=f"the training's adapter and heads are in {opts.out}; convert by hand",
+            ) from None
+        write_report(opts.out, report)
     return report
+
+
+def write_report(out: Path, report: dict[str, Any]) -> None:
+    from npcchat.files.atomic import atomic_write
+
+    atomic_write(out / "report.json", json.dumps(report, indent=2, default=str).encode())

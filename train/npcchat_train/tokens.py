@@ -48,6 +48,10 @@ class TrainTokenizer:
     def n_vocab(self) -> int:
         return int(self.tokenizer.get_vocab_size(with_added_tokens=True))
 
+    @property
+    def added_ids(self) -> list[int]:
+        return [self.id_of(t) for t in self.added]
+
     def id_of(self, text: str) -> int:
         tid = self.tokenizer.token_to_id(text)
         if tid is None:
@@ -75,12 +79,17 @@ def prepare(base: Path, template: PromptTemplate) -> TrainTokenizer:
     for llama.cpp, so the runtime could not find `<STATE>`."""
     from tokenizers import AddedToken, Tokenizer
 
+    from npcchat_convert.hf import read_tokenizer
+
     tj_path, tc_path = base / "tokenizer.json", base / "tokenizer_config.json"
     if not tj_path.is_file():
         raise ConfigError(
             f"{tj_path}: file not found",
             hint="--base must be a Hugging Face model directory with a fast tokenizer",
         )
+    # what convert will demand of it (Qwen2's BPE and pre-tokenizer, bounded in size),
+    # checked now rather than after the training
+    read_tokenizer(base)
     try:
         tok = Tokenizer.from_file(str(tj_path))
         config = json.loads(tc_path.read_text("utf-8")) if tc_path.is_file() else {}
