@@ -476,7 +476,12 @@ def test_data_that_cannot_make_a_bundle_or_fit_a_prompt_is_refused_before_traini
     assert r.returncode == 1 and "at least 5 are needed" in r.stderr, r.stderr
     assert not (tmp_path / "run").exists()
     long = tmp_path / "long.jsonl"
-    line = {"id": "long", "npc_id": "x", "player_utterance": "word " * 3000, "delta": {"trust": 0.1, "relationship": 0.0}}
+    line = {
+        "id": "long",
+        "npc_id": "x",
+        "player_utterance": "word " * 3000,
+        "delta": {"trust": 0.1, "relationship": 0.0},
+    }
     long.write_text(SAMPLE.read_text("utf-8") + json.dumps(line) + "\n", "utf-8")
     r = _cli(str(long), "--base", str(bases["tagged"]), "--out", "run", cwd=tmp_path)
     assert r.returncode == 1 and "long.jsonl:64" in r.stderr and "n_ctx" in r.stderr, r.stderr

@@ -412,7 +412,7 @@ class TrainProgress:
         self.enabled = enabled
         self._p = Progress(
             TextColumn("train"),
-            BarColumn(),
+            BarColumn(bar_width=16),
             MofNCompleteColumn(),
             TextColumn("{task.fields[loss]}"),
             TimeElapsedColumn(),
@@ -455,10 +455,14 @@ class TrainProgress:
             )
             self._p.start()
         elif event == "step" and self._task is not None:
-            parts = " ".join(
-                f"{k} {values[k]:.3f}"
-                for k in ("loss", "lm", "delta", "flags", "thresholds")
-                if k in values
+            parts = (
+                f"loss {values['loss']:.3f} ("
+                + " ".join(
+                    f"{k} {values[k]:.2f}"
+                    for k in ("lm", "delta", "flags", "thresholds")
+                    if k in values
+                )
+                + ")"
             )
             self._p.update(self._task, completed=values["step"], loss=parts)
         elif event == "epoch":
