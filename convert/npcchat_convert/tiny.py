@@ -189,7 +189,7 @@ def make_checkpoint(
     if preset.startswith("qwen"):
         # real-size presets get a tokenizer that compresses prompts about as well as a real
         # one does (a few chars per token), or every token count of a benchmark is inflated
-        train_tokenizer(out_dir, 8000, _rich_corpus())
+        train_tokenizer(out_dir, 8000, _rich_corpus(), scaffold=scaffold)
     else:
         train_tokenizer(out_dir, scaffold=scaffold)
     n_tok = len(json.loads((out_dir / "tokenizer.json").read_text("utf-8"))["model"]["vocab"])

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from npcchat.config import Config
+from npcchat.errors import ConfigError
 from npcchat.eval.scenarios import Scenario
 from npcchat.mind.npc import NpcDef
 
@@ -82,16 +83,22 @@ def make_bundle(
     )
     bundle = load_bundle(opts.bundle)
     with Engine.load(bundle, cfg) as engine:
-        fit = fit_bundle(
-            opts.bundle,
-            list(opts.data),
-            None,
-            cfg,
-            scenarios=list(scenarios),
-            flags_given=flags,
-            progress=lambda d, t: stage("heads fit", d, t),
-            vectors=npc_states(engine, npcs),
-        )
+        try:
+            fit = fit_bundle(
+                opts.bundle,
+                list(opts.data),
+                None,
+                cfg,
+                scenarios=list(scenarios),
+                flags_given=flags,
+                progress=lambda d, t: stage("heads fit", d, t),
+                vectors=npc_states(engine, npcs),
+            )
+        except (ValueError, np.linalg.LinAlgError) as e:  # numpy's fit of odd data
+            raise ConfigError(
+                f"--bundle {opts.bundle}: the heads refit failed ({e})",
+                hint=f"the training's adapter and heads are in {opts.out}; convert by hand",
+            ) from None
     # the finished bundle talks: one greedy turn of the first record, NPC file applied
     first = scenarios[0]
     rt = load(opts.bundle, config=replace(cfg, sampling=replace(cfg.sampling, temperature=0.0)))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
 
 import numpy as np
@@ -86,10 +86,23 @@ def flag_names(scenarios: Sequence[Scenario], given: Sequence[str] | None) -> tu
 
 
 def identity(sc: Scenario) -> str:
-    """What a scenario *is*, whatever file, path spelling or line it sits on: its NPC, its
-    player lines and reference replies. Identical records share it (and so a side)."""
-    turns = [(player, e.response if e else None) for player, e in sc.turns]
-    return json.dumps([sc.npc_id, turns], ensure_ascii=False)
+    """What a scenario *is*, whatever file, path spelling, line or id it has: its NPC,
+    state, knowledge, history and turns (lines, references, labels). Identical records
+    share it, and so a side of the split."""
+    content = {
+        f.name: getattr(sc, f.name)
+        for f in fields(sc)
+        if f.name not in ("id", "source", "kind", "given", "npc_file")
+    }
+    return json.dumps(content, default=_plain, ensure_ascii=False, sort_keys=True)
+
+
+def _plain(value: object) -> object:
+    if is_dataclass(value) and not isinstance(value, type):
+        return asdict(value)
+    if isinstance(value, frozenset | set):
+        return sorted(map(str, value))
+    return str(value)
 
 
 def split(
@@ -97,19 +110,25 @@ def split(
 ) -> tuple[list[Scenario], list[Scenario]]:
     """(train, held out): each scenario goes by a hash of the seed and its
     :func:`identity`, so the split is the same however the files are named or ordered,
-    and adding records never moves an old one across it."""
+    and adding records never moves an old one across it. A tiny set still gets one record
+    on each side (the one whose hash is nearest the line)."""
     if not 0.0 <= fraction < 1.0:
         raise ConfigError(f"--heldout {fraction}: expected a share from 0 up to (not) 1")
-    train: list[Scenario] = []
-    held: list[Scenario] = []
+    train: list[tuple[float, Scenario]] = []
+    held: list[tuple[float, Scenario]] = []
     for sc in scenarios:
         h = hashlib.sha256(f"{seed}|{identity(sc)}".encode()).digest()
-        (held if int.from_bytes(h[:8], "big") / 2**64 < fraction else train).append(sc)
+        u = int.from_bytes(h[:8], "big") / 2**64
+        (held if u < fraction else train).append((u, sc))
     if fraction > 0 and not held and len(train) > 1:
-        held.append(train.pop())  # a tiny set still gets a held-out record
-    if not train and len(held) > 1:
-        train.append(held.pop())  # and always something to train on
-    return train, held
+        nearest = min(train, key=lambda x: x[0])
+        train.remove(nearest)
+        held.append(nearest)
+    if not train and held:
+        nearest = max(held, key=lambda x: x[0])
+        held.remove(nearest)
+        train.append(nearest)
+    return [sc for _, sc in train], [sc for _, sc in held]
 
 
 def encode(

@@ -81,19 +81,24 @@ class LoopSettings:
 
 
 @contextlib.contextmanager
-def deferred_interrupt() -> Iterator[None]:
-    """Ctrl-C inside the block is held until the block ends (then raised): a step or an
-    epoch's bookkeeping is done whole. Only the main thread gets SIGINT; elsewhere a no-op."""
-    if threading.current_thread() is not threading.main_thread():
+def deferred_interrupt(reraise: bool = True) -> Iterator[None]:
+    """Ctrl-C inside the block is held until the block ends, then raised (``reraise``) or
+    dropped: a step or an epoch's bookkeeping is done whole. Only where Python's own
+    Ctrl-C handler is in place (the main thread, SIGINT not ignored nor handled by someone
+    else); elsewhere the block runs as it is."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
         yield
         return
     caught: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, _frame: caught.append(signum))
+    signal.signal(signal.SIGINT, lambda signum, _frame: caught.append(signum))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-    if caught:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if caught and reraise:
         raise KeyboardInterrupt
 
 
@@ -240,6 +245,21 @@ def better(new: dict[str, Any], old: dict[str, Any] | None, by: str) -> bool:
     return a is not None and b is not None and a < b
 
 
+def _log_records(log: Path) -> list[dict[str, Any]]:
+    """The readable records of a run's log (a line torn by a crash is skipped)."""
+    out: list[dict[str, Any]] = []
+    if not log.is_file():
+        return out
+    for line in log.read_text("utf-8", errors="replace").splitlines():
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(r, dict) and isinstance(r.get("step"), int):
+            out.append(r)
+    return out
+
+
 def _replace_dir(tmp: Path, final: Path) -> None:
     """``tmp`` becomes ``final`` (the old one removed only after the new one is whole)."""
     old = final.with_name(f".{final.name}.old")
@@ -290,6 +310,7 @@ class Trainer:
         # the random state as the last optimizer step left it: a checkpoint taken by Ctrl-C
         # in the middle of a step resumes as if the step had never begun
         self._rng = self._rng_state()
+        self._saved: tuple[int, int, int] | None = None  # (step, epoch, batch) last saved
 
     @staticmethod
     def _rng_state() -> dict[str, Any]:
@@ -324,10 +345,13 @@ class Trainer:
         import torch
 
         final = self.run_dir / "checkpoint"
+        mark = (self.step, self.epoch, self.batch_in_epoch)
+        if self._saved == mark and (final / "state.json").is_file():
+            return final  # nothing changed since the last one (an epoch's end, then Ctrl-C)
         tmp = self.run_dir / ".checkpoint.partial"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        self.model.save_adapter(tmp / "adapter")
+        self.model.save_adapter(tmp / "adapter", full=False)
         self.model.save_heads(tmp / "heads", self.flags)
         torch.save(
             {
@@ -349,17 +373,27 @@ class Trainer:
         }
         (tmp / "state.json").write_text(json.dumps(state), "utf-8")
         _replace_dir(tmp, final)
+        self._saved = mark
         return final
 
     def resume(self) -> bool:
-        """Continue from ``checkpoint/``; False when there is none (the run stopped before
-        its first step: it starts over). Log lines written after the checkpoint (a crash
+        """Continue from ``checkpoint/``; False when the run stopped before its first
+        checkpoint (it starts over). Log lines written after the checkpoint (a crash
         between two checkpoints) are dropped: those steps run again."""
         import torch
 
         src = self.run_dir / "checkpoint"
         log = self.run_dir / "log.jsonl"
+        old = self.run_dir / ".checkpoint.old"  # a crash between the two renames
+        if not (src / "state.json").is_file() and (old / "state.json").is_file():
+            src = old
         if not (src / "state.json").is_file():
+            if any("best_epoch" in r for r in _log_records(log)):
+                raise ConfigError(
+                    f"{src}: missing, but epochs of this run ended: resuming would start over "
+                    "and replace its adapter and heads",
+                    hint="start a new run with another --out",
+                )
             log.unlink(missing_ok=True)
             return False
         state = json.loads((src / "state.json").read_text("utf-8"))
@@ -380,14 +414,14 @@ class Trainer:
         self.history = list(state["history"])
         self.tokens_seen = int(state["tokens_seen"])
         self.train_seconds = float(state["train_seconds"])
-        if log.is_file():
-            kept = []
-            for line in log.read_text("utf-8").splitlines():
-                r = json.loads(line)
-                epoch_record = "best_epoch" in r
-                if (r["epoch"] <= self.epoch) if epoch_record else (r["step"] <= self.step):
-                    kept.append(line)
-            log.write_text("".join(f"{k}\n" for k in kept), "utf-8")
+        kept = [
+            r
+            for r in _log_records(log)
+            if ((r["epoch"] <= self.epoch) if "best_epoch" in r else (r["step"] <= self.step))
+        ]
+        from npcchat.files.atomic import atomic_write
+
+        atomic_write(log, "".join(json.dumps(r) + "\n" for r in kept).encode())
         return True
 
     def _keep_best(self) -> None:
@@ -420,7 +454,7 @@ class Trainer:
             if self.batch_in_epoch:  # max_steps stopped it inside an epoch: score that too
                 self._end_epoch(on_epoch)
         except KeyboardInterrupt:
-            with deferred_interrupt():
+            with deferred_interrupt(reraise=False):  # a second Ctrl-C: still saved, said so
                 where = self.save_checkpoint()
             raise Interrupted(
                 f"interrupted at step {self.step} of {self.total_steps}; checkpoint saved in "
@@ -473,15 +507,15 @@ class Trainer:
                 seconds = time.perf_counter() - t_step
                 self.train_seconds += seconds
                 self.tokens_seen += tokens
-            record = {
-                "step": self.step,
-                "epoch": self.epoch + 1,
-                "lr": lr,
-                **{k: round(v, 6) for k, v in parts_sum.items()},
-                "tokens": tokens,
-                "tokens_per_s": tokens / seconds if seconds > 0 else None,
-            }
-            self._log(record)
+                record = {
+                    "step": self.step,
+                    "epoch": self.epoch + 1,
+                    "lr": lr,
+                    **{k: round(v, 6) for k, v in parts_sum.items()},
+                    "tokens": tokens,
+                    "tokens_per_s": tokens / seconds if seconds > 0 else None,
+                }
+                self._log(record)
             if on_step:
                 on_step({**record, "total_steps": self.total_steps})
             parts_sum, tokens = {}, 0

@@ -155,15 +155,8 @@ class TrainModel:
         self.new_ids = sorted(int(i) for i in new_ids)
         rows = max(n_vocab, self.new_ids[-1] + 1) if self.new_ids else n_vocab
         if rows > self.old_vocab:
-            model.resize_token_embeddings(rows)
+            model.resize_token_embeddings(rows, mean_resizing=False)
         self.resized = bool(self.new_ids)  # the embeddings travel with the adapter
-        if self.new_ids:
-            # a new tag starts as the mean of the real tokens' rows (not of padding rows)
-            real = min(self.new_ids)
-            with torch.no_grad():
-                for layer in (model.get_input_embeddings(), model.get_output_embeddings()):
-                    if layer is not None:
-                        layer.weight[self.new_ids] = layer.weight[:real].mean(dim=0)
         if qlora:
             from peft import prepare_model_for_kbit_training
 
@@ -185,44 +178,83 @@ class TrainModel:
             raise ConfigError(f"--lora-targets: {e}") from None
         self.causal = self.peft.base_model.model  # Qwen2ForCausalLM, LoRA layers inside
         self.heads = state_heads.heads(self.hidden_size, n_flags)
-        self.embedding_params: list[Any] = []
-        if self.resized:
+        self.token_rows: dict[str, Any] = {}  # "embed" / "head": [k, hidden] parameters
+        if self.new_ids:
             self._train_new_rows()
         if not qlora:
             self.peft.to(device)
         self.heads.to(device)
+        for p in self.token_rows.values():
+            p.data = p.data.to(device)
 
     def _train_new_rows(self) -> None:
+        """The added tags' rows as small parameters of their own ([k, hidden], the mean of
+        the real tokens' rows to start), spliced into the embedding's output and the
+        vocabulary projection by forward hooks: the optimizer holds k rows, not the matrix
+        (for Qwen2.5-7B, 152,064 x 3,584). :meth:`save_adapter` writes them into the matrix."""
+        import torch
+        from torch import nn
+
+        embed = self.causal.get_input_embeddings()
+        head = self.causal.get_output_embeddings()
+        real = min(self.new_ids)
+        ids = torch.tensor(self.new_ids)
+
+        def rows_of(weight: Any) -> Any:
+            with torch.no_grad():
+                start = weight[:real].float().mean(dim=0)
+            return nn.Parameter(start.repeat(len(self.new_ids), 1))
+
+        self.token_rows["embed"] = rows_of(embed.weight)
+        tied = head is not None and head.weight is embed.weight
+        if head is not None:
+            self.token_rows["head"] = self.token_rows["embed"] if tied else rows_of(head.weight)
+        lookup = torch.full((embed.weight.shape[0],), -1, dtype=torch.long)
+        lookup[ids] = torch.arange(len(self.new_ids))
+
+        def splice_embedding(_m: Any, inputs: Any, out: Any) -> Any:
+            which = lookup.to(out.device)[inputs[0]]
+            hit = which >= 0
+            if not bool(hit.any()):
+                return out
+            out = out.clone()
+            out[hit] = self.token_rows["embed"][which[hit]].to(out.dtype)
+            return out
+
+        def splice_logits(_m: Any, inputs: Any, out: Any) -> Any:
+            hidden = inputs[0]
+            rows = self.token_rows["head"].to(hidden.dtype)
+            out = out.clone()
+            out[..., ids.to(out.device)] = (hidden @ rows.T).to(out.dtype)
+            return out
+
+        embed.register_forward_hook(splice_embedding)
+        if head is not None:
+            head.register_forward_hook(splice_logits)
+
+    def _sync_rows(self) -> None:
+        """The trained rows into the matrices (what is saved, and what convert reads)."""
         import torch
 
-        keep = torch.ones(self.causal.get_input_embeddings().weight.shape[0], dtype=torch.bool)
-        keep[self.new_ids] = False
-        seen: set[int] = set()
-        for module in (self.causal.get_input_embeddings(), self.causal.get_output_embeddings()):
-            p = module.weight
-            if id(p) in seen:
-                continue  # tied: one matrix
-            seen.add(id(p))
-            p.requires_grad_(True)
-
-            def keep_old_rows(grad: torch.Tensor) -> torch.Tensor:
-                grad = grad.clone()
-                grad[keep.to(grad.device)] = 0
-                return grad
-
-            p.register_hook(keep_old_rows)
-            self.embedding_params.append(p)
+        with torch.no_grad():
+            for key, layer in (
+                ("embed", self.causal.get_input_embeddings()),
+                ("head", self.causal.get_output_embeddings()),
+            ):
+                if key in self.token_rows and layer is not None:
+                    w = layer.weight
+                    w[self.new_ids] = self.token_rows[key].to(w.device, w.dtype)
 
     # -- parameters -------------------------------------------------------------------------
     def parameter_groups(self, weight_decay: float) -> list[dict[str, Any]]:
-        emb = {id(p) for p in self.embedding_params}
-        lora = [p for p in self.peft.parameters() if p.requires_grad and id(p) not in emb]
+        lora = [p for p in self.peft.parameters() if p.requires_grad]
         groups = [
             {"params": lora, "weight_decay": weight_decay},
             {"params": list(self.heads.parameters()), "weight_decay": weight_decay},
         ]
-        if self.embedding_params:
-            groups.append({"params": self.embedding_params, "weight_decay": 0.0})
+        rows = list({id(p): p for p in self.token_rows.values()}.values())
+        if rows:
+            groups.append({"params": rows, "weight_decay": 0.0})
         return groups
 
     def trainable(self) -> list[Any]:
@@ -242,11 +274,23 @@ class TrainModel:
         return self.causal.lm_head(hidden)
 
     # -- saving -------------------------------------------------------------------------------
-    def save_adapter(self, out: Path) -> None:
-        """A PEFT adapter directory (safetensors), the resized embeddings with it."""
+    def save_adapter(self, out: Path, full: bool = True) -> None:
+        """A PEFT adapter directory (safetensors). With added tags, ``full``: the whole
+        embedding matrices with it, as PEFT's ``save_embedding_layers`` writes them (what
+        convert reads); otherwise (a checkpoint) only the tags' rows, in
+        ``token_rows.safetensors``."""
+        if self.new_ids and full:
+            self._sync_rows()
         self.peft.save_pretrained(
-            str(out), safe_serialization=True, save_embedding_layers=self.resized
+            str(out), safe_serialization=True, save_embedding_layers=bool(self.new_ids) and full
         )
+        if self.new_ids and not full:
+            from npcchat.files.safetensors import save
+
+            save(
+                {k: v.detach().float().cpu().numpy() for k, v in self.token_rows.items()},
+                out / "token_rows.safetensors",
+            )
 
     def load_adapter(self, src: Path) -> None:
         import torch
@@ -258,17 +302,23 @@ class TrainModel:
         missing = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k]
         if missing:
             raise ConfigError(f"{src}: the checkpoint does not fit this model ({missing[0]})")
-        if self.resized:
-            with torch.no_grad():
-                for key, module in (
-                    (
-                        "base_model.model.model.embed_tokens.weight",
-                        self.causal.get_input_embeddings(),
-                    ),
-                    ("base_model.model.lm_head.weight", self.causal.get_output_embeddings()),
+        if not self.new_ids:
+            return
+        rows_file = src / "token_rows.safetensors"
+        with torch.no_grad():
+            if rows_file.is_file():
+                saved = load_file(str(rows_file), device=self.device)
+                for key, value in saved.items():
+                    if key in self.token_rows:
+                        self.token_rows[key].copy_(value)
+            else:  # a full adapter: the rows out of the saved matrices
+                for key, name in (
+                    ("embed", "base_model.model.model.embed_tokens.weight"),
+                    ("head", "base_model.model.lm_head.weight"),
                 ):
-                    if key in state:
-                        module.weight.copy_(state[key])
+                    if key in self.token_rows and name in state:
+                        self.token_rows[key].copy_(state[name][self.new_ids].float())
+        self._sync_rows()
 
     def save_heads(self, out: Path, flags: list[str]) -> None:
         """``delta_head``/``flag_head``/``threshold_head`` as safetensors + ``flags.json``:

@@ -84,7 +84,8 @@ def examples(
                             f"{sc.source}: {e.message}",
                             hint="shorten the record, or raise [runtime] n_ctx in --config",
                         ) from None
-                    on_error(sc, e.message)
+                    later = f" (and its turns from {i + 1} on)" if len(sc.turns) > 1 else ""
+                    on_error(sc, f"{e.message}{later}")
                     break
                 yield Example(
                     id=sc.id if len(sc.turns) == 1 else f"{sc.id}#{i + 1}",

@@ -23,10 +23,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from npcchat.config import Config
 from npcchat.errors import ConfigError
+from npcchat.files.atomic import atomic_write
 
 from . import data as data_mod
 from .loop import LoopSettings
@@ -56,15 +55,33 @@ class TrainOptions:
     bundle: Path | None = None
     quant: str = "q4_k_m"
 
-    def fingerprint(self) -> dict[str, Any]:
-        """What decides the run's result: a resumed run must have the same."""
-        digest = hashlib.sha256()
-        for p in (*self.data, *self.heldout_files):
-            digest.update(p.read_bytes())
+    def fingerprint(self, cfg: Config) -> dict[str, Any]:
+        """What decides the run's result: a resumed run must have the same (the records,
+        the NPC files, the base's config and tokenizer, the runtime's budgets)."""
+
+        def sha(paths: list[Path]) -> str:
+            digest = hashlib.sha256()
+            for p in paths:
+                digest.update(p.name.encode() + b"\0" + p.read_bytes())
+            return digest.hexdigest()
+
+        base_files = [
+            self.base / f
+            for f in ("config.json", "tokenizer.json", "tokenizer_config.json")
+            if (self.base / f).is_file()
+        ]
+        npc_files = sorted(self.npcs.glob("*.toml")) if self.npcs and self.npcs.is_dir() else []
         return {
-            "data_sha256": digest.hexdigest(),
+            "data_sha256": sha([*self.data, *self.heldout_files]),
             "base": str(self.base.resolve()),
+            "base_sha256": sha(base_files),
             "npcs": str(self.npcs.resolve()) if self.npcs else None,
+            "npcs_sha256": sha(npc_files),
+            "runtime": {
+                "n_ctx": cfg.runtime.n_ctx,
+                "max_tokens": cfg.sampling.max_tokens,
+                "knowledge": asdict(cfg.knowledge),
+            },
             "examples": self.examples,
             "heldout": self.heldout,
             "template": self.template,
@@ -75,7 +92,7 @@ class TrainOptions:
         }
 
 
-def check_out(opts: TrainOptions) -> None:
+def check_out(opts: TrainOptions, cfg: Config) -> None:
     out = opts.out
     settings = out / "settings.json"
     if opts.resume:
@@ -83,8 +100,14 @@ def check_out(opts: TrainOptions) -> None:
             raise ConfigError(
                 f"--resume: {out} holds no run to continue", hint="start it without --resume"
             )
-        old = json.loads(settings.read_text("utf-8"))["fingerprint"]
-        new = opts.fingerprint()
+        try:
+            old = json.loads(settings.read_text("utf-8"))["fingerprint"]
+        except (ValueError, KeyError, TypeError):
+            raise ConfigError(
+                f"{settings}: not the settings of an npcchat train run",
+                hint="start a new run with another --out",
+            ) from None
+        new = opts.fingerprint(cfg)
         changed = sorted(k for k in new if new[k] != old.get(k))
         if changed:
             raise ConfigError(
@@ -109,21 +132,19 @@ def train(opts: TrainOptions, cfg: Config, progress: Progress | None = None) -> 
     try:
         return _train(opts, cfg, progress)
     except KeyboardInterrupt:
-        done = (opts.out / "report.json").is_file()
-        raise Interrupted(
-            "interrupted "
-            + (
-                f"while making the bundle; the trained adapter and heads are in {opts.out}"
-                if done
-                else "before training began; no checkpoint was written"
-            ),
-            hint=(
-                f"convert them by hand: npcchat convert --base {opts.base} --adapter "
-                f"{opts.out / 'adapter'} --heads {opts.out / 'heads'} --out BUNDLE"
-                if done
-                else None
-            ),
-        ) from None
+        if (opts.out / "report.json").is_file():
+            raise Interrupted(
+                f"interrupted while making the bundle; the trained adapter and heads are in "
+                f"{opts.out}",
+                hint=f"convert them by hand: npcchat convert --base {opts.base} --adapter "
+                f"{opts.out / 'adapter'} --heads {opts.out / 'heads'} --out BUNDLE",
+            ) from None
+        if (opts.out / "checkpoint" / "state.json").is_file():
+            raise Interrupted(
+                f"interrupted; the last checkpoint is in {opts.out / 'checkpoint'}",
+                hint="run the same command with --resume to continue",
+            ) from None
+        raise Interrupted("interrupted before training began; no checkpoint was written") from None
 
 
 def _train(opts: TrainOptions, cfg: Config, progress: Progress | None) -> dict[str, Any]:
@@ -149,7 +170,7 @@ def _train(opts: TrainOptions, cfg: Config, progress: Progress | None) -> dict[s
 
         if opts.quant not in QUANTS:
             raise ConfigError(f"--quant {opts.quant}: expected one of {', '.join(QUANTS)}")
-    check_out(opts)
+    check_out(opts, cfg)
     device = pick_device(opts.device)
     precision = pick_precision(opts.precision, device)
     if opts.qlora:
@@ -217,7 +238,7 @@ def _train(opts: TrainOptions, cfg: Config, progress: Progress | None) -> dict[s
         # written once the model is loaded: a run that never got this far left nothing
         # behind, and one stopped before its first checkpoint restarts with --resume
         settings = {
-            "fingerprint": opts.fingerprint(),
+            "fingerprint": opts.fingerprint(cfg),
             "data": [str(p) for p in opts.data],
             "heldout_files": [str(p) for p in opts.heldout_files],
             "heldout": sorted({ex.source for ex in held_ex}),
@@ -226,7 +247,7 @@ def _train(opts: TrainOptions, cfg: Config, progress: Progress | None) -> dict[s
             "device": device,
             "precision": precision,
         }
-        (opts.out / "settings.json").write_text(json.dumps(settings, indent=2), "utf-8")
+        atomic_write(opts.out / "settings.json", json.dumps(settings, indent=2).encode())
         with (opts.out / "prompts.jsonl").open("w", encoding="utf-8") as fh:
             for split, exs in (("train", train_ex), ("heldout", held_ex)):
                 for ex in exs:
@@ -258,18 +279,10 @@ def _train(opts: TrainOptions, cfg: Config, progress: Progress | None) -> dict[s
         from .bundle import make_bundle
 
         tell("stage", name="bundle")
-        try:
-            report["bundle"] = make_bundle(opts, cfg, list(flags), fit_records, npcs, progress)
-        except (ValueError, np.linalg.LinAlgError) as e:  # the numpy fit of odd data
-            raise ConfigError(
-                f"--bundle {opts.bundle}: the heads refit failed ({e})",
-                hint=f"the training's adapter and heads are in {opts.out}; convert by hand",
-            ) from None
+        report["bundle"] = make_bundle(opts, cfg, list(flags), fit_records, npcs, progress)
         write_report(opts.out, report)
     return report
 
 
 def write_report(out: Path, report: dict[str, Any]) -> None:
-    from npcchat.files.atomic import atomic_write
-
     atomic_write(out / "report.json", json.dumps(report, indent=2, default=str).encode())

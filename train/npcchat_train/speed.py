@@ -51,7 +51,9 @@ def main(argv: list[str] | None = None) -> None:
     base = out / f"base-{args.preset}"
     t0 = time.perf_counter()
     if not (base / "config.json").is_file():
-        make_checkpoint(base, args.preset, seed=0, dtype="bf16")
+        # as a stock base: no npcchat tags (the run adds them in the spare embedding rows,
+        # and trains those rows), bf16 weights
+        make_checkpoint(base, args.preset, seed=0, dtype="bf16", scaffold=False)
     summary: dict[str, Any] = {
         "preset": args.preset,
         "device": device,
