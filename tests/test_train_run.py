@@ -514,3 +514,17 @@ def test_data_that_cannot_make_a_bundle_or_fit_a_prompt_is_refused_before_traini
     )
     assert r.returncode == 0, r.stderr
     assert any("long.jsonl:64" in n for n in json.loads(r.stdout)["notes"])
+
+
+def test_the_prompt_budget_is_the_context_llama_cpp_really_makes(bases: dict[str, Path]) -> None:
+    """llama.cpp pads a context to 256 tokens: training budgets prompts as talk will."""
+    from npcchat import demo
+    from npcchat_convert.pipeline import template_of
+
+    cfg = replace(CFG, runtime=replace(CFG.runtime, n_ctx=1000))
+    tok = tokens.prepare(bases["tagged"], template_of("served-v1"))
+    rendering = tokens.render_engine(
+        tok, template_of("served-v1"), ["f"], 256, cfg, bases["tagged"]
+    )
+    with Engine.load(load_bundle(demo.default_bundle()), cfg) as engine:
+        assert rendering.model.n_ctx == engine.model.n_ctx == 1024

@@ -244,5 +244,8 @@ def render_engine(
         quant="none",
         manifest={},
     )
-    model = VocabModel(tok, hidden_size, cfg.runtime.n_ctx, cfg.runtime.n_batch)
+    # llama.cpp pads a context to a multiple of 256 tokens (llama-context.cpp), and the
+    # prompt's budget is what the context really holds
+    n_ctx = -(-cfg.runtime.n_ctx // 256) * 256
+    model = VocabModel(tok, hidden_size, n_ctx, cfg.runtime.n_batch)
     return Engine(bundle, cfg, model, None)
