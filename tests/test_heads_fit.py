@@ -192,3 +192,39 @@ def test_cli_heads_fit_in_place(bundle_q4: Path, tmp_path: Path) -> None:
         timeout=120,
     )
     assert bad.returncode == 1 and bad.stderr.startswith("error: ")
+
+
+@pytest.mark.model
+def test_records_with_an_npc_are_fitted_on_the_prompt_eval_decodes() -> None:
+    """A record's NPC (``--npcs`` by id, or its ``npc_file``) is applied as eval applies it:
+    the vector ``heads fit`` reads comes from the very tokens eval decodes for the record,
+    and without the NPC the prompt (and the vector) would be another."""
+    from npcchat import demo
+    from npcchat.config import Config
+    from npcchat.eval import runner
+    from npcchat.eval.scenarios import parse_line
+    from npcchat.eval.similarity import Similarity
+    from npcchat.eval.states import state_vectors
+    from npcchat.mind import npc as npc_mod
+    from npcchat.runtime import bundle as bundle_mod
+    from npcchat.runtime.engine import Engine
+    from npcchat.types import SamplingParams
+
+    repo = Path(__file__).resolve().parents[1]
+    npcs = npc_mod.load_dir(repo / "configs" / "npcs")
+    lines = [  # records that leave lore and state to their NPC
+        '{"npc_id": "mother_abandoned_factory", "player_utterance": "안녕하세요, 어머니", '
+        '"delta": {"trust": 0.1, "relationship": 0.0}}',
+        '{"npc_id": "village_blacksmith", "player_utterance": "Can you fix my sword?", "flag": []}',
+    ]
+    scenarios = [parse_line(line, f"x.jsonl:{i}", f"x:{i}") for i, line in enumerate(lines)]
+    greedy = SamplingParams(temperature=0.0, max_tokens=1, seed=0)
+    with Engine.load(bundle_mod.load(demo.default_bundle()), Config()) as engine:
+        for sc in scenarios:
+            with_npc = state_vectors(engine, [sc], npcs=npcs)
+            fitted = list(engine.kv_tokens(0))
+            without = state_vectors(engine, [sc])
+            assert list(engine.kv_tokens(0)) != fitted
+            assert not np.array_equal(with_npc, without)
+            runner.run(engine, [sc], greedy, Similarity(), lambda _: None, False, npcs)
+            assert list(engine.kv_tokens(0))[: len(fitted)] == fitted, sc.source

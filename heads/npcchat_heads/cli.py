@@ -37,6 +37,10 @@ def fit(
     flags: Annotated[
         str | None, typer.Option(help="Flag names in head order (default: the bundle's).")
     ] = None,
+    npcs: Annotated[
+        Path | None,
+        typer.Option(help="NPC files, applied to records by their npc_id (as eval does)."),
+    ] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Any bad line is fatal.")] = False,
     threads: Annotated[int | None, typer.Option(help="CPU threads.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
@@ -65,6 +69,18 @@ def fit(
     names = [f.strip() for f in flags.split(",") if f.strip()] if flags else None
     root = bundle or demo.default_bundle()
     target = common.ray_target(ray, ray_address, ray_actors, threads)
+    known = None
+    if npcs is not None:
+        if target is not None:
+            from npcchat.errors import ConfigError
+
+            raise ConfigError(
+                "--npcs with --ray: not supported yet",
+                hint="fit on this machine, or give each record its npc_file",
+            )
+        from npcchat.mind import npc as npc_mod
+
+        known = npc_mod.load_dir(npcs)
     with contextlib.ExitStack() as stack:
         vectors = None
         if target is not None:
@@ -86,6 +102,7 @@ def fit(
                 strict=strict,
                 progress=lambda d, t: progress("state vectors", d, t),
                 vectors=vectors,
+                npcs=known,
             )
         if target is not None:
             result["ray"] = ray_run.summary

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from npcchat.eval import metrics as M
 from npcchat.eval.scenarios import Scenario, read
 from npcchat.eval.states import state_vectors
 from npcchat.files.atomic import atomic_write
+from npcchat.mind.npc import NpcDef
 from npcchat.runtime.bundle import Bundle, write_manifest
 from npcchat.runtime.bundle import load as load_bundle
 from npcchat.runtime.engine import Engine
@@ -188,12 +189,14 @@ def fit_bundle(
     progress: Callable[[int, int], None] | None = None,
     vectors: StateSource | None = None,
     scenarios: list[Scenario] | None = None,
+    npcs: Mapping[str, NpcDef] | None = None,
 ) -> dict[str, Any]:
     """Fit the heads of ``bundle_dir`` on ``data`` and write them (``out``: into a copy).
     ``vectors``: where the `<STATE>` vectors come from (None: an engine in this process;
     ``npcchat heads fit --ray`` passes Ray workers, which compute the very same vectors).
     ``scenarios``: the records themselves, read from ``data`` by the caller (``npcchat
-    train`` fits on the ones it trained on)."""
+    train`` fits on the ones it trained on). ``npcs``: NPC files by id, applied to the
+    records that name them as eval applies them (a record's ``npc_file`` always is)."""
     from npcchat_heads.fit import FitData, fit_heads
 
     bundle = load_bundle(bundle_dir)
@@ -214,7 +217,7 @@ def fit_bundle(
 
     if vectors is None:
         with Engine.load(bundle, cfg) as engine:
-            x = state_vectors(engine, records, tick)
+            x = state_vectors(engine, records, tick, npcs)
     else:
         x = vectors(records, tick)
     tr, va, te = split(len(records), seed, test_frac, val_frac)

@@ -24,29 +24,6 @@ if TYPE_CHECKING:
     from .run import TrainOptions
 
 
-def npc_states(
-    engine: Any, npcs: Mapping[str, NpcDef]
-) -> Callable[[list[Scenario], Callable[[], None]], np.ndarray]:
-    """A ``heads fit`` vector source that renders each record with its NPC file, through
-    :meth:`npcchat.Conversation.prompt` (the prompt talk decodes)."""
-    from npcchat.eval import runner
-    from npcchat.types import SamplingParams
-
-    found = runner.Npcs(engine, npcs)
-    sampling = SamplingParams(temperature=0.0, seed=0, max_tokens=engine.cfg.sampling.max_tokens)
-
-    def vectors(records: list[Scenario], tick: Callable[[], None]) -> np.ndarray:
-        rows = []
-        for sc in records:
-            conv = runner.conversation_for(sc, engine, sampling, found.of(sc))
-            conv.context = sc.context
-            rows.append(engine.state_vector(conv.prompt(sc.turns[0][0]))[0])
-            tick()
-        return np.stack(rows).astype(np.float64)
-
-    return vectors
-
-
 def make_bundle(
     opts: TrainOptions,
     cfg: Config,
@@ -58,6 +35,7 @@ def make_bundle(
     from dataclasses import asdict, replace
 
     from npcchat.api import load
+    from npcchat.eval.states import state_vectors
     from npcchat.runtime.bundle import load as load_bundle
     from npcchat.runtime.engine import Engine
     from npcchat_convert.pipeline import Options, convert
@@ -92,7 +70,7 @@ def make_bundle(
                 scenarios=list(scenarios),
                 flags_given=flags,
                 progress=lambda d, t: stage("heads fit", d, t),
-                vectors=npc_states(engine, npcs),
+                vectors=lambda records, tick: state_vectors(engine, records, tick, npcs),
             )
         except (ValueError, np.linalg.LinAlgError) as e:  # numpy's fit of odd data
             raise ConfigError(
