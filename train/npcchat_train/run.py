@@ -2,7 +2,7 @@
 
 The run directory holds everything a run makes and needs to continue:
 
-* ``settings.json``: the options, the data's sha256 and the tokenizer's additions; a
+* ``settings.json``: the options, the fingerprint of the inputs and the tags added; a
   ``--resume`` with other options or other data is refused (it would not continue *this* run);
 * ``prompts.jsonl``: every training and held-out example as the runtime renders it;
 * ``adapter/`` (PEFT, the tokenizer beside it when tags were added), ``heads/``
