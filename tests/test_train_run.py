@@ -89,6 +89,32 @@ def stock_run(bases: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) 
     return out
 
 
+def _convert(base: Path, run: Path, out: Path, adapter_only: bool = False) -> None:
+    """The run's adapter and heads as an f32 bundle (no drift check: parity is the test)."""
+    from npcchat_convert.pipeline import Options, convert
+
+    convert(
+        Options(
+            base=base,
+            out=out,
+            adapter=run / "adapter",
+            heads=run / "heads",
+            quant="f32",
+            template="reuse-v1",
+            adapter_only=adapter_only,
+            verify=False,
+        )
+    )
+
+
+@pytest.fixture(scope="module")
+def stock_bundle(bases: dict[str, Path], stock_run: Path) -> Path:
+    """The stock run merged into an f32 bundle, once for the tests that read it."""
+    bundle = stock_run.parent / "stock-f32"
+    _convert(bases["stock"], stock_run, bundle)
+    return bundle
+
+
 def _heldout(run: Path) -> list[Scenario]:
     """The run's held-out single-turn scenarios (the prompts file names them)."""
     held = {
@@ -138,25 +164,13 @@ def _bundle_outputs(bundle: Path, scenarios: list[Scenario], cfg: Config) -> np.
 
 
 def test_the_prompts_are_the_runtimes_byte_for_byte(
-    bases: dict[str, Path], stock_run: Path
+    bases: dict[str, Path], stock_run: Path, stock_bundle: Path
 ) -> None:
     """Every training prompt (NPC files applied, multi-turn teacher-forced), rendered
     without a model, is the prompt the converted bundle's engine renders: same text, same
     token ids (llama.cpp's tokenizer of the GGUF against the training tokenizer)."""
-    from npcchat_convert.pipeline import Options, convert
 
-    bundle = stock_run.parent / "stock-f32"
-    convert(
-        Options(
-            base=bases["stock"],
-            out=bundle,
-            adapter=stock_run / "adapter",
-            heads=stock_run / "heads",
-            quant="f32",
-            template="reuse-v1",
-            verify=False,
-        )
-    )
+    bundle = stock_bundle
     rendered = [
         json.loads(line) for line in (stock_run / "prompts.jsonl").read_text("utf-8").splitlines()
     ]
@@ -184,11 +198,10 @@ def test_the_prompts_are_the_runtimes_byte_for_byte(
 
 
 def test_merged_bundle_gives_the_trained_models_state(
-    bases: dict[str, Path], stock_run: Path
+    bases: dict[str, Path], stock_run: Path, stock_bundle: Path
 ) -> None:
     """Tags added to a stock base, LoRA merged by convert (f32): the bundle's deltas and
     flag probabilities on held-out records are the torch model's within 2e-3."""
-    from npcchat_convert.pipeline import Options, convert
 
     adapter = stock_run / "adapter"
     tj = json.loads((adapter / "tokenizer.json").read_text("utf-8"))
@@ -198,22 +211,10 @@ def test_merged_bundle_gives_the_trained_models_state(
 
     with safe_open(str(adapter / "adapter_model.safetensors"), "np") as f:
         assert "base_model.model.model.embed_tokens.weight" in f.keys()  # noqa: SIM118
-    bundle = stock_run.parent / "stock-merged-f32"
-    convert(
-        Options(
-            base=bases["stock"],
-            out=bundle,
-            adapter=adapter,
-            heads=stock_run / "heads",
-            quant="f32",
-            template="reuse-v1",
-            verify=False,
-        )
-    )
     held = _heldout(stock_run)
     assert len(held) >= 5
     want = _torch_outputs(bases["stock"], stock_run, held)
-    got = _bundle_outputs(bundle, held, CFG)
+    got = _bundle_outputs(stock_bundle, held, CFG)
     print(f"merged f32 parity: max |diff| {np.abs(got - want).max():.2e} over {len(held)}")
     assert np.abs(got - want).max() < PARITY, np.abs(got - want).max()
     assert np.abs(want).max() > 0.01  # not a trivial agreement of zeros
@@ -224,24 +225,12 @@ def test_lora_adapter_bundle_gives_the_trained_models_state(
 ) -> None:
     """The same parity through a LoRA adapter llama.cpp applies at run time (convert
     --adapter-only), not merged into the weights."""
-    from npcchat_convert.pipeline import Options, convert
 
     run = tmp_path / "run"
     report = train(_options(bases["tagged"], run), CFG)
     assert report["tokens_added"] == []
     bundle = tmp_path / "bundle"
-    convert(
-        Options(
-            base=bases["tagged"],
-            out=bundle,
-            adapter=run / "adapter",
-            heads=run / "heads",
-            quant="f32",
-            template="reuse-v1",
-            adapter_only=True,
-            verify=False,
-        )
-    )
+    _convert(bases["tagged"], run, bundle, adapter_only=True)
     assert (bundle / "adapter.gguf").is_file()
     cfg = replace(CFG, runtime=replace(CFG.runtime, lora_path=str(bundle / "adapter.gguf")))
     held = _heldout(run)
@@ -349,8 +338,6 @@ def test_a_stock_base_without_padding_grows_its_embeddings(
     adapter and convert takes it over (the tags are control tokens of the bundle)."""
     from safetensors import safe_open
 
-    from npcchat_convert.pipeline import Options, convert
-
     run = tmp_path / "run"
     report = train(_options(bases["tight"], run, loop=_loop(max_steps=2), heldout=0.0), CFG)
     assert report["model"]["rows_added"] == 7 and report["heldout_examples"] == 0
@@ -360,17 +347,7 @@ def test_a_stock_base_without_padding_grows_its_embeddings(
     base_ids = set(tj["model"]["vocab"].values()) | {t["id"] for t in tj["added_tokens"]}
     assert rows == len(base_ids) + 7
     bundle = tmp_path / "bundle"
-    convert(
-        Options(
-            base=bases["tight"],
-            out=bundle,
-            adapter=run / "adapter",
-            heads=run / "heads",
-            quant="f32",
-            template="reuse-v1",
-            verify=False,
-        )
-    )
+    _convert(bases["tight"], run, bundle)
     with Engine.load(load_bundle(bundle), CFG) as engine:
         assert engine.vocab.tags["<STATE>"] == rows - 7 + SCAFFOLD_TAGS.index("<STATE>")
 

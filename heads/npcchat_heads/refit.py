@@ -20,7 +20,7 @@ import numpy as np
 from npcchat.config import Config
 from npcchat.errors import ConfigError
 from npcchat.eval import metrics as M
-from npcchat.eval.scenarios import Scenario, read
+from npcchat.eval.scenarios import Scenario, labelled_flags, read, single_labelled
 from npcchat.eval.states import state_vectors
 from npcchat.files.atomic import atomic_write
 from npcchat.mind.npc import NpcDef
@@ -49,7 +49,7 @@ def load_records(paths: list[Path], strict: bool) -> tuple[list[Scenario], list[
             raise ConfigError(f"{bad[0].source}: {bad[0].reason}")
         notes += [f"skipped {b}" for b in bad]
         for sc in good:
-            if len(sc.turns) != 1 or sc.turns[0][1] is None:
+            if not single_labelled(sc):
                 notes.append(f"skipped {sc.source}: heads fit needs single-turn labelled records")
                 continue
             records.append(sc)
@@ -63,12 +63,7 @@ def flag_names(bundle: Bundle, records: list[Scenario], given: list[str] | None)
         return tuple(given)
     if bundle.flags:
         return bundle.flags
-    names: list[str] = []
-    for sc in records:
-        e = sc.turns[0][1]
-        for n in (e.flags or {}) if e else {}:
-            if n not in names:
-                names.append(n)
+    names = labelled_flags(records)
     if not names:
         raise ConfigError(
             "the bundle names no flags and the data labels none", hint="pass --flags a,b,c"
@@ -203,7 +198,7 @@ def fit_bundle(
     if scenarios is None:
         records, notes = load_records(data, strict)
     else:  # already read (and chosen) by the caller; ``data`` names their files
-        records, notes = [sc for sc in scenarios if len(sc.turns) == 1 and sc.turns[0][1]], []
+        records, notes = [sc for sc in scenarios if single_labelled(sc)], []
         if not records:
             raise ConfigError("no labelled single-turn records to fit on")
     flags = flag_names(bundle, records, flags_given)

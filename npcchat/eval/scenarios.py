@@ -20,6 +20,7 @@ Every line is validated; a bad one becomes a :class:`BadLine` naming file:line a
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -279,6 +280,23 @@ def _multi(rec: dict[str, Any], sid: str, source: str) -> Scenario:
             )
         turns.append((player, expected))
     return _base(rec, "multi", sid, source, tuple(turns))
+
+
+def single_labelled(sc: Scenario) -> bool:
+    """One turn with labels: what ``heads fit`` fits on."""
+    return len(sc.turns) == 1 and sc.turns[0][1] is not None
+
+
+def labelled_flags(scenarios: Sequence[Scenario]) -> list[str]:
+    """Every flag the scenarios' labels name, in order of first appearance (the head order
+    when nothing else gives one)."""
+    names: list[str] = []
+    for sc in scenarios:
+        for _, e in sc.turns:
+            for n in (e.flags or {}) if e else {}:
+                if n not in names:
+                    names.append(n)
+    return names
 
 
 def unknown_flags(sc: Scenario, flags: tuple[str, ...] | list[str]) -> str | None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from npcchat.errors import ConfigError
-from npcchat.eval.scenarios import Scenario, read
+from npcchat.eval.scenarios import Scenario, labelled_flags, read, single_labelled
 from npcchat.mind.npc import NpcDef
 from npcchat.text import nfc
 
@@ -74,12 +74,7 @@ def flag_names(scenarios: Sequence[Scenario], given: Sequence[str] | None) -> tu
     first appearance."""
     if given:
         return tuple(given)
-    names: list[str] = []
-    for sc in scenarios:
-        for _, e in sc.turns:
-            for n in (e.flags or {}) if e else {}:
-                if n not in names:
-                    names.append(n)
+    names = labelled_flags(scenarios)
     if not names:
         raise ConfigError("the records label no flags", hint="pass --flags a,b,c")
     return tuple(names)
@@ -203,8 +198,4 @@ def fit_records(scenarios: Sequence[Scenario], examples: Sequence[Example]) -> l
     """The single-turn labelled scenarios that gave an example (not a forbidden trigger's
     line, not skipped): what ``--bundle`` refits the heads on, as training saw them."""
     seen = {(ex.source, ex.id) for ex in examples}
-    return [
-        sc
-        for sc in scenarios
-        if len(sc.turns) == 1 and sc.turns[0][1] is not None and (sc.source, sc.id) in seen
-    ]
+    return [sc for sc in scenarios if single_labelled(sc) and (sc.source, sc.id) in seen]

@@ -150,13 +150,11 @@ class TrainModel:
                 "trains Qwen2 models (its runtime and convert are Qwen2's)"
             )
         self.hidden_size = int(model.config.hidden_size)
-        self.tied = bool(model.config.tie_word_embeddings)
         self.old_vocab = int(model.get_input_embeddings().weight.shape[0])
         self.new_ids = sorted(int(i) for i in new_ids)
         rows = max(n_vocab, self.new_ids[-1] + 1) if self.new_ids else n_vocab
         if rows > self.old_vocab:
             model.resize_token_embeddings(rows, mean_resizing=False)
-        self.resized = bool(self.new_ids)  # the embeddings travel with the adapter
         if qlora:
             from peft import prepare_model_for_kbit_training
 

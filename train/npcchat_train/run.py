@@ -217,7 +217,7 @@ def _train(opts: TrainOptions, cfg: Config, progress: Progress | None) -> dict[s
     tell(
         "stage",
         name="load model",
-        train=data_mod.summary(train_items),
+        train=(train_summary := data_mod.summary(train_items)),
         heldout=len(held_items),
     )
     model = TrainModel(
@@ -263,7 +263,7 @@ def _train(opts: TrainOptions, cfg: Config, progress: Progress | None) -> dict[s
         "heads": str(opts.out / "heads"),
         "flags": list(flags),
         "tokens_added": list(tok.added),
-        "train": data_mod.summary(train_items),
+        "train": train_summary,
         "heldout_examples": len(held_items),
         "model": model.describe(),
         "notes": notes,
