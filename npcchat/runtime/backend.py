@@ -29,7 +29,7 @@ import numpy as np
 
 from npcchat.config import RuntimeConfig
 from npcchat.errors import BackendError, BundleError
-from npcchat.runtime.prefill import plan_prefill
+from npcchat.runtime.prefill import Chunk
 from npcchat.types import SamplingParams
 
 _LOG: deque[str] = deque(maxlen=200)
@@ -314,39 +314,34 @@ class Model:
             ll.llama_memory_seq_cp(self._mem, src, dst, -1, -1)
         ll.llama_memory_seq_rm(self._mem, dst, max(0, keep), -1)
 
-    def prefill(
-        self,
-        tokens: Sequence[int],
-        outputs: Sequence[int],
-        start: int = 0,
-        seq: int = 0,
-        grid: int = 0,
-    ) -> np.ndarray:
-        """Decode ``tokens[start:]`` once into sequence ``seq`` (its KV cache must hold
-        ``tokens[:start]``); ``grid``: see :func:`npcchat.runtime.prefill.plan_prefill`.
+    def prefill_chunk(
+        self, tokens: Sequence[int], chunk: Chunk, outputs: Sequence[int], seq: int = 0
+    ) -> dict[int, np.ndarray]:
+        """One decode call of a prompt (the engine cuts it, see
+        :func:`npcchat.runtime.prefill.plan_prefill`): ``tokens[chunk.start:chunk.end]`` at
+        their positions in sequence ``seq``, whose KV cache holds ``tokens[:chunk.start]``.
 
-        Returns the post-final-norm hidden states at ``outputs`` (rows in that order). The
-        logits of the last token stay in the context for :meth:`sample` until the next
-        decode. Must include the last position in ``outputs`` so the reply can start.
+        For an embeddings chunk, returns the post-final-norm hidden states at the
+        ``outputs`` inside it, and the logits of the chunk's last token stay in the context
+        for :meth:`sample` until the next decode.
         """
-        if len(tokens) > self.n_ctx:
+        if chunk.end > self.n_ctx:
             raise BackendError(f"prompt of {len(tokens)} tokens exceeds the context ({self.n_ctx})")
-        self.keep_prefix(start, seq)
+        part = tokens[chunk.start : chunk.end]
+        if not chunk.embeddings:
+            self.decode(part, chunk.start, False, seq=seq)
+            return {}
+        ll.llama_set_embeddings(self._ctx, True)
+        try:
+            self.decode(part, chunk.start, True, seq=seq)
+        finally:
+            ll.llama_set_embeddings(self._ctx, False)
         states: dict[int, np.ndarray] = {}
-        for ch in plan_prefill(len(tokens), outputs, self.n_batch, start, grid=grid):
-            if not ch.embeddings:
-                self.decode(tokens[ch.start : ch.end], ch.start, False, seq=seq)
-                continue
-            ll.llama_set_embeddings(self._ctx, True)
-            try:
-                self.decode(tokens[ch.start : ch.end], ch.start, True, seq=seq)
-            finally:
-                ll.llama_set_embeddings(self._ctx, False)
-            for p in outputs:
-                if ch.start <= p < ch.end:
-                    ptr = ll.llama_get_embeddings_ith(self._ctx, p - ch.start)
-                    states[p] = np.ctypeslib.as_array(ptr, shape=(self.n_embd,)).copy()
-        return np.stack([states[p] for p in outputs])
+        for p in outputs:
+            if chunk.start <= p < chunk.end:
+                ptr = ll.llama_get_embeddings_ith(self._ctx, p - chunk.start)
+                states[p] = np.ctypeslib.as_array(ptr, shape=(self.n_embd,)).copy()
+        return states
 
     def state_get(self, seq: int = 0) -> bytes:
         """llama.cpp's state (KV cache) of one sequence, for a snapshot."""

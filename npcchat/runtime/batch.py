@@ -2,10 +2,18 @@
 
 Each conversation is a *driver*: a generator that yields turn requests and receives each
 turn's result, so multi-turn scenarios can build on their own replies. Up to
-``model.n_seq`` drivers hold a sequence slot each. Every turn still gets its own single
-prefill (so its `<STATE>` vector is the one a sequential run computes); what is shared is
-the generation: one batched decode per step for all slots, which reads the weights once
-for all of them.
+``model.n_seq`` drivers hold a sequence slot each. Every turn still gets its own prefill,
+in the decode calls a sequential run makes (so its `<STATE>` vector and reply are the ones
+a sequential run computes); what is shared is the generation: one batched decode per step
+for all slots, which reads the weights once for all of them.
+
+A joining turn's prompt does not stall the others: each step runs at most one of its
+decode calls (``runtime.prefill_chunk`` tokens at most, the oldest joining turn first),
+then the step of every running reply. A running reply therefore waits at most one chunk
+between two tokens, however long the prompts that join. The chunk and the step stay two
+llama_decode calls: with one KV stream per sequence, llama.cpp would cut a mixed call into
+the same two micro-batches anyway, except that the chunk's first token would be computed
+among the other sequences' tokens, which moves its hidden state by rounding (measured).
 
 Drivers come from a plain iterable (eval: every scenario is known up front) or a
 :class:`LiveFeed` that a server fills while turns run (a new turn joins the batch at the
@@ -106,6 +114,7 @@ class _Slot(Generic[K, R]):
     driver: Driver[R]
     request: TurnRequest | None = None
     pending: Pending | None = None
+    order: int = 0  # when its turn began: joining prompts are decoded oldest first
 
 
 def run(
@@ -135,6 +144,7 @@ class _Batch(Generic[K, R]):
         self.free = list(range(engine.model.n_seq - 1, -1, -1))
         self.finished: list[tuple[K, R | NpcchatError]] = []
         self.affinity: dict[int, str] = {}  # the affinity of the last turn each slot ran
+        self.begun = 0  # turns begun so far (their order)
 
     def loop(self) -> Iterator[tuple[K, R | NpcchatError]]:
         """Fill free slots, then one step for every active turn; wait when idle."""
@@ -172,14 +182,17 @@ class _Batch(Generic[K, R]):
         self._start(seq, slot, req)
 
     def _start(self, seq: int, slot: _Slot[K, R], req: TurnRequest) -> None:
-        """Start ``req`` in ``seq``; a request that cannot start goes back to its driver."""
+        """Begin ``req`` in ``seq`` (its prompt is decoded by the steps that follow); a
+        request that cannot begin goes back to its driver."""
         while True:
             try:
                 if req.cancel is not None and req.cancel.is_set():
                     raise TurnCancelled("the turn was cancelled before it started")
                 slot.request = req
                 self.affinity[seq] = req.affinity
-                slot.pending = self.engine.start(
+                self.begun += 1
+                slot.order = self.begun
+                slot.pending = self.engine.begin(
                     req.session,
                     req.player,
                     req.sampling,
@@ -213,21 +226,48 @@ class _Batch(Generic[K, R]):
         return None
 
     def _step(self) -> None:
+        """One decode call of the oldest joining prompt, then one token for every running
+        reply (a reply that ends hands its driver's next request a fresh start)."""
         going: list[Pending] = []
+        joining: tuple[int, _Slot[K, R]] | None = None
         for seq, slot in list(self.slots.items()):
             p, req = slot.pending, slot.request
             assert p is not None and req is not None
             if req.cancel is not None and req.cancel.is_set():
-                self.engine.forget(seq)  # a half-generated reply: the cache is not a prompt
+                self.engine.forget(seq)  # a half-decoded prompt or reply is not a prompt
                 slot.pending = None
-                after = self._send(seq, slot, TurnCancelled("the turn was cancelled"))
-            elif self.engine.accept(p):
-                going.append(p)
-                continue
+                self._next(seq, slot, TurnCancelled("the turn was cancelled"))
+            elif p.job is not None:  # its prompt is still being decoded
+                if joining is None or slot.order < joining[1].order:
+                    joining = (seq, slot)
             else:
+                self._go(seq, slot, p, going)
+        if joining is not None:
+            seq, slot = joining
+            p = slot.pending
+            assert p is not None
+            try:
+                ready = self.engine.prefill(p)
+            except NpcchatError as e:
+                self.engine.forget(seq)
                 slot.pending = None
-                after = self._send(seq, slot, self.engine.finish(p))
-            if after is not None:
-                self._start(seq, slot, after)
+                self._next(seq, slot, e)
+            else:
+                if ready:
+                    self._go(seq, slot, p, going)
         if going:
             self.engine.advance(going)
+
+    def _go(self, seq: int, slot: _Slot[K, R], p: Pending, going: list[Pending]) -> None:
+        """``p``'s drawn token: into this step's batch, or the end of its turn."""
+        if self.engine.accept(p):
+            going.append(p)
+        else:
+            slot.pending = None
+            self._next(seq, slot, self.engine.finish(p))
+
+    def _next(self, seq: int, slot: _Slot[K, R], value: Turn | NpcchatError) -> None:
+        """Hand ``value`` to the driver and begin its next request, if it has one."""
+        after = self._send(seq, slot, value)
+        if after is not None:
+            self._start(seq, slot, after)

@@ -13,19 +13,20 @@ import hashlib
 import random
 import time
 from collections.abc import Callable, Generator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 from npcchat.config import Config, StateConfig
-from npcchat.errors import BundleError
+from npcchat.errors import BackendError, BundleError
 from npcchat.runtime import prompt as prompt_mod
 from npcchat.runtime.bundle import Bundle
 from npcchat.runtime.heads import Heads
 from npcchat.runtime.kvbook import GRID, KvBook, Reuse
 from npcchat.runtime.model import ModelLike
+from npcchat.runtime.prefill import Chunk, plan_prefill
 from npcchat.runtime.prompt import SpecialTag
 from npcchat.runtime.vocab import check_vocab
 from npcchat.sessions.session import Session
@@ -64,6 +65,21 @@ def context_of(session: Session) -> tuple[ContextTurn, ...]:
     return tuple(turns)
 
 
+@dataclass
+class PromptJob:
+    """A prompt being decoded, one call at a time (see :meth:`Engine.plan`)."""
+
+    tokens: tuple[int, ...]
+    outputs: tuple[int, ...]  # the `<STATE>` positions, then the last token
+    n_state: int
+    chunks: tuple[Chunk, ...]
+    seq: int
+    start: int  # the first position decoded (the KV cache held the ones before)
+    grid: int
+    done: int = 0  # calls run
+    states: dict[int, np.ndarray] = field(default_factory=dict)
+
+
 class Engine:
     """A bundle loaded and ready for turns. Owns the model; call :meth:`close`."""
 
@@ -75,8 +91,8 @@ class Engine:
         self.vocab = check_vocab(model, bundle.name)
         self.reuse: Reuse = "prefix" if cfg.runtime.prefix_reuse else "off"
         self.kv = KvBook()
-        # eval's aligned reuse cuts prefills at multiples of this (at most a batch)
-        self.grid = min(GRID, model.n_batch)
+        # eval's aligned reuse cuts prefills at multiples of this (at most a prefill call)
+        self.grid = min(GRID, model.n_batch, cfg.runtime.prefill_chunk)
         self.last_prefill = 0
         self.identity = _identity(bundle, cfg)
         if model.n_embd != bundle.hidden_size:
@@ -149,10 +165,28 @@ class Engine:
         cache already holds are decoded (never past the first `<STATE>`: its hidden state
         must come out of this decode). ``self.last_prefill`` is how many were decoded.
         """
-        tokens = list(fitted.tokens)
+        job = self.plan(fitted, seq, reuse)
+        while not self.prefill_step(job):
+            pass
+        return self.prefilled(job), list(job.tokens)
+
+    def plan(
+        self, fitted: prompt_mod.FittedPrompt, seq: int = 0, reuse: Reuse | None = None
+    ) -> PromptJob:
+        """Where ``fitted``'s prefill starts in ``seq`` (a KV prefix reused, copied from
+        another sequence when that one holds more) and its decode calls; nothing decoded
+        yet. Run it with :meth:`prefill_step`, then :meth:`prefilled`.
+
+        The calls are the same whoever runs them (talk all at once, a server one per step
+        between its running replies' steps), so a served turn computes what talk does."""
+        tokens = tuple(fitted.tokens)
+        if len(tokens) > self.model.n_ctx:
+            raise BackendError(
+                f"prompt of {len(tokens)} tokens exceeds the context ({self.model.n_ctx})"
+            )
         state_id = self.vocab.tags[prompt_mod.STATE_TAG]
         positions = [i for i, t in enumerate(tokens) if t == state_id]
-        outputs = [*positions, len(tokens) - 1]
+        outputs = (*positions, len(tokens) - 1)
         mode = reuse or self.reuse
         grid = self.grid if mode == "aligned" else 0
         start = 0
@@ -165,11 +199,28 @@ class Engine:
             where = self.kv.aligned_start(seq, tokens, outputs[0], grid)
             self.model.share(where.source, seq, where.position)
             start = where.position
-        self.kv.begin(seq)  # unknown until the decode below completes
-        rows = self.model.prefill(tokens, outputs, start=start, seq=seq, grid=grid)
-        self.kv.record(seq, tokens, exact=outputs[0] // grid * grid if grid else 0)
-        self.last_prefill = len(tokens) - start
-        return rows[: len(positions)].mean(axis=0), tokens
+        self.kv.begin(seq)  # unknown until the last call has decoded
+        self.model.keep_prefix(start, seq)
+        size = min(self.model.n_batch, self.cfg.runtime.prefill_chunk)
+        chunks = tuple(plan_prefill(len(tokens), outputs, size, start, grid=grid))
+        return PromptJob(tokens, outputs, len(positions), chunks, seq, start, grid)
+
+    def prefill_step(self, job: PromptJob) -> bool:
+        """Decode ``job``'s next call; True once its last one has run."""
+        chunk = job.chunks[job.done]
+        job.states.update(self.model.prefill_chunk(job.tokens, chunk, job.outputs, job.seq))
+        job.done += 1
+        return job.done == len(job.chunks)
+
+    def prefilled(self, job: PromptJob) -> np.ndarray:
+        """After ``job``'s last call: the `<STATE>` vector (the mean over its positions);
+        the sequence's KV cache is now known to hold the prompt."""
+        exact = job.outputs[0] // job.grid * job.grid if job.grid else 0
+        self.kv.record(job.seq, job.tokens, exact=exact)
+        self.last_prefill = len(job.tokens) - job.start
+        rows = [job.states[p] for p in job.outputs[: job.n_state]]
+        vec: np.ndarray = np.stack(rows).mean(axis=0)
+        return vec
 
     def predecode(
         self,
@@ -245,45 +296,75 @@ class Engine:
         reuse: Reuse | None = None,
         guide: Guide | None = None,
     ) -> Pending:
-        """First half of a turn: prompt, the one prefill, heads, first token drawn.
-
-        The first token is sampled here because the prefill's logits only live until the
-        next decode (another sequence's, when turns run side by side).
+        """First half of a turn: prompt, the one prefill, heads, first token drawn
+        (:meth:`begin`, then :meth:`prefill` until it is done).
 
         ``guide`` sees the heads before a token is drawn (the NPC's rules): it may answer
         with a fixed reply (no generation) or with other tags for the reply, which the
         model then generates from a second prefill of the same prompt with those tags;
         the state change stays the one the player's prompt gave."""
+        p = self.begin(session, player, sampling, on_text, seq, context, pinned, reuse, guide)
+        while not self.prefill(p):
+            pass
+        return p
+
+    def begin(
+        self,
+        session: Session,
+        player: str,
+        sampling: SamplingParams,
+        on_text: Callable[[str], None] | None = None,
+        seq: int = 0,
+        context: tuple[ContextTurn, ...] = (),
+        pinned: tuple[ContextTurn, ...] = (),
+        reuse: Reuse | None = None,
+        guide: Guide | None = None,
+    ) -> Pending:
+        """A turn's prompt, fitted and planned (see :meth:`start`); nothing decoded yet."""
         t0 = time.perf_counter()
         inp = self.prompt_input(session, player, pinned + context)
         fitted = self.fit(inp, sampling.max_tokens, pinned=len(pinned))
-        vec, tokens = self.state_vector(fitted, seq, reuse)
-        t1 = time.perf_counter()
-        heads = self.run_heads(vec)
-        t2 = time.perf_counter()
-        seed = sampling.seed if sampling.seed is not None else random.randrange(2**31)
-        guided = guide(heads) if guide is not None else None
-        prefilled = self.last_prefill
-        if guided is not None and guided.session is not None:
-            inp = self.prompt_input(guided.session, player, pinned + context)
-            fitted = replace(
-                self.fit(inp, sampling.max_tokens, pinned=len(pinned)),
-                dropped_turns=fitted.dropped_turns,
-            )
-            _, tokens = self.state_vector(fitted, seq, reuse)
-            prefilled += self.last_prefill
-        p = Pending(
-            session, player, sampling, seed, fitted, heads, seq, len(tokens), on_text, [t0, t1, t2]
-        )
-        p.prefilled = prefilled
-        p.gate = guided.gate if guided is not None else None
-        p.choices = guided.choices if guided is not None else ()
-        if guided is not None and guided.reply is not None:
-            p.fixed = guided.reply  # answered without generating: nothing is sampled
-            return p
-        self.model.new_sampler(sampling, seed, seq)
-        p.next_token = self.model.sample(seq)
+        job = self.plan(fitted, seq, reuse)
+        p = Pending(session, player, sampling, fitted, seq, on_text, t0)
+        p.job, p.guide, p.context, p.pinned, p.reuse = job, guide, context, pinned, reuse
         return p
+
+    def prefill(self, p: Pending) -> bool:
+        """One decode call of ``p``'s prompt; True when the prompt is done, the heads have
+        run and the first token is drawn (or a guide fixed the reply).
+
+        The first token is sampled as soon as the last call has run because its logits
+        only live until the next decode (another sequence's, when turns run side by side)."""
+        job = p.job
+        assert job is not None, "the turn's prompt is already decoded"
+        if not self.prefill_step(job):
+            return False
+        vec = self.prefilled(job)
+        p.prefilled += self.last_prefill
+        p.pos = len(job.tokens)
+        p.job = None
+        if p.heads is None:  # the player's prompt: the state change comes from it
+            t1 = time.perf_counter()
+            p.heads = self.run_heads(vec)
+            p.times += [t1, time.perf_counter()]
+            sampling = p.sampling
+            p.seed = sampling.seed if sampling.seed is not None else random.randrange(2**31)
+            guided = p.guide(p.heads) if p.guide is not None else None
+            if guided is not None:
+                p.gate, p.choices = guided.gate, guided.choices
+                p.fixed = guided.reply  # answered without generating: nothing is sampled
+                if guided.session is not None:  # the reply comes from a prompt with other tags
+                    inp = self.prompt_input(guided.session, p.player, p.pinned + p.context)
+                    p.fitted = replace(
+                        self.fit(inp, sampling.max_tokens, pinned=len(p.pinned)),
+                        dropped_turns=p.fitted.dropped_turns,
+                    )
+                    p.job = self.plan(p.fitted, p.seq, p.reuse)
+                    return False
+        if p.fixed is None:
+            self.model.new_sampler(p.sampling, p.seed, p.seq)
+            p.next_token = self.model.sample(p.seq)
+        return True
 
     def accept(self, p: Pending) -> bool:
         """Take ``p.next_token`` into the reply; True when it must be decoded to go on."""
@@ -378,6 +459,7 @@ class Engine:
         t0, t1, t2 = p.times
         t3 = time.perf_counter()
         heads = p.heads
+        assert heads is not None, "the turn's prompt is not decoded yet"
         return Turn(
             player=p.player,
             reply="".join(p.pieces).rstrip(),
@@ -553,31 +635,38 @@ Guide = Callable[[HeadsOutput], "Guided | None"]
 
 
 class Pending:
-    """A turn between its prefill and its last token (mutable, internal to the engine)."""
+    """A turn from its planned prompt to its last token (mutable, internal to the engine).
+
+    While ``job`` is set, its prompt is still being decoded (:meth:`Engine.prefill`)."""
 
     def __init__(
         self,
         session: Session,
         player: str,
         sampling: SamplingParams,
-        seed: int,
         fitted: prompt_mod.FittedPrompt,
-        heads: HeadsOutput,
         seq: int,
-        pos: int,
         on_text: Callable[[str], None] | None,
-        times: list[float],
+        t0: float,
     ) -> None:
-        self.session, self.player, self.sampling, self.seed = session, player, sampling, seed
-        self.fitted, self.heads, self.seq, self.pos = fitted, heads, seq, pos
-        self.on_text, self.times = on_text, times
+        self.session, self.player, self.sampling = session, player, sampling
+        self.fitted, self.seq, self.on_text = fitted, seq, on_text
+        self.times = [t0]  # begun; the prompt decoded; the heads run
+        self.seed = 0
+        self.heads: HeadsOutput | None = None
+        self.pos = 0  # the next token's position in the sequence
+        self.job: PromptJob | None = None
+        self.guide: Guide | None = None
+        self.context: tuple[ContextTurn, ...] = ()
+        self.pinned: tuple[ContextTurn, ...] = ()
+        self.reuse: Reuse | None = None
+        self.prefilled = 0  # prompt tokens decoded (both prompts when a guide re-prompted)
         self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self.pieces: list[str] = []
         self.n = 0
         self.next_token = -1
         self.reason = "length"
         self.started = False
-        self.prefilled = pos
         self.fixed: str | None = None  # a reply decided on the heads (a guarded reply)
         # reply checks: what the gate forbids, and what backing up needs per token
         self.gate: ReplyGate | None = None

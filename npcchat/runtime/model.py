@@ -10,6 +10,7 @@ from typing import Protocol
 
 import numpy as np
 
+from npcchat.runtime.prefill import Chunk
 from npcchat.types import SamplingParams
 
 
@@ -32,14 +33,9 @@ class ModelLike(Protocol):
 
     def eos(self) -> int: ...
 
-    def prefill(
-        self,
-        tokens: Sequence[int],
-        outputs: Sequence[int],
-        start: int = 0,
-        seq: int = 0,
-        grid: int = 0,
-    ) -> np.ndarray: ...
+    def prefill_chunk(
+        self, tokens: Sequence[int], chunk: Chunk, outputs: Sequence[int], seq: int = 0
+    ) -> dict[int, np.ndarray]: ...
 
     def extend(self, tokens: Sequence[int], start: int, seq: int = 0) -> None: ...
 

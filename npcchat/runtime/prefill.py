@@ -36,19 +36,28 @@ def plan_prefill(
     lands in an embeddings chunk and as few other tokens as possible do.
 
     Output positions closer than ``max_gap`` share one chunk (one decode call instead of
-    several); everything else is decoded without outputs, at most ``n_batch`` per call
-    (``grid`` > 0: cut at every multiple of ``grid`` instead, counted from position 0).
+    several); everything else is decoded without outputs, at most ``n_batch`` per call, in
+    pieces of near-equal size (``grid`` > 0: cut at every multiple of ``grid`` instead,
+    counted from position 0).
     """
     chunks: list[Chunk] = []
     if grid > n_batch:
         raise ValueError(f"prefill grid {grid} exceeds the batch size {n_batch}")
 
     def plain(a: int, b: int) -> None:
-        s = a
-        while s < b:
-            e = min(b, (s // grid + 1) * grid if grid else s + n_batch)
-            chunks.append(Chunk(s, e, False))
-            s = e
+        if grid:
+            s = a
+            while s < b:
+                e = min(b, (s // grid + 1) * grid)
+                chunks.append(Chunk(s, e, False))
+                s = e
+            return
+        # near-equal pieces: never a short remainder (on CPU, llama.cpp computes calls of
+        # under 8 tokens with other kernels, so a 2-token tail would round differently
+        # from the same tokens decoded inside a longer call)
+        pieces = -(-(b - a) // n_batch)
+        for k in range(pieces):
+            chunks.append(Chunk(a + (b - a) * k // pieces, a + (b - a) * (k + 1) // pieces, False))
 
     pos = start
     wanted = sorted(p for p in set(outputs) if p >= start)

@@ -28,6 +28,7 @@ from npcchat.config import Config
 from npcchat.errors import ConfigError
 from npcchat.runtime.bundle import Bundle
 from npcchat.runtime.engine import Engine
+from npcchat.runtime.prefill import Chunk
 from npcchat.runtime.prompt import NPC_TAG, SCAFFOLD_TAGS, STATE_TAG, PromptTemplate
 from npcchat.runtime.vocab import END_TOKENS
 from npcchat.types import SamplingParams
@@ -174,14 +175,9 @@ class VocabModel:
     def _no_decoding(self, *_: Any, **__: Any) -> Any:
         raise RuntimeError("VocabModel renders prompts; it has no weights to decode with")
 
-    def prefill(
-        self,
-        tokens: Sequence[int],
-        outputs: Sequence[int],
-        start: int = 0,
-        seq: int = 0,
-        grid: int = 0,
-    ) -> np.ndarray:
+    def prefill_chunk(
+        self, tokens: Sequence[int], chunk: Chunk, outputs: Sequence[int], seq: int = 0
+    ) -> dict[int, np.ndarray]:
         return self._no_decoding()  # type: ignore[no-any-return]
 
     def extend(self, tokens: Sequence[int], start: int, seq: int = 0) -> None:
