@@ -39,12 +39,15 @@ class H(BaseHTTPRequestHandler):
         self.wfile.write(body)
     def do_POST(self):
         req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        print(json.dumps(req, ensure_ascii=False), file=log, flush=True)
+        print(json.dumps({**req, "t": time.monotonic()}, ensure_ascii=False), file=log, flush=True)
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.end_headers()
         n = req["n_predict"]
         for i in range(n):
+            if i == 4:
+                self.wfile.flush()
+                time.sleep(0.3)  # a stall in the middle of every reply
             piece = json.dumps({"content": f" w{i}", "stop": False})
             self.wfile.write(f"data: {piece}\n\n".encode())
         final = {"content": "", "stop": True, "timings": {"predicted_n": n, "predicted_ms": 5.0}}
@@ -66,7 +69,8 @@ def _stub(tmp_path: Path) -> tuple[Path, Path]:
 def _bench(tmp_path: Path, peer: Path) -> dict[str, Any]:
     proc = subprocess.run(
         [sys.executable, "-m", "npcchat", "bench", "serve", "--players", "1,2", "--turns", "2",
-         "--tokens", "8", "--slots", "2", "--peer", str(peer), "--json"],
+         "--tokens", "8", "--slots", "2", "--peer", str(peer), "--stagger", "0.2",
+         "--prefill-chunk", "16", "--json"],
         capture_output=True,
         text=True,
         env={**os.environ, "NPCCHAT_HOME": str(tmp_path / "home")},
@@ -87,6 +91,9 @@ def test_the_peer_gets_the_same_players_prompts_and_tokens(tmp_path: Path) -> No
     for n in (1, 2):
         assert report[f"npcchat_over_peer_turns_per_s_{n}"] > 0
     assert "ttft_p95_2_over_ttft_p50_1" in report
+    assert report["stagger_s"] == 0.2 and report["prefill_chunk"] == 16
+    assert all(0 <= r["stall_p95_ms"] <= r["stall_max_ms"] for r in ours + theirs)
+    assert all(r["stall_max_ms"] >= 300 for r in theirs)  # the stub's pause, seen
     lines = [json.loads(x) for x in log.read_text("utf-8").splitlines()]
     argv = lines[0]["argv"]
     assert argv[argv.index("-np") + 1] == "2" and "-m" in argv
@@ -98,6 +105,9 @@ def test_the_peer_gets_the_same_players_prompts_and_tokens(tmp_path: Path) -> No
         assert req["top_k"] == 50 and req["min_p"] == 0.0
         prompt = req["prompt"]
         assert "NPC_ID=bench_captain" in prompt and prompt.rstrip().endswith("<NPC>")
+    # the second of two players starts --stagger seconds after the first
+    first = {r["seed"]: r["t"] for r in requests[3:] if r["seed"] in (0, 1000)}
+    assert first[1000] - first[0] >= 0.15  # (received by the server: less its jitter)
     # a player's second prompt holds its first line and the peer's own reply
     second = [r["prompt"] for r in requests if "w7" in r["prompt"]]
     assert second and "player: Hello there." in second[0]

@@ -98,6 +98,7 @@ def _player(url: str, prompts: Prompts, seed: int, turns: int, tokens: int, out:
             }
             t0 = time.perf_counter()
             pieces: list[str] = []
+            arrived: list[float] = []  # each text piece's arrival
             final: dict[str, Any] | None = None
             status = 0
             try:
@@ -112,23 +113,28 @@ def _player(url: str, prompts: Prompts, seed: int, turns: int, tokens: int, out:
                             continue
                         data = json.loads(text[6:])
                         pieces.append(data.get("content", ""))
+                        if pieces[-1] and not data.get("stop"):
+                            arrived.append(time.perf_counter())
                         if data.get("stop"):
                             final = data
             except httpx.HTTPError:
                 final = None
             done = time.perf_counter()
             if status != 200 or final is None:
-                out.append((False, 0.0, done - t0, 0))
+                out.append((False, 0.0, done - t0, 0, 0.0))
                 continue
             timings = final.get("timings", {})
             generate = float(timings.get("predicted_ms", 0.0)) / 1e3
             generated = int(timings.get("predicted_n", final.get("tokens_predicted", 0)))
-            out.append((True, done - t0 - generate, done - t0, generated))
+            stall = players_mod.longest_gap(arrived)
+            out.append((True, done - t0 - generate, done - t0, generated, stall))
             history.append((line, "".join(pieces).strip()))
 
 
-def closed_loop(url: str, prompts: Prompts, players: int, turns: int, tokens: int) -> LoadResult:
+def closed_loop(
+    url: str, prompts: Prompts, players: int, turns: int, tokens: int, stagger: float = 0.0
+) -> LoadResult:
     """The peer's counterpart of :func:`npcchat.bench.serve_load.closed_loop`."""
     return players_mod.closed_loop(
-        players, lambda i, out: _player(url, prompts, i, turns, tokens, out)
+        players, lambda i, out: _player(url, prompts, i, turns, tokens, out), stagger
     )

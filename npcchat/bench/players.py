@@ -4,6 +4,7 @@ figures, computed the same way on both sides."""
 
 from __future__ import annotations
 
+import itertools
 import socket
 import subprocess
 import threading
@@ -35,6 +36,10 @@ class LoadResult:
     latency_p50_ms: float
     latency_p95_ms: float
     generated: int = 0  # reply tokens of all good turns
+    # the longest pause between two streamed pieces of one reply (what a player sees when
+    # another turn's prompt is decoded meanwhile): p95 and max over the good turns
+    stall_p95_ms: float = float("nan")
+    stall_max_ms: float = float("nan")
 
 
 def _pct(values: Sequence[float], q: float) -> float:
@@ -50,11 +55,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def closed_loop(players: int, play: Callable[[int, list[Any]], None]) -> LoadResult:
-    """``players`` closed-loop players at once: ``play(i, records)`` runs player ``i``'s
-    turns, appending one ``(ok, ttft_s, latency_s, generated)`` record per turn."""
+def closed_loop(
+    players: int, play: Callable[[int, list[Any]], None], stagger: float = 0.0
+) -> LoadResult:
+    """``players`` closed-loop players: ``play(i, records)`` runs player ``i``'s turns,
+    appending one ``(ok, ttft_s, latency_s, generated, stall_s)`` record per turn. Player
+    ``i`` starts ``i * stagger`` seconds after the first (0: all at once)."""
     records: list[Any] = []
-    threads = [threading.Thread(target=play, args=(i, records)) for i in range(players)]
+
+    def delayed(i: int) -> None:
+        time.sleep(i * stagger)
+        play(i, records)
+
+    threads = [threading.Thread(target=delayed, args=(i,)) for i in range(players)]
     t0 = time.perf_counter()
     for t in threads:
         t.start()
@@ -112,8 +125,13 @@ class ChildServer:
         self._log.close()
 
 
+def longest_gap(times: Sequence[float]) -> float:
+    """The longest wait between two consecutive arrivals (0 for fewer than two)."""
+    return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
+
+
 def summarize(players: int, records: Sequence[Any], wall: float) -> LoadResult:
-    """One load's figures from its turns' ``(ok, ttft_s, latency_s, generated)``."""
+    """One load's figures from its turns' ``(ok, ttft_s, latency_s, generated, stall_s)``."""
     good = [r for r in records if r[0]]
     return LoadResult(
         players=players,
@@ -126,4 +144,6 @@ def summarize(players: int, records: Sequence[Any], wall: float) -> LoadResult:
         latency_p50_ms=_pct([r[2] for r in good], 50),
         latency_p95_ms=_pct([r[2] for r in good], 95),
         generated=sum(r[3] for r in good),
+        stall_p95_ms=_pct([r[4] for r in good], 95),
+        stall_max_ms=_pct([r[4] for r in good], 100),
     )

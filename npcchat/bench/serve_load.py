@@ -48,12 +48,17 @@ def write_npc(directory: Path) -> Path:
     return path
 
 
-def _config_file(directory: Path) -> Path:
+def _config_file(directory: Path, prefill_chunk: int | None = None) -> Path:
     """Sampling as in play (temperature 0.7) with a fixed seed: every session draws the
     same tokens in the server and in-process, and a random model's replies hold text (greedy
-    decoding on random weights settles on a token with none)."""
+    decoding on random weights settles on a token with none). Written once per run (with
+    ``prefill_chunk`` when given), then read by every side."""
     path = directory / "bench-config.toml"
-    path.write_text("[sampling]\ntemperature = 0.7\nseed = 0\n", "utf-8")
+    if prefill_chunk is not None or not path.exists():
+        text = "[sampling]\ntemperature = 0.7\nseed = 0\n"
+        if prefill_chunk is not None:
+            text += f"\n[runtime]\nprefill_chunk = {prefill_chunk}\n"
+        path.write_text(text, "utf-8")
     return path
 
 
@@ -88,6 +93,7 @@ def _player(url: str, player: str, turns: int, tokens: int, out: list[Any]) -> N
             }
             t0 = time.perf_counter()
             final = None
+            arrived: list[float] = []  # each text piece's arrival
             with client.stream("POST", "/v1/turn", json=body) as r:
                 event = ""
                 for line in r.iter_lines():
@@ -95,21 +101,28 @@ def _player(url: str, player: str, turns: int, tokens: int, out: list[Any]) -> N
                         event = line[7:]
                     elif line.startswith("data: ") and event in ("turn", "error"):
                         final = (event, json.loads(line[6:]))
+                    elif line.startswith("data: "):
+                        arrived.append(time.perf_counter())
             done = time.perf_counter()
             ok = r.status_code == 200 and final is not None and final[0] == "turn"
             if not ok or final is None:
-                out.append((False, 0.0, done - t0, 0))
+                out.append((False, 0.0, done - t0, 0, 0.0))
                 continue
             # to the first token: what is left of the latency before generation started
             meta = final[1]["meta"]
             generate = meta["timings_ms"]["generate"] / 1e3
-            out.append((True, done - t0 - generate, done - t0, meta["tokens"]["generated"]))
+            generated = meta["tokens"]["generated"]
+            stall = players_mod.longest_gap(arrived)
+            out.append((True, done - t0 - generate, done - t0, generated, stall))
 
 
-def closed_loop(url: str, players: int, turns: int, tokens: int, tag: str) -> LoadResult:
-    """``players`` closed-loop players, ``turns`` turns each, all at once."""
+def closed_loop(
+    url: str, players: int, turns: int, tokens: int, tag: str, stagger: float = 0.0
+) -> LoadResult:
+    """``players`` closed-loop players, ``turns`` turns each (see
+    :func:`npcchat.bench.players.closed_loop`)."""
     return players_mod.closed_loop(
-        players, lambda i, out: _player(url, f"{tag}-{i}", turns, tokens, out)
+        players, lambda i, out: _player(url, f"{tag}-{i}", turns, tokens, out), stagger
     )
 
 
@@ -149,9 +162,15 @@ def run(
     rounds: int = 3,
     peer: Path | None = None,
     gpu_layers: int | None = None,
+    stagger: float = 0.0,
+    prefill_chunk: int | None = None,
 ) -> dict[str, Any]:
     """``peer``: a llama-server binary, measured after npcchat (alone on the machine) with
-    the same players (:mod:`npcchat.bench.peer`)."""
+    the same players (:mod:`npcchat.bench.peer`). ``stagger``: player i of a load starts
+    i * stagger seconds after the first, so prompts join while other replies stream.
+    ``prefill_chunk``: the server's ``runtime.prefill_chunk`` (default: the config's)."""
+    import npcchat
+
     peer_loads: list[LoadResult] = []
     peer_info: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="npcchat-bench-serve-") as tmp:
@@ -159,6 +178,7 @@ def run(
         (work / "npcs").mkdir()
         (work / "inproc").mkdir()
         npc_file = write_npc(work / "npcs")
+        chunk = npcchat.load_config(_config_file(work, prefill_chunk)).runtime.prefill_chunk
         limit = queue if queue is not None else max(players)
         server = start_server(bundle, work, slots, limit, gpu_layers)
         try:
@@ -173,13 +193,13 @@ def run(
                     http_s.append(closed_loop(server.url, 1, turns, tokens, f"round{i}").wall_s)
             finally:
                 local.close()  # its model is freed before the load runs
-            results = [closed_loop(server.url, n, turns, tokens, f"p{n}") for n in players]
+            results = [closed_loop(server.url, n, turns, tokens, f"p{n}", stagger) for n in players]
             rss = server.peak_rss_mb()
         finally:
             server.stop()
         if peer is not None:
             peer_loads, peer_info = _peer(peer, bundle, work, npc_file, players, turns, tokens,
-                                          slots, gpu_layers)  # fmt: skip
+                                          slots, gpu_layers, stagger)  # fmt: skip
     by_n = {r.players: r for r in results}
     report: dict[str, Any] = {
         "bundle": str(bundle),
@@ -187,6 +207,8 @@ def run(
         "turns_per_player": turns,
         "reply_tokens": tokens,
         "cpus": os.cpu_count(),
+        "stagger_s": stagger,
+        "prefill_chunk": chunk,
         "loads": [asdict(r) for r in results],
         "server_peak_rss_mb": rss,
         "one_player_http_s": http_s,
@@ -220,6 +242,7 @@ def _peer(
     tokens: int,
     slots: int,
     gpu_layers: int | None,
+    stagger: float = 0.0,
 ) -> tuple[list[LoadResult], dict[str, Any]]:
     """The same loads against llama-server on the bundle's GGUF."""
     import npcchat
@@ -232,7 +255,9 @@ def _peer(
     server = peer_mod.start_peer(binary, gguf, slots, n_ctx, gpu_layers, work / "peer.log")
     try:
         peer_mod.closed_loop(server.url, prompts, 1, 1, tokens)  # page the weights in
-        loads = [peer_mod.closed_loop(server.url, prompts, n, turns, tokens) for n in players]
+        loads = [
+            peer_mod.closed_loop(server.url, prompts, n, turns, tokens, stagger) for n in players
+        ]
         info = {
             "binary": str(binary),
             "command": server.command,

@@ -114,6 +114,21 @@ def serve(
     gpu_layers: Annotated[
         int | None, typer.Option(help="Layers to offload to a GPU, on both sides.")
     ] = None,
+    stagger: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=60.0,
+            help="Seconds between two players' starts (0: all at once); staggered players' "
+            "prompts join while other replies stream.",
+        ),
+    ] = 0.0,
+    prefill_chunk: Annotated[
+        int | None,
+        typer.Option(
+            min=8, max=1 << 16, help="The server's runtime.prefill_chunk (default: the config's)."
+        ),
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
 ) -> None:
     """N players in closed loop against a real `npcchat serve` on loopback: turns/s,
@@ -142,6 +157,8 @@ def serve(
         queue,
         peer=peer,
         gpu_layers=gpu_layers,
+        stagger=stagger,
+        prefill_chunk=prefill_chunk,
     )
     if json_out:
         print(json.dumps(report))

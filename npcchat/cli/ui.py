@@ -248,6 +248,8 @@ def serve_bench(report: Mapping[str, Any]) -> None:
     """``npcchat bench serve``: one row per player count (npcchat, then the peer), then the
     ratios."""
     title = f"npcchat bench serve · {report['slots']} slots · {report['reply_tokens']} tokens"
+    if report.get("stagger_s"):
+        title += f" · players {report['stagger_s']:g} s apart"
     _load_table(f"{title} · npcchat serve", report["loads"])
     peer = report.get("peer")
     if peer:
@@ -259,7 +261,8 @@ def serve_bench(report: Mapping[str, Any]) -> None:
 
 def _load_table(title: str, loads: Sequence[Mapping[str, Any]]) -> None:
     table = Table(title=title, title_justify="left")
-    for col in ("players", "turns/s", "TTFT p50", "TTFT p95", "latency p50", "latency p95"):
+    cols = ("players", "turns/s", "TTFT p50", "TTFT p95", "latency p50", "latency p95", "stall p95")
+    for col in cols:
         table.add_column(col, justify="right")
     table.add_column("tokens", justify="right")
     table.add_column("errors", justify="right")
@@ -271,6 +274,7 @@ def _load_table(title: str, loads: Sequence[Mapping[str, Any]]) -> None:
             f"{r['ttft_p95_ms']:.0f} ms",
             f"{r['latency_p50_ms']:.0f} ms",
             f"{r['latency_p95_ms']:.0f} ms",
+            f"{r.get('stall_p95_ms', float('nan')):.0f} ms",
             str(r.get("generated", "")),
             str(r["errors"]),
         )
