@@ -175,6 +175,9 @@ class Timings:
     prefill_ms: float
     heads_ms: float
     generate_ms: float
+    # the longest wait between two of the reply's tokens: in a server, the other turns'
+    # prompt chunks and batched steps a reply waited through
+    stall_ms: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -258,7 +261,12 @@ def turn_json(r: Turn) -> dict[str, Any]:
             "prefill": r.prefill_tokens,
             "generated": r.generated_tokens,
         },
-        "timings_ms": {"prefill": t.prefill_ms, "heads": t.heads_ms, "generate": t.generate_ms},
+        "timings_ms": {
+            "prefill": t.prefill_ms,
+            "heads": t.heads_ms,
+            "generate": t.generate_ms,
+            "stall": t.stall_ms,
+        },
     }
     if r.rules is not None:  # an NPC without rules prints exactly what it did before
         out["stop_reason"] = r.stop_reason

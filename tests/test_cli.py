@@ -79,7 +79,7 @@ def test_say_json_schema(bundle_q4: Path, tmp_path: Path) -> None:
         min(1, max(0, t["state"]["trust"] + turns[1]["deltas"]["trust"])), 2
     )
     assert t["tokens"]["generated"] <= 8 and t["tokens"]["prompt"] > 20
-    assert set(t["timings_ms"]) == {"prefill", "heads", "generate"}
+    assert set(t["timings_ms"]) == {"prefill", "heads", "generate", "stall"}
     assert turns[1]["tokens"]["prompt"] > t["tokens"]["prompt"]  # history is in the prompt
 
 

@@ -147,6 +147,8 @@ def test_eight_turns_joining_at_random_steps_equal_solo_turns(
                 n: f.prob for n, f in b.heads.flags.items()
             }
             assert (a.prompt_tokens, a.generated_tokens) == (b.prompt_tokens, b.generated_tokens)
+            if a.generated_tokens > 1:  # the longest wait between two tokens is reported
+                assert 0 < a.timings.stall_ms <= a.timings.generate_ms
     assert record.vectors.keys() == solo_record.vectors.keys()
     for tokens, vec in record.vectors.items():
         assert np.array_equal(vec, solo_record.vectors[tokens])

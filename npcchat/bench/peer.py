@@ -98,7 +98,7 @@ def _player(url: str, prompts: Prompts, seed: int, turns: int, tokens: int, out:
             }
             t0 = time.perf_counter()
             pieces: list[str] = []
-            arrived: list[float] = []  # each text piece's arrival
+            arrived: list[float] = []  # each token's event (one per token, text or not)
             final: dict[str, Any] | None = None
             status = 0
             try:
@@ -113,7 +113,7 @@ def _player(url: str, prompts: Prompts, seed: int, turns: int, tokens: int, out:
                             continue
                         data = json.loads(text[6:])
                         pieces.append(data.get("content", ""))
-                        if pieces[-1] and not data.get("stop"):
+                        if not data.get("stop"):
                             arrived.append(time.perf_counter())
                         if data.get("stop"):
                             final = data

@@ -36,8 +36,8 @@ class LoadResult:
     latency_p50_ms: float
     latency_p95_ms: float
     generated: int = 0  # reply tokens of all good turns
-    # the longest pause between two streamed pieces of one reply (what a player sees when
-    # another turn's prompt is decoded meanwhile): p95 and max over the good turns
+    # the longest wait between two tokens of one reply (what a player sees while other
+    # turns' prompts are decoded): p95 and max over the good turns
     stall_p95_ms: float = float("nan")
     stall_max_ms: float = float("nan")
 

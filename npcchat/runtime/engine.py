@@ -364,6 +364,7 @@ class Engine:
         if p.fixed is None:
             self.model.new_sampler(p.sampling, p.seed, p.seq)
             p.next_token = self.model.sample(p.seq)
+            p.drawn = time.perf_counter()
         return True
 
     def accept(self, p: Pending) -> bool:
@@ -471,7 +472,7 @@ class Engine:
             generated_tokens=p.n,
             dropped_turns=p.fitted.dropped_turns,
             stop_reason=p.reason,
-            timings=Timings((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3),
+            timings=Timings((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3, p.stall * 1e3),
             seed=p.seed,
             npc_id=p.session.npc_id,
             interventions=tuple(p.interventions),
@@ -593,10 +594,12 @@ class Engine:
             self.model.step(p.next_token, p.pos, p.seq)
         else:
             self.model.step_many([(p.seq, p.next_token, p.pos) for p in pending])
+        now = time.perf_counter()
         for i, p in enumerate(pending):
             self.kv.append(p.seq, p.next_token)
             p.pos += 1
             p.next_token = self.model.sample(p.seq, i if len(pending) > 1 else -1)
+            p.stall, p.drawn = max(p.stall, now - p.drawn), now
 
 
 class ReplyGate(Protocol):
@@ -661,6 +664,8 @@ class Pending:
         self.pinned: tuple[ContextTurn, ...] = ()
         self.reuse: Reuse | None = None
         self.prefilled = 0  # prompt tokens decoded (both prompts when a guide re-prompted)
+        self.drawn = 0.0  # when the last token was drawn
+        self.stall = 0.0  # the longest wait between two drawn tokens (seconds)
         self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self.pieces: list[str] = []
         self.n = 0

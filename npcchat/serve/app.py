@@ -486,7 +486,12 @@ def _turn_out(turn: Turn, body: S.TurnIn, count: int, bundle_id: str = "") -> S.
                 "prefill": turn.prefill_tokens,
                 "generated": turn.generated_tokens,
             },
-            timings_ms={"prefill": t.prefill_ms, "heads": t.heads_ms, "generate": t.generate_ms},
+            timings_ms={
+                "prefill": t.prefill_ms,
+                "heads": t.heads_ms,
+                "generate": t.generate_ms,
+                "stall": t.stall_ms,
+            },
         ),
     )
 

@@ -41,6 +41,13 @@ class Metrics:
             buckets=_SECONDS,
             registry=r,
         )
+        self.stall_seconds = Histogram(
+            "npcchat_reply_stall_seconds",
+            "The longest wait between two tokens of a reply (other turns' prompt chunks).",
+            ["endpoint"],
+            buckets=_SECONDS,
+            registry=r,
+        )
         self.turns = Counter(
             "npcchat_turns",
             "Turns by outcome: ok, trigger, cancelled, busy, bad_request, error.",
@@ -75,6 +82,8 @@ class Metrics:
         self.turn_seconds.labels(endpoint).observe(took)
         # to the first token: waiting, prefill and heads (a first token may hold no text)
         self.ttft_seconds.labels(endpoint).observe(took - turn.timings.generate_ms / 1e3)
+        if turn.generated_tokens > 1:
+            self.stall_seconds.labels(endpoint).observe(turn.timings.stall_ms / 1e3)
         self.generated.inc(turn.generated_tokens)
         self.prefill.inc(turn.prefill_tokens)
         if turn.timings.generate_ms > 0 and turn.generated_tokens:
