@@ -7,13 +7,17 @@ in the decode calls a sequential run makes (so its `<STATE>` vector and reply ar
 a sequential run computes); what is shared is the generation: one batched decode per step
 for all slots, which reads the weights once for all of them.
 
-A joining turn's prompt does not stall the others: each step runs at most one of its
-decode calls (``runtime.prefill_chunk`` tokens at most, the oldest joining turn first),
-then the step of every running reply. A running reply therefore waits at most one chunk
-between two tokens, however long the prompts that join. The chunk and the step stay two
-llama_decode calls: with one KV stream per sequence, llama.cpp would cut a mixed call into
-the same two micro-batches anyway, except that the chunk's first token would be computed
-among the other sequences' tokens, which moves its hidden state by rounding (measured).
+A joining turn's prompt does not stall the others: each step runs prompt calls of the
+joining turns, oldest first, up to ``runtime.prefill_chunk`` tokens in all (at least one
+call; one call holds at most that many), then the step of every running reply. A running
+reply therefore waits for at most one chunk's worth of prompt between two tokens, however
+long the prompts that join, while short joins (a prompt whose head another slot already
+decoded) still go several to a step. A prompt is planned at its first call, so a turn that
+waited starts from what the turns before it decoded. The prompt calls and the step stay
+separate llama_decode calls: with one KV stream per sequence, llama.cpp would cut a mixed
+call into the same micro-batches anyway, except that the chunk's first token would be
+computed among the other sequences' tokens, which moves its hidden state by rounding
+(measured).
 
 Drivers come from a plain iterable (eval: every scenario is known up front) or a
 :class:`LiveFeed` that a server fills while turns run (a new turn joins the batch at the
@@ -226,10 +230,10 @@ class _Batch(Generic[K, R]):
         return None
 
     def _step(self) -> None:
-        """One decode call of the oldest joining prompt, then one token for every running
-        reply (a reply that ends hands its driver's next request a fresh start)."""
+        """Prompt calls of joining turns (oldest first) up to one chunk's worth of tokens,
+        then one token for every running reply (a reply that ends hands its driver's next
+        request a fresh start)."""
         going: list[Pending] = []
-        joining: tuple[int, _Slot[K, R]] | None = None
         for seq, slot in list(self.slots.items()):
             p, req = slot.pending, slot.request
             assert p is not None and req is not None
@@ -237,26 +241,40 @@ class _Batch(Generic[K, R]):
                 self.engine.forget(seq)  # a half-decoded prompt or reply is not a prompt
                 slot.pending = None
                 self._next(seq, slot, TurnCancelled("the turn was cancelled"))
-            elif p.job is not None:  # its prompt is still being decoded
-                if joining is None or slot.order < joining[1].order:
-                    joining = (seq, slot)
-            else:
+            elif p.ready:
                 self._go(seq, slot, p, going)
-        if joining is not None:
+        budget, spent = self.engine.prefill_chunk, 0
+        while (joining := self._oldest_joining()) is not None:
             seq, slot = joining
             p = slot.pending
             assert p is not None
             try:
+                size = self.engine.next_call(p)
+                if spent and spent + size > budget:
+                    break  # the rest waits for the next step: the replies go first
+                spent += size
                 ready = self.engine.prefill(p)
             except NpcchatError as e:
                 self.engine.forget(seq)
                 slot.pending = None
                 self._next(seq, slot, e)
-            else:
-                if ready:
-                    self._go(seq, slot, p, going)
+                continue
+            if ready:
+                self._go(seq, slot, p, going)
         if going:
             self.engine.advance(going)
+
+    def _oldest_joining(self) -> tuple[int, _Slot[K, R]] | None:
+        """The slot whose turn began first among those still decoding their prompt."""
+        joining = [
+            (slot.order, seq)
+            for seq, slot in self.slots.items()
+            if slot.pending is not None and not slot.pending.ready
+        ]
+        if not joining:
+            return None
+        seq = min(joining)[1]
+        return seq, self.slots[seq]
 
     def _go(self, seq: int, slot: _Slot[K, R], p: Pending, going: list[Pending]) -> None:
         """``p``'s drawn token: into this step's batch, or the end of its turn."""

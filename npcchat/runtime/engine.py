@@ -201,8 +201,7 @@ class Engine:
             start = where.position
         self.kv.begin(seq)  # unknown until the last call has decoded
         self.model.keep_prefix(start, seq)
-        size = min(self.model.n_batch, self.cfg.runtime.prefill_chunk)
-        chunks = tuple(plan_prefill(len(tokens), outputs, size, start, grid=grid))
+        chunks = tuple(plan_prefill(len(tokens), outputs, self.prefill_chunk, start, grid=grid))
         return PromptJob(tokens, outputs, len(positions), chunks, seq, start, grid)
 
     def prefill_step(self, job: PromptJob) -> bool:
@@ -320,23 +319,38 @@ class Engine:
         reuse: Reuse | None = None,
         guide: Guide | None = None,
     ) -> Pending:
-        """A turn's prompt, fitted and planned (see :meth:`start`); nothing decoded yet."""
+        """A turn's prompt, fitted (see :meth:`start`); nothing decoded yet."""
         t0 = time.perf_counter()
         inp = self.prompt_input(session, player, pinned + context)
         fitted = self.fit(inp, sampling.max_tokens, pinned=len(pinned))
-        job = self.plan(fitted, seq, reuse)
         p = Pending(session, player, sampling, fitted, seq, on_text, t0)
-        p.job, p.guide, p.context, p.pinned, p.reuse = job, guide, context, pinned, reuse
+        p.guide, p.context, p.pinned, p.reuse = guide, context, pinned, reuse
         return p
+
+    @property
+    def prefill_chunk(self) -> int:
+        """The most prompt tokens one decode call takes."""
+        return min(self.model.n_batch, self.cfg.runtime.prefill_chunk)
+
+    def next_call(self, p: Pending) -> int:
+        """How many tokens ``p``'s next prompt call decodes. The prompt is planned at its
+        first call, not when the turn begins, so a turn that waited behind others starts
+        from what they decoded meanwhile (a prefix shared across slots)."""
+        if p.job is None:
+            assert not p.ready, "the turn's prompt is already decoded"
+            p.job = self.plan(p.fitted, p.seq, p.reuse)
+        chunk = p.job.chunks[p.job.done]
+        return chunk.end - chunk.start
 
     def prefill(self, p: Pending) -> bool:
         """One decode call of ``p``'s prompt; True when the prompt is done, the heads have
-        run and the first token is drawn (or a guide fixed the reply).
+        run and the first token is drawn (or a guide fixed the reply): ``p.ready``.
 
         The first token is sampled as soon as the last call has run because its logits
         only live until the next decode (another sequence's, when turns run side by side)."""
+        self.next_call(p)
         job = p.job
-        assert job is not None, "the turn's prompt is already decoded"
+        assert job is not None
         if not self.prefill_step(job):
             return False
         vec = self.prefilled(job)
@@ -359,12 +373,12 @@ class Engine:
                         self.fit(inp, sampling.max_tokens, pinned=len(p.pinned)),
                         dropped_turns=p.fitted.dropped_turns,
                     )
-                    p.job = self.plan(p.fitted, p.seq, p.reuse)
-                    return False
+                    return False  # planned at its first call
         if p.fixed is None:
             self.model.new_sampler(p.sampling, p.seed, p.seq)
             p.next_token = self.model.sample(p.seq)
             p.drawn = time.perf_counter()
+        p.ready = True
         return True
 
     def accept(self, p: Pending) -> bool:
@@ -640,7 +654,8 @@ Guide = Callable[[HeadsOutput], "Guided | None"]
 class Pending:
     """A turn from its planned prompt to its last token (mutable, internal to the engine).
 
-    While ``job`` is set, its prompt is still being decoded (:meth:`Engine.prefill`)."""
+    Until ``ready``, its prompt is being decoded (:meth:`Engine.prefill`; ``job`` is set
+    from the prompt's first call on)."""
 
     def __init__(
         self,
@@ -659,6 +674,7 @@ class Pending:
         self.heads: HeadsOutput | None = None
         self.pos = 0  # the next token's position in the sequence
         self.job: PromptJob | None = None
+        self.ready = False  # the prompt is decoded and the first token drawn
         self.guide: Guide | None = None
         self.context: tuple[ContextTurn, ...] = ()
         self.pinned: tuple[ContextTurn, ...] = ()
