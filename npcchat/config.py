@@ -30,8 +30,8 @@ class RuntimeConfig:
     n_batch: int = 512
     # The most prompt tokens one decode call takes (and at most n_batch). Every prompt is
     # cut this way, alone or served, so a served turn is the turn talk computes; a server
-    # decodes a joining turn's prompt one chunk per step between the running replies' steps,
-    # so a running reply waits at most one chunk. 128 costs what 512 does on a CPU
+    # decodes joining prompts a chunk's worth per step between the running replies' steps,
+    # so a running reply waits for at most one chunk. 128 costs what 512 does on a CPU
     # (measured); smaller: shorter waits, slower prompts.
     prefill_chunk: int = 128
     n_threads: int = 0  # 0: let llama.cpp choose
@@ -143,7 +143,7 @@ def _apply(cfg: Config, data: dict[str, Any], path: Path) -> Config:
 RANGES: dict[str, tuple[float, float]] = {
     "runtime.n_ctx": (64, 1 << 20),
     "runtime.n_batch": (1, 1 << 16),
-    "runtime.prefill_chunk": (8, 1 << 16),
+    "runtime.prefill_chunk": (16, 1 << 16),
     "runtime.n_threads": (0, 1024),
     "runtime.n_gpu_layers": (-1, 100_000),
     "runtime.snapshot_max_mb": (0, 1 << 20),

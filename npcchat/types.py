@@ -172,7 +172,7 @@ class HeadsOutput:
 
 @dataclass(frozen=True)
 class Timings:
-    prefill_ms: float
+    prefill_ms: float  # from the prompt's first decode call to its last
     heads_ms: float
     generate_ms: float
     # the longest wait between two of the reply's tokens: in a server, the other turns'

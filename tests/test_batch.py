@@ -18,7 +18,9 @@ def _immediate(value: int) -> batch.Driver[int]:
 
 
 def test_live_feed_results_come_out_before_the_loop_waits() -> None:
-    engine: Any = SimpleNamespace(model=SimpleNamespace(n_seq=2), forget=lambda seq=None: None)
+    engine: Any = SimpleNamespace(
+        model=SimpleNamespace(n_seq=2), forget=lambda seq=None: None, prefill_chunk=128
+    )
     feed: batch.LiveFeed[int, int] = batch.LiveFeed()
     seen: list[tuple[int, int]] = []
     got_three = threading.Event()

@@ -126,7 +126,7 @@ def serve(
     prefill_chunk: Annotated[
         int | None,
         typer.Option(
-            min=8, max=1 << 16, help="The server's runtime.prefill_chunk (default: the config's)."
+            min=16, max=1 << 16, help="The server's runtime.prefill_chunk (default: the config's)."
         ),
     ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,

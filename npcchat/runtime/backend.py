@@ -29,7 +29,7 @@ import numpy as np
 
 from npcchat.config import RuntimeConfig
 from npcchat.errors import BackendError, BundleError
-from npcchat.runtime.prefill import Chunk
+from npcchat.runtime.prefill import Chunk, plan_prefill
 from npcchat.types import SamplingParams
 
 _LOG: deque[str] = deque(maxlen=200)
@@ -297,10 +297,11 @@ class Model:
             ll.llama_memory_seq_rm(self._mem, seq, max(0, n), -1)
 
     def extend(self, tokens: Sequence[int], start: int, seq: int = 0) -> None:
-        """Decode ``tokens[start:]`` into ``seq``'s KV cache with no outputs at all."""
+        """Decode ``tokens[start:]`` into ``seq``'s KV cache with no outputs at all (in
+        pieces of near-equal size, as a prompt's plain runs)."""
         self.keep_prefix(start, seq)
-        for s in range(start, len(tokens), self.n_batch):
-            self.decode(tokens[s : s + self.n_batch], s, False, seq=seq)
+        for c in plan_prefill(len(tokens), [], self.n_batch, start):
+            self.decode(tokens[c.start : c.end], c.start, False, seq=seq)
 
     def share(self, src: int, dst: int, keep: int) -> None:
         """Make sequence ``dst`` hold the first ``keep`` positions of ``src``'s KV cache.
@@ -326,7 +327,9 @@ class Model:
         for :meth:`sample` until the next decode.
         """
         if chunk.end > self.n_ctx:
-            raise BackendError(f"prompt of {len(tokens)} tokens exceeds the context ({self.n_ctx})")
+            raise BackendError(
+                f"a prompt call up to position {chunk.end} exceeds the context ({self.n_ctx})"
+            )
         part = tokens[chunk.start : chunk.end]
         if not chunk.embeddings:
             self.decode(part, chunk.start, False, seq=seq)

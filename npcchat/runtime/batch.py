@@ -133,17 +133,24 @@ def run(
     and the other drivers go on.
     """
     feed = drivers if isinstance(drivers, LiveFeed) else IterFeed(drivers)
+    # a server's replies stream to players: prompts go in a chunk's worth at a time between
+    # their steps; a batch known up front (eval) has no one waiting on a reply, and decoding
+    # the prompts first keeps more sequences in each step
+    budget = engine.prefill_chunk if isinstance(feed, LiveFeed) else 0
     try:
-        yield from _Batch(engine, feed).loop()
+        yield from _Batch(engine, feed, budget).loop()
     except BaseException:
         engine.forget()  # KV caches of interrupted turns are in an unknown state
         raise
 
 
 class _Batch(Generic[K, R]):
-    def __init__(self, engine: Engine, feed: IterFeed[K, R] | LiveFeed[K, R]) -> None:
+    def __init__(
+        self, engine: Engine, feed: IterFeed[K, R] | LiveFeed[K, R], budget: int = 0
+    ) -> None:
         self.engine = engine
         self.feed = feed
+        self.budget = budget  # prompt tokens a step (0: every joining prompt, whole)
         self.slots: dict[int, _Slot[K, R]] = {}
         self.free = list(range(engine.model.n_seq - 1, -1, -1))
         self.finished: list[tuple[K, R | NpcchatError]] = []
@@ -243,14 +250,14 @@ class _Batch(Generic[K, R]):
                 self._next(seq, slot, TurnCancelled("the turn was cancelled"))
             elif p.ready:
                 self._go(seq, slot, p, going)
-        budget, spent = self.engine.prefill_chunk, 0
+        spent = 0
         while (joining := self._oldest_joining()) is not None:
             seq, slot = joining
             p = slot.pending
             assert p is not None
             try:
                 size = self.engine.next_call(p)
-                if spent and spent + size > budget:
+                if self.budget and spent and spent + size > self.budget:
                     break  # the rest waits for the next step: the replies go first
                 spent += size
                 ready = self.engine.prefill(p)

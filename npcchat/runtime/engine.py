@@ -4,6 +4,11 @@ The prompt is decoded exactly once per turn. The same decode yields the post-fin
 hidden state(s) at `<STATE>` (mean if several) and the logits of the first reply token;
 generation continues on that KV cache. Game-state decisions are pure functions of the
 head outputs: no randomness, so the same prompt always moves the state the same way.
+
+The prompt's decode calls are planned once (:meth:`Engine.plan`, at most
+``runtime.prefill_chunk`` tokens each) and are the same whoever runs them: ``talk`` runs
+them back to back, a server's batch one step at a time between its running replies
+(:mod:`npcchat.runtime.batch`), so a served turn is the turn ``talk`` computes.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from npcchat.runtime.bundle import Bundle
 from npcchat.runtime.heads import Heads
 from npcchat.runtime.kvbook import GRID, KvBook, Reuse
 from npcchat.runtime.model import ModelLike
-from npcchat.runtime.prefill import Chunk, plan_prefill
+from npcchat.runtime.prefill import Chunk, plan_prefill, widened
 from npcchat.runtime.prompt import SpecialTag
 from npcchat.runtime.vocab import check_vocab
 from npcchat.sessions.session import Session
@@ -192,9 +197,11 @@ class Engine:
         start = 0
         if mode == "prefix":
             shared = self.kv.shared_start(seq, tokens, outputs[0])
+            # never a short call (see MIN_CALL): a start that depends on which slot held
+            # what would otherwise change the turn's rounding
+            start = widened(shared.position, outputs[0])
             if shared.source != seq:
-                self.model.share(shared.source, seq, shared.position)
-            start = shared.position
+                self.model.share(shared.source, seq, start)
         elif mode == "aligned":
             where = self.kv.aligned_start(seq, tokens, outputs[0], grid)
             self.model.share(where.source, seq, where.position)
@@ -243,6 +250,7 @@ class Engine:
         start = self.kv.prefix_start(seq, tokens[:end], end)
         if start >= end:
             return 0
+        start = widened(start, end)
         self.kv.begin(seq)
         self.model.extend(tokens[:end], start, seq)
         self.kv.record(seq, tokens[:end])
@@ -338,6 +346,8 @@ class Engine:
         from what they decoded meanwhile (a prefix shared across slots)."""
         if p.job is None:
             assert not p.ready, "the turn's prompt is already decoded"
+            if p.heads is None:  # the prefill time counts from here, not from the queue
+                p.times[0] = time.perf_counter()
             p.job = self.plan(p.fitted, p.seq, p.reuse)
         chunk = p.job.chunks[p.job.done]
         return chunk.end - chunk.start
@@ -608,11 +618,11 @@ class Engine:
             self.model.step(p.next_token, p.pos, p.seq)
         else:
             self.model.step_many([(p.seq, p.next_token, p.pos) for p in pending])
-        now = time.perf_counter()
         for i, p in enumerate(pending):
             self.kv.append(p.seq, p.next_token)
             p.pos += 1
             p.next_token = self.model.sample(p.seq, i if len(pending) > 1 else -1)
+            now = time.perf_counter()
             p.stall, p.drawn = max(p.stall, now - p.drawn), now
 
 

@@ -9,12 +9,32 @@ With a ``grid``, plain runs are cut at absolute multiples of it whatever ``start
 prefill that starts from a KV prefix shared at a grid boundary makes exactly the decode calls
 a cold prefill makes for the rest of the prompt: results cannot depend on the sharing, even
 on backends whose kernels round differently for different batch sizes.
+
+Without one, plain runs are cut in pieces of near-equal size of at most the given size
+(``runtime.prefill_chunk``): never a short tail, and a server decodes a joining prompt a
+piece at a time between its running replies' steps (:mod:`npcchat.runtime.batch`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+# On a CPU build, llama.cpp computes calls of under 8 tokens with other kernels than longer
+# ones (measured: a 7-token call moves the `<STATE>` vector of a Qwen2.5-0.5B-size Q4_K_M
+# model, calls of 8 to 512 tokens give the same bits), so npcchat never makes a plain call
+# shorter than this when it can help it: a turn then computes the same bits wherever its
+# decoding started (after a prefix another slot held, or one talk decoded ahead of time).
+MIN_CALL = 8
+
+
+def widened(start: int, end: int) -> int:
+    """Where to start decoding ``[start, end)`` (the rest is in the KV cache) so that it is
+    no call of under :data:`MIN_CALL` tokens: ``start``, or up to 7 tokens earlier (those
+    are decoded again)."""
+    if 0 < end - start < MIN_CALL:
+        return max(0, end - MIN_CALL)
+    return start
 
 
 @dataclass(frozen=True)

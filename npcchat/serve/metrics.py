@@ -82,7 +82,7 @@ class Metrics:
         self.turn_seconds.labels(endpoint).observe(took)
         # to the first token: waiting, prefill and heads (a first token may hold no text)
         self.ttft_seconds.labels(endpoint).observe(took - turn.timings.generate_ms / 1e3)
-        if turn.generated_tokens > 1:
+        if turn.generated_tokens:
             self.stall_seconds.labels(endpoint).observe(turn.timings.stall_ms / 1e3)
         self.generated.inc(turn.generated_tokens)
         self.prefill.inc(turn.prefill_tokens)

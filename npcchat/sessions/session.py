@@ -80,7 +80,12 @@ class TurnRecord:
             dropped_turns=r.dropped_turns,
             stop_reason=r.stop_reason,
             seed=r.seed,
-            timings_ms={"prefill": t.prefill_ms, "heads": t.heads_ms, "generate": t.generate_ms},
+            timings_ms={
+                "prefill": t.prefill_ms,
+                "heads": t.heads_ms,
+                "generate": t.generate_ms,
+                "stall": t.stall_ms,
+            },
             time=_now(),
             rules=r.rules,
             player_before=before.player_state if changed and before else None,
