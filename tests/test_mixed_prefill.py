@@ -386,3 +386,30 @@ def test_a_batch_known_up_front_decodes_its_prompts_before_the_replies(bundle_q4
         list(batch.run(engine, drivers))
     first_step = next(c for c in record.calls if isinstance(c, frozenset))
     assert first_step == {0, 1, 2, 3}
+
+
+@pytest.mark.model
+def test_a_step_of_eight_replies_goes_in_calls_of_at_most_seven(bundle_q4: Path) -> None:
+    """On a CPU, llama.cpp computes a call of 8 tokens or more with other kernels than one
+    token: 8 replies stepped in one call drew other tokens than each alone (measured on a
+    Qwen2.5-0.5B-size model). A step therefore never puts more than 7 sequences in a call,
+    so each reply is the one `talk` draws."""
+    with load_engine(bundle_q4, Config(), n_seq=8) as engine:
+        sizes: list[int] = []
+        step_many = engine.model.step_many
+
+        def spy(items: list[tuple[int, int, int]]) -> None:
+            sizes.append(len(items))
+            step_many(items)
+
+        engine.model.step_many = spy  # type: ignore[method-assign]
+        drivers = [(i, _conversation(i, "off")) for i in range(8)]
+        together = dict(batch.run(engine, drivers))
+    assert engine.step_seqs == MIN_CALL - 1
+    assert sizes and max(sizes) == 7 and 1 not in sizes  # 8 = 7 + 1 alone (model.step)
+    with load_engine(bundle_q4, Config(), n_seq=1) as engine:
+        for i in range(8):
+            engine.forget()
+            ((_, alone),) = batch.run(engine, [(i, _conversation(i, "off"))])
+            for a, b in zip(together[i], alone, strict=True):  # type: ignore[call-overload]
+                _same_turn(a, b)

@@ -31,7 +31,7 @@ from npcchat.runtime.bundle import Bundle
 from npcchat.runtime.heads import Heads
 from npcchat.runtime.kvbook import GRID, KvBook, Reuse
 from npcchat.runtime.model import ModelLike
-from npcchat.runtime.prefill import Chunk, plan_prefill, widened
+from npcchat.runtime.prefill import MIN_CALL, Chunk, plan_prefill, widened
 from npcchat.runtime.prompt import SpecialTag
 from npcchat.runtime.vocab import check_vocab
 from npcchat.sessions.session import Session
@@ -99,6 +99,13 @@ class Engine:
         # eval's aligned reuse cuts prefills at multiples of this (at most a prefill call)
         self.grid = min(GRID, model.n_batch, cfg.runtime.prefill_chunk)
         self.last_prefill = 0
+        # Sequences decoded together in one call of a batched step. On a CPU build a call of
+        # 8 tokens or more is computed with other kernels than a single token (see
+        # MIN_CALL): 8 replies stepped together drew other tokens than each alone (measured,
+        # Qwen2.5-0.5B size), so steps go in calls of at most 7 (8 slots: 4 % slower a step,
+        # measured). With layers on a GPU, where a step's cost is reading the weights and
+        # equality with talk is not measured here, a step is one call.
+        self.step_seqs = MIN_CALL - 1 if cfg.runtime.n_gpu_layers == 0 else max(1, model.n_seq)
         self.identity = _identity(bundle, cfg)
         if model.n_embd != bundle.hidden_size:
             raise BundleError(
@@ -607,23 +614,25 @@ class Engine:
         )
 
     def advance(self, pending: list[Pending]) -> None:
-        """Decode each turn's accepted token (one batch) and draw its next one."""
+        """Decode each turn's accepted token (batched) and draw its next one."""
         # In ascending sequence order: with one KV stream per sequence, llama.cpp splits a
         # batch into ubatches of consecutive streams (split_equal(..., sequential=true) in
         # llama-kv-cache.cpp), so 8 slots listed 7..0 ran as 8 one-token decodes (measured
         # 165 ms a step instead of 94 for Qwen2.5-0.5B dimensions on 2 cores).
         pending = sorted(pending, key=lambda p: p.seq)
-        if len(pending) == 1:
-            p = pending[0]
-            self.model.step(p.next_token, p.pos, p.seq)
-        else:
-            self.model.step_many([(p.seq, p.next_token, p.pos) for p in pending])
-        for i, p in enumerate(pending):
-            self.kv.append(p.seq, p.next_token)
-            p.pos += 1
-            p.next_token = self.model.sample(p.seq, i if len(pending) > 1 else -1)
-            now = time.perf_counter()
-            p.stall, p.drawn = max(p.stall, now - p.drawn), now
+        for g in range(0, len(pending), self.step_seqs):
+            group = pending[g : g + self.step_seqs]
+            if len(group) == 1:
+                p = group[0]
+                self.model.step(p.next_token, p.pos, p.seq)
+            else:
+                self.model.step_many([(p.seq, p.next_token, p.pos) for p in group])
+            for i, p in enumerate(group):  # before the next call overwrites the logits
+                self.kv.append(p.seq, p.next_token)
+                p.pos += 1
+                p.next_token = self.model.sample(p.seq, i if len(group) > 1 else -1)
+                now = time.perf_counter()
+                p.stall, p.drawn = max(p.stall, now - p.drawn), now
 
 
 class ReplyGate(Protocol):
