@@ -70,7 +70,7 @@ def _bench(tmp_path: Path, peer: Path) -> dict[str, Any]:
     proc = subprocess.run(
         [sys.executable, "-m", "npcchat", "bench", "serve", "--players", "1,2", "--turns", "2",
          "--tokens", "8", "--slots", "2", "--peer", str(peer), "--stagger", "0.2",
-         "--prefill-chunk", "16", "--json"],
+         "--prefill-chunk", "16", "--paired", "2", "--json"],
         capture_output=True,
         text=True,
         env={**os.environ, "NPCCHAT_HOME": str(tmp_path / "home")},
@@ -94,11 +94,16 @@ def test_the_peer_gets_the_same_players_prompts_and_tokens(tmp_path: Path) -> No
     assert report["stagger_s"] == 0.2 and report["prefill_chunk"] == 16
     assert all(0 <= r["stall_p95_ms"] <= r["stall_max_ms"] for r in ours + theirs)
     assert all(r["stall_max_ms"] >= 300 for r in theirs)  # the stub's pause, seen
+    # --paired 2: two rounds of one player against each side, both servers up
+    assert len(report["paired_one_player_ratios"]) == 2
+    assert report["npcchat_over_peer_turns_per_s_1_paired_median"] > 0
     lines = [json.loads(x) for x in log.read_text("utf-8").splitlines()]
-    argv = lines[0]["argv"]
-    assert argv[argv.index("-np") + 1] == "2" and "-m" in argv
-    requests = lines[1:]
-    assert len(requests) == 1 + 2 + 4  # the warm-up, then one and two players, two turns
+    starts = [line["argv"] for line in lines if "argv" in line]
+    assert len(starts) == 2  # the paired rounds' llama-server, then the loads'
+    assert all(a[a.index("-np") + 1] == "2" and "-m" in a for a in starts)
+    requests = [line for line in lines if "argv" not in line]
+    # paired: a warm-up and 2 rounds of 2 turns; then a warm-up, one and two players
+    assert len(requests) == (1 + 2 * 2) + (1 + 2 + 4)
     for req in requests:
         assert req["n_predict"] == 8 and req["ignore_eos"] and req["cache_prompt"]
         assert req["samplers"] == ["penalties", "temperature", "top_k", "top_p"]
@@ -106,7 +111,7 @@ def test_the_peer_gets_the_same_players_prompts_and_tokens(tmp_path: Path) -> No
         prompt = req["prompt"]
         assert "NPC_ID=bench_captain" in prompt and prompt.rstrip().endswith("<NPC>")
     # the second of two players starts --stagger seconds after the first
-    first = {r["seed"]: r["t"] for r in requests[3:] if r["seed"] in (0, 1000)}
+    first = {r["seed"]: r["t"] for r in requests[-4:] if r["seed"] in (0, 1000)}
     assert first[1000] - first[0] >= 0.15  # (received by the server: less its jitter)
     # a player's second prompt holds its first line and the peer's own reply
     second = [r["prompt"] for r in requests if "w7" in r["prompt"]]
@@ -132,3 +137,15 @@ REAL = Path(os.environ.get("NPCCHAT_PEER", "build/peer/build/bin/llama-server"))
 def test_a_real_llama_server_as_the_peer(tmp_path: Path) -> None:
     report = _bench(tmp_path, REAL.resolve())
     assert all(r["errors"] == 0 and r["turns"] for r in report["peer"]["loads"])
+
+
+def test_paired_rounds_need_a_peer(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "npcchat", "bench", "serve", "--paired", "3"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "NPCCHAT_HOME": str(tmp_path / "home")},
+        timeout=60,
+    )
+    assert proc.returncode == 1 and "--paired needs --peer" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -164,11 +164,14 @@ def run(
     gpu_layers: int | None = None,
     stagger: float = 0.0,
     prefill_chunk: int | None = None,
+    paired: int = 0,
 ) -> dict[str, Any]:
     """``peer``: a llama-server binary, measured after npcchat (alone on the machine) with
     the same players (:mod:`npcchat.bench.peer`). ``stagger``: player i of a load starts
     i * stagger seconds after the first, so prompts join while other replies stream.
-    ``prefill_chunk``: the server's ``runtime.prefill_chunk`` (default: the config's)."""
+    ``prefill_chunk``: the server's ``runtime.prefill_chunk`` (default: the config's).
+    ``paired``: that many rounds of one player against each side in alternation, both
+    servers up (see :func:`_paired`)."""
     import npcchat
 
     peer_loads: list[LoadResult] = []
@@ -195,6 +198,10 @@ def run(
                 local.close()  # its model is freed before the load runs
             results = [closed_loop(server.url, n, turns, tokens, f"p{n}", stagger) for n in players]
             rss = server.peak_rss_mb()
+            ratios = []
+            if peer is not None and paired:
+                ratios = _paired(peer, bundle, work, npc_file, server.url, paired, turns, tokens,
+                                 slots, gpu_layers)  # fmt: skip
         finally:
             server.stop()
         if peer is not None:
@@ -226,10 +233,49 @@ def run(
             n = theirs.players
             report[f"npcchat_over_peer_turns_per_s_{n}"] = ours.turns_per_s / theirs.turns_per_s
             report[f"npcchat_over_peer_ttft_p95_{n}"] = ours.ttft_p95_ms / theirs.ttft_p95_ms
+        if ratios:
+            report["paired_one_player_ratios"] = ratios
+            report["npcchat_over_peer_turns_per_s_1_paired_median"] = statistics.median(ratios)
         if one is not None:  # the goal: TTFT p95 at the most players over TTFT p50 at one
             most = by_n[max(by_n)]
             report[f"ttft_p95_{most.players}_over_ttft_p50_1"] = most.ttft_p95_ms / one.ttft_p50_ms
     return report
+
+
+def _paired(
+    binary: Path,
+    bundle: Path,
+    work: Path,
+    npc_file: Path,
+    url: str,
+    rounds: int,
+    turns: int,
+    tokens: int,
+    slots: int,
+    gpu_layers: int | None,
+) -> list[float]:
+    """One player's turns against npcchat (``url``) and a llama-server in alternation, both
+    servers up and idle in turn: the one-player ratio of each round. Two loads measured
+    minutes apart on a shared machine drift apart by more than the difference measured
+    (single runs gave 0.84 to 1.00); rounds side by side do not."""
+    import npcchat
+    from npcchat.bench import peer as peer_mod
+    from npcchat.runtime import bundle as bundle_mod
+
+    n_ctx = npcchat.load_config(_config_file(work)).runtime.n_ctx
+    prompts = peer_mod.Prompts(bundle, npc_file)
+    gguf = bundle_mod.load(bundle).gguf
+    other = peer_mod.start_peer(binary, gguf, slots, n_ctx, gpu_layers, work / "paired.log")
+    try:
+        peer_mod.closed_loop(other.url, prompts, 1, 1, tokens)  # page the weights in
+        ratios = []
+        for i in range(rounds):
+            ours = closed_loop(url, 1, turns, tokens, f"paired{i}")
+            theirs = peer_mod.closed_loop(other.url, prompts, 1, turns, tokens)
+            ratios.append(ours.turns_per_s / theirs.turns_per_s)
+        return ratios
+    finally:
+        other.stop()
 
 
 def _peer(

@@ -129,6 +129,15 @@ def serve(
             min=16, max=1 << 16, help="The server's runtime.prefill_chunk (default: the config's)."
         ),
     ] = None,
+    paired: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=100,
+            help="With --peer: rounds of one player against each side in alternation, both "
+            "servers up (the one-player ratio without the drift between two loads).",
+        ),
+    ] = 0,
     json_out: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
 ) -> None:
     """N players in closed loop against a real `npcchat serve` on loopback: turns/s,
@@ -146,6 +155,8 @@ def serve(
         raise ConfigError(f"--players {players}: expected numbers like 1,4,8,16") from None
     if not counts or min(counts) < 1:
         raise ConfigError(f"--players {players}: expected numbers like 1,4,8,16")
+    if paired and peer is None:
+        raise ConfigError("--paired needs --peer", hint="--peer PATH_TO_LLAMA_SERVER")
     if peer is not None and not (peer.is_file() and os.access(peer, os.X_OK)):
         raise ConfigError(f"--peer {peer}: not an executable file", hint="make peer builds one")
     report = serve_load.run(
@@ -159,6 +170,7 @@ def serve(
         gpu_layers=gpu_layers,
         stagger=stagger,
         prefill_chunk=prefill_chunk,
+        paired=paired,
     )
     if json_out:
         print(json.dumps(report))
