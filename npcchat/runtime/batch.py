@@ -3,9 +3,10 @@
 Each conversation is a *driver*: a generator that yields turn requests and receives each
 turn's result, so multi-turn scenarios can build on their own replies. Up to
 ``model.n_seq`` drivers hold a sequence slot each. Every turn still gets its own prefill,
-in the decode calls a sequential run makes (so its `<STATE>` vector and reply are the ones
-a sequential run computes); what is shared is the generation: one batched decode per step
-for all slots, which reads the weights once for all of them.
+cut as a sequential run cuts it (see :mod:`npcchat.runtime.prefill`), so its `<STATE>`
+vector and reply are the ones a sequential run computes; what is shared is the generation:
+one batched step for all slots, which reads the weights once for all of them (in calls of
+at most 7 sequences on a CPU build, see :meth:`Engine.advance`).
 
 A joining turn's prompt does not stall the others: each step runs prompt calls of the
 joining turns, oldest first, up to ``runtime.prefill_chunk`` tokens in all (at least one
