@@ -179,6 +179,16 @@ class Timings:
     # prompt chunks and batched steps a reply waited through
     stall_ms: float = 0.0
 
+    def to_ms(self) -> dict[str, float]:
+        """``{"prefill", "heads", "generate", "stall"}``: the ``timings_ms`` of answers,
+        ``talk --json`` and session records."""
+        return {
+            "prefill": self.prefill_ms,
+            "heads": self.heads_ms,
+            "generate": self.generate_ms,
+            "stall": self.stall_ms,
+        }
+
 
 @dataclass(frozen=True)
 class Turn:
@@ -250,7 +260,6 @@ def flags_json(flags: Mapping[str, FlagResult]) -> dict[str, dict[str, Any]]:
 
 def turn_json(r: Turn) -> dict[str, Any]:
     """The part of a turn that `talk --json`, eval reports and bench print alike."""
-    t = r.timings
     out = {
         "reply": r.reply,
         "deltas": dict(r.heads.deltas),
@@ -261,12 +270,7 @@ def turn_json(r: Turn) -> dict[str, Any]:
             "prefill": r.prefill_tokens,
             "generated": r.generated_tokens,
         },
-        "timings_ms": {
-            "prefill": t.prefill_ms,
-            "heads": t.heads_ms,
-            "generate": t.generate_ms,
-            "stall": t.stall_ms,
-        },
+        "timings_ms": r.timings.to_ms(),
     }
     if r.rules is not None:  # an NPC without rules prints exactly what it did before
         out["stop_reason"] = r.stop_reason

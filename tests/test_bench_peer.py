@@ -118,16 +118,21 @@ def test_the_peer_gets_the_same_players_prompts_and_tokens(tmp_path: Path) -> No
     assert second and "player: Hello there." in second[0]
 
 
-def test_a_peer_that_is_not_a_program_is_one_line(tmp_path: Path) -> None:
+def _refused(tmp_path: Path, *args: str) -> str:
+    """``npcchat bench serve ARGS`` refused with one line and exit 1: its stderr."""
     proc = subprocess.run(
-        [sys.executable, "-m", "npcchat", "bench", "serve", "--peer", str(tmp_path / "nope")],
+        [sys.executable, "-m", "npcchat", "bench", "serve", *args],
         capture_output=True,
         text=True,
         env={**os.environ, "NPCCHAT_HOME": str(tmp_path / "home")},
         timeout=60,
     )
-    assert proc.returncode == 1 and "not an executable file" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    return proc.stderr
+
+
+def test_a_peer_that_is_not_a_program_is_one_line(tmp_path: Path) -> None:
+    assert "not an executable file" in _refused(tmp_path, "--peer", str(tmp_path / "nope"))
 
 
 REAL = Path(os.environ.get("NPCCHAT_PEER", "build/peer/build/bin/llama-server"))
@@ -140,12 +145,4 @@ def test_a_real_llama_server_as_the_peer(tmp_path: Path) -> None:
 
 
 def test_paired_rounds_need_a_peer(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "npcchat", "bench", "serve", "--paired", "3"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "NPCCHAT_HOME": str(tmp_path / "home")},
-        timeout=60,
-    )
-    assert proc.returncode == 1 and "--paired needs --peer" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert "--paired needs --peer" in _refused(tmp_path, "--paired", "3")

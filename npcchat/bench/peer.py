@@ -113,10 +113,10 @@ def _player(url: str, prompts: Prompts, seed: int, turns: int, tokens: int, out:
                             continue
                         data = json.loads(text[6:])
                         pieces.append(data.get("content", ""))
-                        if not data.get("stop"):
-                            arrived.append(time.perf_counter())
                         if data.get("stop"):
                             final = data
+                        else:
+                            arrived.append(time.perf_counter())
             except httpx.HTTPError:
                 final = None
             done = time.perf_counter()

@@ -242,6 +242,34 @@ def run(
     return report
 
 
+def _launch_peer(
+    binary: Path,
+    bundle: Path,
+    work: Path,
+    npc_file: Path,
+    slots: int,
+    tokens: int,
+    gpu_layers: int | None,
+    log: str,
+) -> tuple[ChildServer, Any]:
+    """llama-server on the bundle's GGUF with npcchat's context per slot, its weights paged
+    in by one turn; and the bench NPC's prompts as npcchat renders them."""
+    import npcchat
+    from npcchat.bench import peer as peer_mod
+    from npcchat.runtime import bundle as bundle_mod
+
+    gguf = bundle_mod.load(bundle).gguf
+    n_ctx = npcchat.load_config(_config_file(work)).runtime.n_ctx
+    prompts = peer_mod.Prompts(bundle, npc_file)
+    server = peer_mod.start_peer(binary, gguf, slots, n_ctx, gpu_layers, work / log)
+    try:
+        peer_mod.closed_loop(server.url, prompts, 1, 1, tokens)
+    except BaseException:
+        server.stop()
+        raise
+    return server, prompts
+
+
 def _paired(
     binary: Path,
     bundle: Path,
@@ -258,16 +286,11 @@ def _paired(
     servers up and idle in turn: the one-player ratio of each round. Two loads measured
     minutes apart on a shared machine drift apart by more than the difference measured
     (single runs gave 0.84 to 1.00); rounds side by side do not."""
-    import npcchat
     from npcchat.bench import peer as peer_mod
-    from npcchat.runtime import bundle as bundle_mod
 
-    n_ctx = npcchat.load_config(_config_file(work)).runtime.n_ctx
-    prompts = peer_mod.Prompts(bundle, npc_file)
-    gguf = bundle_mod.load(bundle).gguf
-    other = peer_mod.start_peer(binary, gguf, slots, n_ctx, gpu_layers, work / "paired.log")
+    other, prompts = _launch_peer(binary, bundle, work, npc_file, slots, tokens, gpu_layers,
+                                  "paired.log")  # fmt: skip
     try:
-        peer_mod.closed_loop(other.url, prompts, 1, 1, tokens)  # page the weights in
         ratios = []
         for i in range(rounds):
             ours = closed_loop(url, 1, turns, tokens, f"paired{i}")
@@ -291,16 +314,11 @@ def _peer(
     stagger: float = 0.0,
 ) -> tuple[list[LoadResult], dict[str, Any]]:
     """The same loads against llama-server on the bundle's GGUF."""
-    import npcchat
     from npcchat.bench import peer as peer_mod
-    from npcchat.runtime import bundle as bundle_mod
 
-    gguf = bundle_mod.load(bundle).gguf
-    n_ctx = npcchat.load_config(_config_file(work)).runtime.n_ctx
-    prompts = peer_mod.Prompts(bundle, npc_file)
-    server = peer_mod.start_peer(binary, gguf, slots, n_ctx, gpu_layers, work / "peer.log")
+    server, prompts = _launch_peer(binary, bundle, work, npc_file, slots, tokens, gpu_layers,
+                                   "peer.log")  # fmt: skip
     try:
-        peer_mod.closed_loop(server.url, prompts, 1, 1, tokens)  # page the weights in
         loads = [
             peer_mod.closed_loop(server.url, prompts, n, turns, tokens, stagger) for n in players
         ]

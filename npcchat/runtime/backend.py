@@ -326,10 +326,6 @@ class Model:
         ``outputs`` inside it, and the logits of the chunk's last token stay in the context
         for :meth:`sample` until the next decode.
         """
-        if chunk.end > self.n_ctx:
-            raise BackendError(
-                f"a prompt call up to position {chunk.end} exceeds the context ({self.n_ctx})"
-            )
         part = tokens[chunk.start : chunk.end]
         if not chunk.embeddings:
             self.decode(part, chunk.start, False, seq=seq)

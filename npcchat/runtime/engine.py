@@ -6,9 +6,9 @@ generation continues on that KV cache. Game-state decisions are pure functions o
 head outputs: no randomness, so the same prompt always moves the state the same way.
 
 The prompt's decode calls are planned once (:meth:`Engine.plan`, at most
-``runtime.prefill_chunk`` tokens each) and are the same whoever runs them: ``talk`` runs
-them back to back, a server's batch one step at a time between its running replies
-(:mod:`npcchat.runtime.batch`), so a served turn is the turn ``talk`` computes.
+``runtime.prefill_chunk`` tokens each, never a short one after a reused prefix): ``talk``
+runs them back to back, a server's batch a chunk's worth per step between its running
+replies (:mod:`npcchat.runtime.batch`), and a served turn is the turn ``talk`` computes.
 """
 
 from __future__ import annotations
@@ -84,6 +84,11 @@ class PromptJob:
     done: int = 0  # calls run
     states: dict[int, np.ndarray] = field(default_factory=dict)
 
+    @property
+    def decoded(self) -> int:
+        """Prompt tokens this job decodes (those after the reused KV prefix)."""
+        return len(self.tokens) - self.start
+
 
 class Engine:
     """A bundle loaded and ready for turns. Owns the model; call :meth:`close`."""
@@ -98,7 +103,6 @@ class Engine:
         self.kv = KvBook()
         # eval's aligned reuse cuts prefills at multiples of this (at most a prefill call)
         self.grid = min(GRID, model.n_batch, cfg.runtime.prefill_chunk)
-        self.last_prefill = 0
         # Sequences decoded together in one call of a batched step. On a CPU build a call of
         # 8 tokens or more is computed with other kernels than a single token (see
         # MIN_CALL): 8 replies stepped together drew other tokens than each alone (measured,
@@ -175,7 +179,7 @@ class Engine:
 
         With reuse (see :mod:`npcchat.runtime.kvbook`), only the tokens after a prefix some KV
         cache already holds are decoded (never past the first `<STATE>`: its hidden state
-        must come out of this decode). ``self.last_prefill`` is how many were decoded.
+        must come out of this decode).
         """
         job = self.plan(fitted, seq, reuse)
         while not self.prefill_step(job):
@@ -189,8 +193,8 @@ class Engine:
         another sequence when that one holds more) and its decode calls; nothing decoded
         yet. Run it with :meth:`prefill_step`, then :meth:`prefilled`.
 
-        The calls are the same whoever runs them (talk all at once, a server one per step
-        between its running replies' steps), so a served turn computes what talk does."""
+        Whoever runs the calls (talk all at once, a server a chunk's worth per step between
+        its running replies' steps), the turn is the same."""
         tokens = tuple(fitted.tokens)
         if len(tokens) > self.model.n_ctx:
             raise BackendError(
@@ -230,7 +234,6 @@ class Engine:
         the sequence's KV cache is now known to hold the prompt."""
         exact = job.outputs[0] // job.grid * job.grid if job.grid else 0
         self.kv.record(job.seq, job.tokens, exact=exact)
-        self.last_prefill = len(job.tokens) - job.start
         rows = [job.states[p] for p in job.outputs[: job.n_state]]
         vec: np.ndarray = np.stack(rows).mean(axis=0)
         return vec
@@ -371,7 +374,7 @@ class Engine:
         if not self.prefill_step(job):
             return False
         vec = self.prefilled(job)
-        p.prefilled += self.last_prefill
+        p.prefilled += job.decoded
         p.pos = len(job.tokens)
         p.job = None
         if p.heads is None:  # the player's prompt: the state change comes from it

@@ -461,7 +461,6 @@ def create_app(
 
 
 def _turn_out(turn: Turn, body: S.TurnIn, count: int, bundle_id: str = "") -> S.TurnOut:
-    t = turn.timings
     flags = turn.heads.flags
     rules = turn.rules.to_json() if turn.rules is not None else None
     return S.TurnOut(
@@ -486,12 +485,7 @@ def _turn_out(turn: Turn, body: S.TurnIn, count: int, bundle_id: str = "") -> S.
                 "prefill": turn.prefill_tokens,
                 "generated": turn.generated_tokens,
             },
-            timings_ms={
-                "prefill": t.prefill_ms,
-                "heads": t.heads_ms,
-                "generate": t.generate_ms,
-                "stall": t.stall_ms,
-            },
+            timings_ms=turn.timings.to_ms(),
         ),
     )
 

@@ -66,7 +66,6 @@ class TurnRecord:
 
     @classmethod
     def from_result(cls, r: Turn, before: Session | None = None) -> TurnRecord:
-        t = r.timings
         changed = before is not None and r.rules is not None and bool(r.rules.effects)
         return cls(
             player=r.player,
@@ -80,12 +79,7 @@ class TurnRecord:
             dropped_turns=r.dropped_turns,
             stop_reason=r.stop_reason,
             seed=r.seed,
-            timings_ms={
-                "prefill": t.prefill_ms,
-                "heads": t.heads_ms,
-                "generate": t.generate_ms,
-                "stall": t.stall_ms,
-            },
+            timings_ms=r.timings.to_ms(),
             time=_now(),
             rules=r.rules,
             player_before=before.player_state if changed and before else None,
