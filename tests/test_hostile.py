@@ -306,6 +306,8 @@ def test_eval_compare_prints_scenario_ids_as_is(tmp_path: Path) -> None:
         ("[state]\ndecimals = -1\n", "state.decimals"),
         ("[state]\ndelta_scale = nan\n", "state.delta_scale"),
         ("[runtime]\nn_ctx = 4294967360\n", "runtime.n_ctx"),  # aborted inside llama.cpp
+        ("[runtime]\nprefill_chunk = 4\n", "runtime.prefill_chunk"),  # calls under 8 tokens
+        ("[runtime]\nprefill_chunk = 1099511627776\n", "runtime.prefill_chunk"),
         ("[knowledge]\nmemories = -5\n", "knowledge.memories"),
     ],
 )
